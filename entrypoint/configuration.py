@@ -1,0 +1,146 @@
+"""From serving.properties and the environment to one validated `Configuration`, or one clear error.
+
+Validation happens here, once, before anything heavy is imported or any weight is read. Every problem is
+reported together, each naming the key as the user wrote it, where it came from (file and line, or
+environment variable), the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import ValidationError
+
+from entrypoint import property_sources
+from entrypoint.properties import CrossFieldError, ServingProperties, describe_value
+from entrypoint.property_sources import DEFAULT_SOURCE, Source
+
+DEFAULT_MODEL_DIR = Path("/opt/ml/model")  # where SageMaker mounts the model artifacts
+PROPERTIES_FILE = "serving.properties"
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str  # as the user wrote it (or the property name for defaults)
+    source: Source | None
+    value: Any
+    message: str
+
+    def __str__(self) -> str:
+        where = f" (from {self.source})" if self.source is not None and self.source.kind != "default" else ""
+        shown = "" if self.value is _NO_VALUE else f" = {self.value!r}"
+        return f"{self.key}{shown}{where}: {self.message}"
+
+
+_NO_VALUE = object()
+
+
+class ConfigurationError(ValueError):
+    """The configuration is invalid; `str()` is the complete, user-facing explanation."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        count = len(problems)
+        lines = [f"invalid configuration ({count} problem{'s' if count != 1 else ''}):"]
+        lines += [f"  - {problem}" for problem in problems]
+        super().__init__("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """The validated properties, where each value came from, and notes worth showing at start-up."""
+
+    properties: ServingProperties
+    sources: dict[str, Source]
+    model_dir: Path
+    notes: list[str] = field(default_factory=list)
+
+    def source_of(self, name: str) -> Source:
+        return self.sources.get(name, DEFAULT_SOURCE)
+
+    def resolved(self) -> dict[str, dict[str, Any]]:
+        """{name: {"value": ..., "source": ...}} for every property, as `plan --json` prints it."""
+        return {
+            name: {"value": describe_value(getattr(self.properties, name)), "source": str(self.source_of(name))}
+            for name in ServingProperties.model_fields
+        }
+
+
+def load_configuration(model_dir: Path | str | None = None, environ: Mapping[str, str] | None = None) -> Configuration:
+    """Read `<model_dir>/serving.properties` and the environment, apply LMI's precedence, validate."""
+    environ = os.environ if environ is None else environ
+    model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
+    properties_file = model_dir / PROPERTIES_FILE
+
+    raw_values, unknown, notes = property_sources.collect(properties_file, environ)
+    problems = [
+        Problem(u.key, u.source, _NO_VALUE,
+                "unknown key" + (f"; did you mean {u.suggestion}?" if u.suggestion else
+                                 "; see serving.properties.example for every key"))
+        for u in unknown
+    ]
+    values, sources, override_notes = property_sources.resolve(raw_values)
+    notes = notes + override_notes
+
+    try:
+        properties = ServingProperties(**values)
+    except ValidationError as error:
+        problems += _explain(error, values, sources)
+        properties = None
+    if problems:
+        raise ConfigurationError(problems)
+    assert properties is not None
+    return Configuration(properties=properties, sources=sources, model_dir=model_dir, notes=notes)
+
+
+def _explain(error: ValidationError, values: dict[str, str], sources: dict[str, Source]) -> list[Problem]:
+    problems: list[Problem] = []
+    for detail in error.errors():
+        cause = (detail.get("ctx") or {}).get("error")
+        if isinstance(cause, CrossFieldError):
+            for fields, message in cause.problems:
+                located = [f"{name} from {sources[name]}" for name in fields if name in sources]
+                where = f" [{'; '.join(located)}]" if located else ""
+                problems.append(Problem(" + ".join(fields), None, _NO_VALUE, message + where))
+            continue
+        name = str(detail["loc"][0]) if detail["loc"] else "?"
+        source = sources.get(name)
+        key = source.key if source is not None else name
+        if key != name:
+            key = f"{key} ({name})"
+        problems.append(Problem(key, source, values.get(name, _NO_VALUE), _message(name, detail)))
+    return problems
+
+
+def _message(name: str, detail: dict[str, Any]) -> str:
+    kind = detail.get("type", "")
+    ctx = detail.get("ctx") or {}
+    field_info = ServingProperties.model_fields[name] if name in ServingProperties.model_fields else None
+    if kind == "value_error":
+        return str(ctx.get("error", detail["msg"]))
+    if kind in ("int_parsing", "int_from_float", "int_type"):
+        return "expected a whole number" + _bounds(field_info)
+    if kind in ("float_parsing", "float_type"):
+        return "expected a number" + _bounds(field_info)
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        return "out of range" + _bounds(field_info)
+    return detail["msg"]
+
+
+def _bounds(field_info: Any) -> str:
+    if field_info is None:
+        return ""
+    low = high = None
+    for meta in field_info.metadata:
+        for attr, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            bound = getattr(meta, attr, None)
+            if bound is not None:
+                if symbol.startswith(">"):
+                    low = f"{symbol} {bound}"
+                else:
+                    high = f"{symbol} {bound}"
+    parts = [part for part in (low, high) if part]
+    return f" ({' and '.join(parts)})" if parts else ""

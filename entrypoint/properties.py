@@ -1,0 +1,293 @@
+"""The typed configuration: every property the container understands, with its default and meaning.
+
+This is the single place a property is defined. `serving.properties.example` is checked against it by a
+test, `plan` prints it, and everything below the entrypoint receives a validated `ServingProperties`
+instead of raw dictionaries or `os.environ`.
+
+Values arrive as strings (from `serving.properties` or environment variables); the validators below
+turn them into typed values case-insensitively where that is natural (`FP16`, `fp16` and `float16` are
+the same dtype) and reject everything else with the allowed values in the message. Rules that involve
+several fields live in `_cross_field_rules`, so a bad combination fails before any weights load.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class RollingBatch(str, Enum):
+    AUTO = "auto"
+    DEEPSPEED = "deepspeed"
+    DISABLE = "disable"
+
+
+class Quantize(str, Enum):
+    SMOOTHQUANT = "smoothquant"
+    DYNAMIC_INT8 = "dynamic_int8"
+
+
+class DType(str, Enum):
+    AUTO = "auto"
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class OutputFormatter(str, Enum):
+    JSON = "json"
+    JSONLINES = "jsonlines"
+    SSE = "sse"
+
+
+class Task(str, Enum):
+    TEXT_GENERATION = "text-generation"
+
+
+class DjlEngine(str, Enum):
+    """serving.properties' top-level `engine=`: LMI used DeepSpeed (or Python) for one process and MPI for
+    tensor-parallel ranks; here the rank count comes from tensor_parallel_degree, so all three behave alike."""
+    DEEPSPEED = "deepspeed"
+    PYTHON = "python"
+    MPI = "mpi"
+
+
+# Spellings users write for the same thing (LMI accepted only some of them; we accept all the obvious ones).
+_ALIASES: dict[type[Enum], dict[str, str]] = {
+    DType: {
+        "float32": "fp32", "float": "fp32", "fp32": "fp32", "f32": "fp32",
+        "float16": "fp16", "half": "fp16", "fp16": "fp16", "f16": "fp16",
+        "bfloat16": "bf16", "bf16": "bf16",
+        "auto": "auto",
+    },
+    RollingBatch: {"auto": "auto", "deepspeed": "deepspeed", "disable": "disable", "disabled": "disable",
+                   "false": "disable", "off": "disable", "none": "disable"},
+    Quantize: {"smoothquant": "smoothquant", "dynamic_int8": "dynamic_int8", "dynamic-int8": "dynamic_int8"},
+    OutputFormatter: {"json": "json", "jsonlines": "jsonlines", "jsonl": "jsonlines", "sse": "sse"},
+    DjlEngine: {"deepspeed": "deepspeed", "python": "python", "mpi": "mpi"},
+    Task: {"text-generation": "text-generation", "text_generation": "text-generation"},
+}
+
+# Values LMI users may carry over that we deliberately do not support; the hint says what to use instead.
+_REJECTED_WITH_HINT: dict[tuple[type[Enum], str], str] = {
+    (DType, "int8"): "int8 is not a dtype here; set quantize=dynamic_int8 (or smoothquant) and keep dtype fp16/bf16/fp32",
+    (RollingBatch, "lmi-dist"): "lmi-dist is not part of this container; use rolling_batch=deepspeed or auto",
+    (RollingBatch, "vllm"): "vLLM is not part of this container; use rolling_batch=deepspeed or auto",
+    (RollingBatch, "scheduler"): "the old DJL scheduler is replaced by the built-in rolling batch; use rolling_batch=deepspeed or auto",
+    (Quantize, "bitsandbytes"): "bitsandbytes is not supported by the DeepSpeed engines; use quantize=dynamic_int8",
+    (Quantize, "awq"): "AWQ checkpoints are not supported by the DeepSpeed engines; use quantize=smoothquant or dynamic_int8",
+    (Quantize, "gptq"): "GPTQ checkpoints are not supported by the DeepSpeed engines; use quantize=smoothquant or dynamic_int8",
+}
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def allowed_values(enum: type[Enum]) -> list[str]:
+    return [member.value for member in enum]
+
+
+def _parse_enum(enum: type[Enum], value: Any) -> Any:
+    if isinstance(value, enum) or value is None:
+        return value
+    text = str(value).strip().lower()
+    hint = _REJECTED_WITH_HINT.get((enum, text))
+    if hint:
+        raise ValueError(hint)
+    canonical = _ALIASES.get(enum, {}).get(text, text)
+    try:
+        return enum(canonical)
+    except ValueError:
+        raise ValueError(f"allowed values are {', '.join(allowed_values(enum))}") from None
+
+
+def _parse_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _blank_to_none(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip():
+        return None
+    return value
+
+
+class ServingProperties(BaseModel):
+    """Every property of the container. Keys are written `option.<name>` in serving.properties or
+    `OPTION_<NAME>` in the environment (see `entrypoint.property_sources` for all sources)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True, use_enum_values=False)
+
+    # ---- model --------------------------------------------------------------------------------------
+    model_id: str | None = Field(
+        None, description="Model to serve: a local directory, a Hugging Face model id in the local HF cache, or an s3:// URI; "
+        "unset means the model directory (/opt/ml/model) if it holds a model, else the embedded SmolLM2-135M-Instruct.")
+    revision: str | None = Field(None, description="Revision (branch, tag or commit) of a Hugging Face model id in the local cache.")
+    task: Task = Field(Task.TEXT_GENERATION, description="Task of the model; only text-generation (causal language models) is served.")
+    trust_remote_code: bool = Field(False, description="Allow the model directory's own Python code (config/model classes) to run.")
+    dtype: DType = Field(DType.AUTO, description="Weight and activation dtype: auto (fp32 on CPU; the checkpoint's fp16/bf16 on GPU), fp32, fp16 or bf16.")
+    low_cpu_mem_usage: bool = Field(True, description="Load weights shard by shard instead of building the model twice in host memory.")
+    checkpoint: str | None = Field(None, description="DeepSpeed checkpoint description (JSON file in the model directory) to load pre-sharded weights from; needs an explicit dtype.")
+    training_mp_size: int = Field(1, ge=1, description="Tensor-parallel degree the checkpoint was saved with (DeepSpeed init_inference training_mp_size); >1 needs checkpoint.")
+
+    # ---- engine -------------------------------------------------------------------------------------
+    tensor_parallel_degree: Union[int, Literal["max"]] = Field(
+        1, description="Number of tensor-parallel ranks (one per GPU; CPU processes on a CPU-only machine), or max for every visible GPU (1 without GPUs).")
+    rolling_batch: RollingBatch = Field(
+        RollingBatch.AUTO, description="Continuous batching: auto (on, with the best engine for the architecture), deepspeed (on, must be possible), disable (one request batch at a time).")
+    max_rolling_batch_size: int = Field(32, ge=1, le=4096, description="Most requests decoded together in one engine step.")
+    max_rolling_batch_prefill_tokens: int = Field(4096, ge=1, description="Most prompt tokens prefilled in one engine step; longer prompts are prefilled in chunks over several steps.")
+    max_tokens: int = Field(4096, ge=1, description="Most tokens (prompt + generated) of one request; capped by the model's context length.")
+    quantize: Quantize | None = Field(None, description="Weight quantization: smoothquant (W8A8 after SmoothQuant calibration, GPU) or dynamic_int8 (int8 weights, activations quantized per token at run time).")
+    smoothquant_alpha: float | None = Field(None, description="SmoothQuant migration strength alpha in [0, 1] (0.5 when unset); only with quantize=smoothquant.")
+    enable_cuda_graph: bool = Field(False, description="Capture CUDA graphs for decoding (DeepSpeed kernel injection on GPU only).")
+    triangular_masking: bool = Field(True, description="Use a causal (triangular) attention mask in DeepSpeed kernel injection.")
+    return_tuple: bool = Field(True, description="DeepSpeed kernel-injected layers return tuples (init_inference return_tuple).")
+    engine: DjlEngine = Field(DjlEngine.DEEPSPEED, description="serving.properties' top-level engine= (DeepSpeed, Python or MPI, as LMI wrote it); ranks follow tensor_parallel_degree in every case.")
+    entry_point: str = Field("handlers.deepspeed", description="Handler module DJL Serving calls (option.entryPoint); djl_python.deepspeed is accepted as its LMI name.")
+
+    # ---- output and server --------------------------------------------------------------------------
+    output_formatter: OutputFormatter = Field(OutputFormatter.JSON, description="Default response format of /invocations: json, jsonlines (streamed tokens) or sse (server-sent events).")
+    port: int = Field(8080, ge=1, le=65535, description="HTTP port; SAGEMAKER_BIND_TO_PORT overrides it.")
+    job_queue_size: int = Field(1000, ge=1, description="Most requests admitted at once (running + waiting); more get 503 with Retry-After.")
+    max_request_size: int = Field(10 * 1024 * 1024, ge=1024, description="Largest request body in bytes; larger bodies get 413.")
+    predict_timeout: float = Field(300.0, gt=0, description="Seconds one request may take end to end before it is cancelled with an error.")
+    model_loading_timeout: float = Field(1800.0, gt=0, description="Seconds model resolution, download and loading may take before start-up fails.")
+    model_cache_dir: str | None = Field(None, description="Directory for downloaded (s3://) and converted (embedded) models; default ~/.cache/lmi-deepspeed.")
+
+    # ---- parsing of raw strings ---------------------------------------------------------------------
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task(cls, v: Any) -> Any:
+        return _parse_enum(Task, v)
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype(cls, v: Any) -> Any:
+        return _parse_enum(DType, v)
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine(cls, v: Any) -> Any:
+        return _parse_enum(DjlEngine, v)
+
+    @field_validator("rolling_batch", mode="before")
+    @classmethod
+    def _rolling_batch(cls, v: Any) -> Any:
+        return _parse_enum(RollingBatch, v)
+
+    @field_validator("quantize", mode="before")
+    @classmethod
+    def _quantize(cls, v: Any) -> Any:
+        v = _blank_to_none(v)
+        return None if v is None else _parse_enum(Quantize, v)
+
+    @field_validator("output_formatter", mode="before")
+    @classmethod
+    def _output_formatter(cls, v: Any) -> Any:
+        return _parse_enum(OutputFormatter, v)
+
+    @field_validator("trust_remote_code", "low_cpu_mem_usage", "enable_cuda_graph", "triangular_masking", "return_tuple",
+                     mode="before")
+    @classmethod
+    def _bools(cls, v: Any) -> Any:
+        return _parse_bool(v)
+
+    @field_validator("model_id", "revision", "checkpoint", "smoothquant_alpha", "model_cache_dir", mode="before")
+    @classmethod
+    def _optional(cls, v: Any) -> Any:
+        return _blank_to_none(v)
+
+    @field_validator("tensor_parallel_degree", mode="before")
+    @classmethod
+    def _tp_degree(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("expected a positive integer or max")
+        if isinstance(v, int):
+            value = v
+        else:
+            text = str(v).strip().lower()
+            if text == "max":
+                return "max"
+            if not re.fullmatch(r"\+?\d+", text):
+                raise ValueError("expected a positive integer or max")
+            value = int(text)
+        if value < 1:
+            raise ValueError("expected a positive integer or max")
+        return value
+
+    @field_validator("entry_point", mode="before")
+    @classmethod
+    def _entry_point(cls, v: Any) -> Any:
+        text = str(v).strip()
+        if text in ("djl_python.deepspeed", "handlers.deepspeed", "deepspeed"):
+            return "handlers.deepspeed"
+        raise ValueError("allowed values are handlers.deepspeed (djl_python.deepspeed is accepted as its LMI name)")
+
+    @field_validator("smoothquant_alpha")
+    @classmethod
+    def _alpha(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise ValueError("must be within [0, 1]")
+        return v
+
+    # ---- rules across fields ------------------------------------------------------------------------
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "ServingProperties":
+        problems: list[tuple[tuple[str, ...], str]] = []
+        if self.smoothquant_alpha is not None and self.quantize is not Quantize.SMOOTHQUANT:
+            problems.append((("smoothquant_alpha", "quantize"),
+                             f"smoothquant_alpha={self.smoothquant_alpha} only applies with quantize=smoothquant, "
+                             f"but quantize={_show(self.quantize)}"))
+        if self.quantize is Quantize.SMOOTHQUANT and self.dtype is DType.BF16:
+            problems.append((("quantize", "dtype"),
+                             "quantize=smoothquant runs DeepSpeed's int8 kernels with fp16 activations, but dtype=bf16; "
+                             "use dtype=fp16 (or auto)"))
+        if self.quantize is Quantize.SMOOTHQUANT and self.dtype is DType.FP32:
+            problems.append((("quantize", "dtype"),
+                             "quantize=smoothquant needs fp16 activations (GPU), but dtype=fp32; use dtype=fp16 (or auto)"))
+        if self.checkpoint is not None and self.dtype is DType.AUTO:
+            problems.append((("checkpoint", "dtype"),
+                             f"checkpoint={self.checkpoint} is loaded by DeepSpeed without a model config to read the dtype from, "
+                             "so dtype must be set explicitly (fp16, bf16 or fp32), but dtype=auto"))
+        if self.training_mp_size > 1 and self.checkpoint is None:
+            problems.append((("training_mp_size", "checkpoint"),
+                             f"training_mp_size={self.training_mp_size} describes a pre-sharded DeepSpeed checkpoint, "
+                             "but checkpoint is unset"))
+        if self.rolling_batch is not RollingBatch.DISABLE and self.max_rolling_batch_prefill_tokens < 1:
+            problems.append((("max_rolling_batch_prefill_tokens",), "must be at least 1"))
+        if problems:
+            raise CrossFieldError(problems)
+        return self
+
+
+class CrossFieldError(ValueError):
+    """Raised by `_cross_field_rules`; carries the fields involved so the message can name their sources."""
+
+    def __init__(self, problems: list[tuple[tuple[str, ...], str]]):
+        self.problems = problems
+        super().__init__("; ".join(message for _, message in problems))
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    return value.value if isinstance(value, Enum) else str(value)
+
+
+def property_names() -> list[str]:
+    return list(ServingProperties.model_fields)
+
+
+def describe_value(value: Any) -> Any:
+    """A JSON-friendly form of a property value (enums by their value)."""
+    return value.value if isinstance(value, Enum) else value
