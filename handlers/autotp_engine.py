@@ -1,0 +1,92 @@
+"""The AutoTP engine: a Hugging Face causal LM wrapped by `deepspeed.init_inference` (automatic tensor
+parallelism, no kernel injection), driven by our rolling batch. It runs on CPU (DeepSpeed's CPU accelerator)
+and on GPU, for any architecture transformers can load."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def load_autotp_engine(properties: Any, plan: Any, model_path: str, progress: Callable[[str], None],
+                       description: str = "") -> Any:
+    """Load weights, wrap them with DeepSpeed AutoTP and return a `RollingBatchEngine`."""
+    import deepspeed  # heavy: imported only when an engine is built
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from handlers.model_runner import ModelRunner
+    from handlers.rolling_batch import RollingBatchEngine
+
+    dtype = getattr(torch, TORCH_DTYPES[plan.dtype])
+    started = time.monotonic()
+    progress(f"loading tokenizer from {model_path}")
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=properties.trust_remote_code)
+    progress(f"loading weights from {model_path} ({plan.dtype})")
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path,
+        dtype=dtype,
+        trust_remote_code=properties.trust_remote_code,
+        attn_implementation="sdpa",  # the slot cache passes a boolean 4D mask, which SDPA takes as-is
+    ).eval()
+    progress(f"wrapping the model with deepspeed.init_inference (AutoTP, tp_size={plan.tensor_parallel_degree})")
+    wrapped = deepspeed.init_inference(
+        model,
+        tensor_parallel={"tp_size": plan.tensor_parallel_degree},
+        dtype=dtype,
+        replace_with_kernel_inject=False,
+    )
+    module = wrapped.module  # AutoTP shards linear layers in place; the HF forward signature is kept
+    device = next(module.parameters()).device
+
+    context = getattr(module.config, "max_position_embeddings", None) or properties.max_tokens
+    max_total_tokens = min(properties.max_tokens, context)
+    runner = ModelRunner(module, max_batch=properties.max_rolling_batch_size, max_length=max_total_tokens,
+                         device=device)
+    eos = _eos_token_ids(module, tokenizer)
+    parameter_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    load_seconds = time.monotonic() - started
+    progress(f"model ready in {load_seconds:.1f} s")
+    return RollingBatchEngine(
+        runner, tokenizer,
+        max_batch=properties.max_rolling_batch_size,
+        max_prefill_tokens=properties.max_rolling_batch_prefill_tokens,
+        max_total_tokens=max_total_tokens,
+        eos_token_ids=eos,
+        name="autotp",
+        summary={
+            "model": description or model_path,
+            "architecture": type(module).__name__,
+            "dtype": plan.dtype,
+            "device": str(device),
+            "tensor_parallel_degree": plan.tensor_parallel_degree,
+            "weights_bytes": parameter_bytes,
+            "kv_bytes_per_token": _kv_bytes_per_token(module.config, dtype),
+            "load_seconds": round(load_seconds, 2),
+            "reason": getattr(plan, "reason", ""),
+        },
+    )
+
+
+def _eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def _kv_bytes_per_token(config: Any, dtype: Any) -> int:
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * dtype.itemsize

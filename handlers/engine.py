@@ -1,0 +1,175 @@
+"""The one engine interface every inference engine implements, and the values that cross it.
+
+The HTTP server and the DJL `handle()` both sit on an `Engine` (through `handlers.engine_loop`), so the
+CPU/AutoTP rolling batch, FastGen and kernel-injection engines are interchangeable, and tests can drive
+the server with a fake engine. The shape follows vLLM's `LLMEngine` (add_request / step / abort) and
+nano-vllm: the caller feeds requests in, calls `step()` in a loop, and receives per-request outputs.
+
+Threading contract: one thread (the engine loop) calls every method; engines need no locks.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class FinishReason(str, Enum):
+    LENGTH = "length"  # max_new_tokens reached (or the request's max_tokens / the model's context)
+    EOS_TOKEN = "eos_token"  # the model produced an end-of-sequence token
+    STOP_SEQUENCE = "stop_sequence"  # a stop sequence appeared in the generated text
+    ERROR = "error"  # the engine failed this request
+    CANCELLED = "cancelled"  # the client went away or the request timed out
+
+
+class SamplingParams(BaseModel):
+    """Per-request generation parameters, LMI's `parameters` object. Ranges are validated here so every
+    front end (LMI schema, OpenAI schema, DJL handle) rejects the same bad values the same way."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(256, ge=1, description="Most tokens to generate.")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="Softmax temperature; 0 means greedy.")
+    top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens; 0 disables.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling probability mass.")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="CTRL-style repetition penalty; 1 disables.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI presence penalty.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI frequency penalty.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Random seed; the same seed gives the same text.")
+    stop_sequences: tuple[str, ...] = Field((), description="Generation stops when the text contains one of these.")
+    ignore_eos: bool = Field(False, description="Keep generating after the end-of-sequence token.")
+    details: bool = Field(False, description="Return finish reason and per-token id, text and log-probability.")
+    return_full_text: bool = Field(False, description="Prepend the prompt to generated_text.")
+    top_n_tokens: int = Field(0, ge=0, le=20, description="Also return the n most likely alternatives per token.")
+
+    @field_validator("stop_sequences", mode="before")
+    @classmethod
+    def _stop(cls, value: Any) -> Any:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+            raise ValueError("expected a string or a list of strings")
+        if any(item == "" for item in value):
+            raise ValueError("stop sequences must not be empty strings")
+        if len(value) > 16:
+            raise ValueError(f"at most 16 stop sequences, got {len(value)}")
+        return tuple(value)
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0.0
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    text: str
+    log_prob: float
+    special: bool = False
+    top_tokens: tuple["Token", ...] = ()
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    tokens: tuple[Token, ...]  # new tokens this step (one per decode step; none for a prefill chunk)
+    text: str  # new visible text this step (text that may start a stop sequence is held back)
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    generated_tokens: int = 0  # total so far
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    healthy: bool
+    detail: str = "ok"
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int = 0  # requests in the running batch
+    waiting: int = 0  # requests admitted but not yet (fully) prefilled
+    kv_cache_usage: float = 0.0  # fraction of the KV cache in use, 0..1
+    kv_cache_tokens: int = 0
+
+
+class InvalidRequest(ValueError):
+    """The request cannot be served as asked (HTTP 400). `field` names the offending parameter."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class EngineOutOfMemory(RuntimeError):
+    """The engine ran out of memory serving a request (HTTP 507)."""
+
+
+class Engine(abc.ABC):
+    """An inference engine: requests go in, one `step()` advances every running request by one token."""
+
+    #: the Hugging Face tokenizer of the served model (chat template, counts)
+    tokenizer: Any
+    #: the largest prompt + generated tokens one request may have (max_tokens capped by the model context)
+    max_total_tokens: int
+    #: a short name for logs and /models ("autotp", "fastgen", "kernel_injection", "fake")
+    name: str
+
+    @abc.abstractmethod
+    def add_request(self, request: GenerationRequest) -> None:
+        """Admit a request; it joins the running batch at the next step. Raises `InvalidRequest`."""
+
+    @abc.abstractmethod
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns the outputs of every request that progressed or finished."""
+
+    @abc.abstractmethod
+    def cancel(self, request_id: str) -> RequestOutput | None:
+        """Drop a request and free its batch slot; returns its final output if it was still active."""
+
+    @abc.abstractmethod
+    def health(self) -> EngineHealth:
+        """Whether the engine can serve (after a crash it stays unhealthy)."""
+
+    @abc.abstractmethod
+    def has_unfinished(self) -> bool:
+        """Whether any admitted request is not finished yet."""
+
+    def stats(self) -> EngineStats:
+        return EngineStats()
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise `InvalidRequest` when prompt + max_new_tokens exceeds `max_total_tokens`."""
+        prompt = len(request.prompt_token_ids)
+        wanted = prompt + request.params.max_new_tokens
+        if prompt == 0:
+            raise InvalidRequest("the prompt is empty (0 tokens); send at least one token", "inputs")
+        if wanted > self.max_total_tokens:
+            raise InvalidRequest(
+                f"prompt ({prompt} tokens) + max_new_tokens ({request.params.max_new_tokens}) = {wanted} tokens "
+                f"exceeds the limit of {self.max_total_tokens} tokens (max_tokens / the model's context)",
+                "max_new_tokens")
+
+    def shutdown(self) -> None:
+        """Release resources (worker ranks, memory)."""

@@ -1,0 +1,61 @@
+"""Runs the Hugging Face model (bare or wrapped by DeepSpeed) for the rolling batch: prefill chunks and
+batched decode steps over a `SlotKVCache`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from handlers.engine import EngineOutOfMemory
+from handlers.slot_kv_cache import SlotKVCache
+
+
+class ModelRunner:
+    def __init__(self, model: Any, max_batch: int, max_length: int, device: torch.device | str = "cpu"):
+        """`model` is a transformers causal LM (DeepSpeed's AutoTP shards its linear layers in place, so the
+        module keeps its Hugging Face forward signature)."""
+        self.model = model
+        self.device = torch.device(device)
+        num_layers = model.config.num_hidden_layers
+        self.cache = SlotKVCache(num_layers, max_batch=max_batch, max_length=max_length)
+
+    @property
+    def staging_row(self) -> int:
+        return self.cache.staging_row
+
+    def prefill(self, row: int, token_ids: list[int], start: int) -> torch.Tensor:
+        """Write the KV of `token_ids` (prompt positions start..) into `row`; return the last token's logits [vocab]."""
+        positions = torch.arange(start, start + len(token_ids), device=self.device).unsqueeze(0)
+        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+        return self._forward(row, ids, positions)[0]
+
+    def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        """One token for each of rows 0..n-1 at their own positions; returns logits [n, vocab]."""
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device).unsqueeze(1)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device).unsqueeze(1)
+        return self._forward(0, ids, pos)
+
+    def move_row(self, source: int, target: int, length: int) -> None:
+        with torch.inference_mode():  # the buffers are inference tensors; they may only change in this mode
+            self.cache.move_row(source, target, length)
+
+    def _forward(self, row_start: int, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        try:
+            with torch.inference_mode():
+                mask = self.cache.prepare(row_start, positions)
+                output = self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=self.cache,
+                    use_cache=True,
+                    logits_to_keep=1,  # only the last position's logits are sampled from
+                )
+            return output.logits[:, -1, :]
+        except torch.OutOfMemoryError as error:
+            raise EngineOutOfMemory(f"out of device memory: {error}") from error
+        except RuntimeError as error:
+            if "can't allocate memory" in str(error) or "out of memory" in str(error).lower():
+                raise EngineOutOfMemory(f"out of memory: {error}") from error
+            raise
