@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -165,6 +164,8 @@ class RollingBatchEngine(Engine):
     def _advance(self, active: _Active, choice: Choice) -> RequestOutput:
         """Record one sampled token and decide whether the request is finished."""
         params = active.request.params
+        if choice.error is not None:
+            return self._final(active, (), FinishReason.ERROR, text=active.stops.flush(), error=choice.error)
         token_id = choice.token_id
         active.generated.append(token_id)
         is_eos = token_id in self.eos_token_ids and not params.ignore_eos

@@ -64,6 +64,7 @@ class Choice:
     token_id: int
     log_prob: float
     top: tuple[tuple[int, float], ...]  # (token id, log prob) of the most likely alternatives
+    error: str | None = None  # this row's processing failed; the request ends with an error, its batch-mates go on
 
 
 def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[Choice]:
@@ -71,17 +72,14 @@ def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[Choice]:
     logits = logits.float()
     log_probs = torch.log_softmax(logits, dim=-1)  # reported log-probs are the model's, before processing
     chosen = logits.argmax(dim=-1)
+    errors: dict[int, str] = {}
     for row, state in enumerate(states):
         if not state.needs_processing and state.params.greedy:
             continue
-        scores = logits[row:row + 1]
-        if state.needs_processing:
-            scores = _penalize(scores.clone(), state)
-        if state.params.greedy:
-            chosen[row] = scores.argmax(dim=-1)[0]
-        else:
-            probs = torch.softmax(scores, dim=-1)
-            chosen[row] = torch.multinomial(probs, 1, generator=state.generator)[0, 0]
+        try:
+            chosen[row] = _choose(logits[row:row + 1], state)
+        except (RuntimeError, ValueError) as error:  # e.g. multinomial on non-finite probabilities
+            errors[row] = f"sampling failed: {error}"
     top_n = max((state.params.top_n_tokens for state in states), default=0)
     top_values = top_ids = None
     if top_n:
@@ -96,8 +94,17 @@ def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[Choice]:
         n = state.params.top_n_tokens
         if n and top_ids is not None:
             top = tuple(zip(top_ids[row, :n].tolist(), top_values[row, :n].tolist()))
-        choices.append(Choice(token, chosen_log_probs[row], top))
+        choices.append(Choice(token, chosen_log_probs[row], top, errors.get(row)))
     return choices
+
+
+def _choose(scores: torch.Tensor, state: SamplerState) -> int:
+    if state.needs_processing:
+        scores = _penalize(scores.clone(), state)
+    if state.params.greedy:
+        return int(scores.argmax(dim=-1)[0])
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=state.generator)[0, 0])
 
 
 def _penalize(scores: torch.Tensor, state: SamplerState) -> torch.Tensor:

@@ -214,3 +214,20 @@ def test_repetition_penalty_changes_greedy_output(model):
     penalized = alone(model, prompt, max_new_tokens=10, repetition_penalty=5.0)
     assert plain != penalized
     assert len(set(penalized)) >= len(set(plain))
+
+
+def test_a_request_whose_sampling_fails_ends_alone_with_an_error(model):
+    class ExplodingProcessor:  # a logits processor that fails, as a buggy or numerically broken one would
+        def __call__(self, input_ids, scores):
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+
+    good_prompt = prompts(1, seed=21)[0]
+    engine = make_engine(model)
+    engine.add_request(request("bad", [1, 2, 3], max_new_tokens=5, do_sample=True, seed=1))
+    engine._by_id["bad"].sampler.processors.append(ExplodingProcessor())
+    engine.add_request(request("good", good_prompt, max_new_tokens=6))
+    tokens, finals, _ = run(engine)
+    assert finals["bad"].finish_reason is FinishReason.ERROR and "sampling failed" in finals["bad"].error
+    assert finals["good"].finish_reason is FinishReason.LENGTH
+    assert tokens["good"] == alone(model, good_prompt, max_new_tokens=6)
+    assert engine.health().healthy
