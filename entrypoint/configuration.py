@@ -30,9 +30,13 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        where = f" (from {self.source})" if self.source is not None and self.source.kind != "default" else ""
+        key, where = self.key, ""
+        if self.source is not None and self.source.kind == "serving.properties":
+            where = f" (from {self.source})"
+        elif self.source is not None and self.source.kind == "env":
+            key = f"environment variable {self.key}"
         shown = "" if self.value is _NO_VALUE else f" = {self.value!r}"
-        return f"{self.key}{shown}{where}: {self.message}"
+        return f"{key}{shown}{where}: {self.message}"
 
 
 _NO_VALUE = object()

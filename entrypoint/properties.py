@@ -263,8 +263,6 @@ class ServingProperties(BaseModel):
             problems.append((("training_mp_size", "checkpoint"),
                              f"training_mp_size={self.training_mp_size} describes a pre-sharded DeepSpeed checkpoint, "
                              "but checkpoint is unset"))
-        if self.rolling_batch is not RollingBatch.DISABLE and self.max_rolling_batch_prefill_tokens < 1:
-            problems.append((("max_rolling_batch_prefill_tokens",), "must be at least 1"))
         if problems:
             raise CrossFieldError(problems)
         return self

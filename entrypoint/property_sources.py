@@ -170,7 +170,8 @@ def collect(properties_file: Path | None, environ: Mapping[str, str]) -> tuple[l
                 normalized = normalize_key(key[len("option."):])
                 name = canonical_name(normalized)
                 if name is None:
-                    unknown.append(UnknownKey(key, source, suggest(normalized)))
+                    hint = suggest(normalized)
+                    unknown.append(UnknownKey(key, source, f"option.{hint}" if hint else None))
                 else:
                     values.append(RawValue(name, value, source, RANK_FILE))
             elif lowered in TOP_LEVEL_KEYS:

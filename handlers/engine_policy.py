@@ -1,0 +1,266 @@
+"""Which inference engine can serve which model architecture, and why — kept as data, not as code.
+
+`handlers.engine_plan` reads these tables to pick an engine; `plan` prints the reasons verbatim, so every
+verdict says what it rests on: the installed DeepSpeed's source (0.19.8: `deepspeed/inference/v2/
+engine_factory.py`, `module_inject/replace_policy.py`) or a measurement from shared/FACTS.md (H200,
+transformers 5.17, 2026-11-22). A row that was not measured says so. To change the policy, change a row
+here; the planner has no per-architecture branches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Mapping
+
+FASTGEN = "fastgen"
+KERNEL_INJECTION = "kernel_injection"
+AUTOTP = "autotp"
+
+CPU = "cpu"
+CUDA = "cuda"
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What one engine can do, whatever the architecture."""
+
+    name: str
+    summary: str
+    devices: frozenset[str]
+    dtypes: frozenset[str]  # resolved dtypes (fp32/fp16/bf16) it can run
+    dtype_reason: str
+    continuous_batching: bool  # whether requests can join a running batch
+    batching_reason: str
+    loads_ds_checkpoint: bool  # option.checkpoint (an init_inference checkpoint description)
+    cuda_graph: bool  # option.enable_cuda_graph
+    caveats: tuple[str, ...] = ()  # shown as plan notes when this engine is chosen
+
+
+ENGINES: Mapping[str, EngineSpec] = MappingProxyType({
+    FASTGEN: EngineSpec(
+        name=FASTGEN,
+        summary="DeepSpeed-FastGen (deepspeed.inference.v2): ragged batching with a paged KV cache and fused CUDA kernels",
+        devices=frozenset({CUDA}),
+        dtypes=frozenset({"fp16", "bf16"}),
+        dtype_reason="its model implementations raise 'Only fp16 and bf16 are supported' for any other dtype",
+        continuous_batching=True,
+        batching_reason="continuous batching is built in (requests join and leave the ragged batch every step)",
+        loads_ds_checkpoint=False,
+        cuda_graph=False,
+        caveats=(
+            "FastGen's logits drift from HF's with position (measured, eps matched: mean |dlogit| 0.018 at 600 tokens "
+            "against HF fp16's 0.0017; cause not found yet)",
+        ),
+    ),
+    KERNEL_INJECTION: EngineSpec(
+        name=KERNEL_INJECTION,
+        summary="deepspeed.init_inference(replace_with_kernel_inject=True): the model's layers replaced by DeepSpeed's fused CUDA kernels",
+        devices=frozenset({CUDA}),
+        dtypes=frozenset({"fp16", "bf16", "fp32"}),
+        dtype_reason="",
+        continuous_batching=False,
+        batching_reason="the injected layers keep their own contiguous KV cache per batch, so requests cannot join a "
+                        "running batch; a batch runs to completion before the next one starts",
+        loads_ds_checkpoint=True,
+        cuda_graph=True,
+        caveats=("kernel injection was measured only with tiny random configs in fp16 (FACTS 2026-11-22)",),
+    ),
+    AUTOTP: EngineSpec(
+        name=AUTOTP,
+        summary="deepspeed.init_inference(tensor_parallel=...) AutoTP: the Hugging Face model's own layers, linear layers sharded across ranks",
+        devices=frozenset({CPU, CUDA}),
+        dtypes=frozenset({"fp16", "bf16", "fp32"}),
+        dtype_reason="",
+        continuous_batching=True,
+        batching_reason="our rolling batch (handlers.rolling_batch) runs continuous batching on top of the HF layers",
+        loads_ds_checkpoint=True,
+        cuda_graph=False,
+    ),
+})
+
+# Preference per device kind, best first; the planner takes the first engine nothing rules out.
+PREFERENCE: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    CUDA: (FASTGEN, KERNEL_INJECTION, AUTOTP),
+    CPU: (AUTOTP,),
+})
+
+# Why an engine ranks where it does; quoted when a lower-ranked engine loses to a higher one.
+PREFERENCE_REASONS: Mapping[str, str] = MappingProxyType({
+    FASTGEN: "FastGen is the fastest engine on GPU (measured on a 7B llama, H200, fp16: 186 output tok/s at batch 1 "
+             "and 8,063 at batch 256, 5-40x HF generate's 14-773)",
+    KERNEL_INJECTION: "kernel injection runs fused CUDA kernels but batches statically",
+    AUTOTP: "AutoTP runs the HF layers themselves: it works for any architecture and on CPU, but is the slowest on GPU "
+            "(HF paths spend ~65-90 ms of host time per step)",
+})
+
+
+@dataclass(frozen=True)
+class Verdict:
+    supported: bool
+    reason: str
+
+
+def works(reason: str) -> Verdict:
+    return Verdict(True, reason)
+
+
+def fails(reason: str) -> Verdict:
+    return Verdict(False, reason)
+
+
+@dataclass(frozen=True)
+class ConfigCondition:
+    """An engine serves an architecture only when the model config has `key` == `expected`."""
+
+    engine: str
+    key: str
+    expected: Any
+    default: Any  # the value HF assumes when config.json leaves the key out
+    reason: str
+
+
+@dataclass(frozen=True)
+class ArchitecturePolicy:
+    model_type: str
+    engines: Mapping[str, Verdict]  # one verdict per engine in ENGINES
+    smoothquant: Verdict
+    conditions: tuple[ConfigCondition, ...] = ()
+    known: bool = True  # False for the fallback policy of a model_type not in the table
+
+
+# ---- reasons shared by several rows ------------------------------------------------------------------
+def _fastgen_impl(directory: str) -> Verdict:
+    return works(f"DeepSpeed 0.19.8 has an inference-v2 implementation (model_implementations/{directory}, "
+                 "selected by engine_factory.build_hf_engine)")
+
+
+_FASTGEN_NONE = fails("DeepSpeed 0.19.8 has no inference-v2 implementation for it "
+                      "(engine_factory.build_hf_engine raises 'Unsupported model type')")
+_KI_NO_POLICY = fails("DeepSpeed 0.19.8 has no kernel-injection policy for it (module_inject/replace_policy.py)")
+_AUTOTP_ANY = works("AutoTP shards the linear layers of any Hugging Face model and runs its own forward "
+                    "(measured only on llama; not measured for this architecture)")
+_AUTOTP_LLAMA = works("AutoTP runs the HF model's own forward (measured on CPU, transformers 5.23: tp 1 identical "
+                      "to HF, tp 2 logits within 5e-7)")
+
+# LMI's SMOOTHQUANT_SUPPORTED_MODEL_TYPES: architectures whose norm -> linear pairs the smoothing step knows.
+_SQ_WITH_KI = works("in LMI's SmoothQuant list, and kernel injection runs it (measured), so DeepSpeed's int8 "
+                    "kernels or our W8A8 layers on AutoTP can carry it")
+_SQ_AUTOTP_ONLY = works("in LMI's SmoothQuant list; kernel injection fails for it with transformers 5.17 (measured), "
+                        "so only our W8A8 layers on AutoTP carry it")
+_SQ_NONE = fails("not in the SmoothQuant architecture list (gpt2, gpt_neo, gptj, gpt_neox, bloom, llama, as LMI had "
+                 "it): the norm -> linear pairs that smoothing folds its scales into are not mapped for it; "
+                 "use quantize=dynamic_int8")
+
+
+def _row(model_type: str, *, fastgen: Verdict, kernel_injection: Verdict, autotp: Verdict = _AUTOTP_ANY,
+         smoothquant: Verdict = _SQ_NONE, conditions: tuple[ConfigCondition, ...] = ()) -> ArchitecturePolicy:
+    verdicts = {FASTGEN: fastgen, KERNEL_INJECTION: kernel_injection, AUTOTP: autotp}
+    return ArchitecturePolicy(model_type, MappingProxyType(verdicts), smoothquant, conditions)
+
+
+_ROWS: tuple[ArchitecturePolicy, ...] = (
+    # ---- FastGen architectures (the model_types engine_factory.build_hf_engine accepts) ------------------
+    _row("llama", fastgen=works("DeepSpeed 0.19.8 has an inference-v2 implementation (model_implementations/llama_v2); "
+                                "FastGen's throughput was measured on a 7B llama"),
+         kernel_injection=fails("fails with transformers 5.17: a tuple instead of a tensor passes between layers "
+                                "(measured; with transformers 4.43.4 it fails on the cache format)"),
+         autotp=_AUTOTP_LLAMA, smoothquant=_SQ_AUTOTP_ONLY),
+    _row("mistral", fastgen=_fastgen_impl("mistral"), kernel_injection=_KI_NO_POLICY),
+    _row("mixtral", fastgen=_fastgen_impl("mixtral"), kernel_injection=_KI_NO_POLICY),
+    _row("opt", fastgen=_fastgen_impl("opt"),
+         kernel_injection=fails("fails with transformers 5.17: merge assert in auto_tp (measured)"),
+         conditions=(ConfigCondition(FASTGEN, "do_layer_norm_before", True, True,
+                                     "FastGen refuses OPT with do_layer_norm_before=false (OPT-350m)"),)),
+    _row("falcon", fastgen=_fastgen_impl("falcon"), kernel_injection=_KI_NO_POLICY),
+    _row("phi", fastgen=_fastgen_impl("phi"), kernel_injection=_KI_NO_POLICY),
+    _row("phi3", fastgen=_fastgen_impl("phi3"), kernel_injection=_KI_NO_POLICY),
+    _row("qwen", fastgen=_fastgen_impl("qwen"), kernel_injection=_KI_NO_POLICY),
+    _row("qwen2", fastgen=_fastgen_impl("qwen_v2"), kernel_injection=_KI_NO_POLICY),
+    _row("qwen2_moe", fastgen=_fastgen_impl("qwen_v2_moe"), kernel_injection=_KI_NO_POLICY),
+    _row("exaone4", fastgen=_fastgen_impl("exaone4"), kernel_injection=_KI_NO_POLICY),
+    _row("exaone4_5", fastgen=_fastgen_impl("exaone4_5"), kernel_injection=_KI_NO_POLICY),
+    # ---- kernel-injection architectures (policies in module_inject/replace_policy.py) -------------------
+    _row("gptj", fastgen=_FASTGEN_NONE, kernel_injection=works("runs with transformers 5.17 (measured, fp16)"),
+         smoothquant=_SQ_WITH_KI),
+    _row("gpt_neo", fastgen=_FASTGEN_NONE, kernel_injection=works("runs with transformers 5.17 (measured, fp16)"),
+         smoothquant=_SQ_WITH_KI),
+    _row("gpt2", fastgen=_FASTGEN_NONE,
+         kernel_injection=fails("fails with transformers 5.17: a cache object reaches the attention mask (measured)"),
+         smoothquant=_SQ_AUTOTP_ONLY),
+    _row("gpt_neox", fastgen=_FASTGEN_NONE,
+         kernel_injection=fails("fails with transformers 5.17: missing attribute hidden_size (measured)"),
+         smoothquant=_SQ_AUTOTP_ONLY),
+    _row("bloom", fastgen=_FASTGEN_NONE,
+         kernel_injection=fails("DeepSpeed refuses BLOOM kernel injection above transformers 4.43.4 (measured)"),
+         smoothquant=_SQ_AUTOTP_ONLY),
+)
+
+ARCHITECTURES: Mapping[str, ArchitecturePolicy] = MappingProxyType({row.model_type: row for row in _ROWS})
+
+# A model_type not in the table: AutoTP needs nothing architecture-specific, so it is served rather than refused.
+_UNKNOWN_ENGINES = MappingProxyType({
+    FASTGEN: fails("not in the FastGen architecture list (DeepSpeed 0.19.8 inference v2 implements "
+                   + ", ".join(row.model_type for row in _ROWS if row.engines[FASTGEN].supported) + ")"),
+    KERNEL_INJECTION: fails("not in the list of architectures kernel injection was measured to run (gptj, gpt_neo)"),
+    AUTOTP: works("AutoTP shards the linear layers of any Hugging Face model and runs its own forward "
+                  "(this architecture is not in the policy table and was not measured)"),
+})
+
+
+def policy_for(model_type: str | None) -> ArchitecturePolicy:
+    """The row for `model_type` (case-insensitive), or the AutoTP-only fallback for an unknown one."""
+    key = (model_type or "").strip().lower()
+    row = ARCHITECTURES.get(key)
+    if row is not None:
+        return row
+    return ArchitecturePolicy(key or "unknown", _UNKNOWN_ENGINES, _SQ_NONE, (), known=False)
+
+
+# ---- quantization ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QuantizationSupport:
+    method: str
+    devices: frozenset[str]
+    device_reason: str
+    engines: Mapping[str, Verdict]
+    per_architecture: bool  # whether ArchitecturePolicy.smoothquant must also allow it
+    dtype: str | None = None  # the activation dtype it forces when dtype=auto
+
+
+_NO_INT8_IN_FASTGEN = fails("DeepSpeed-FastGen 0.19.8 has no int8 path: its only quantization_mode is wf6af16 "
+                            "(FP6 weights)")
+
+QUANTIZATION: Mapping[str, QuantizationSupport] = MappingProxyType({
+    "smoothquant": QuantizationSupport(
+        method="smoothquant",
+        devices=frozenset({CUDA}),
+        device_reason="SmoothQuant's W8A8 path runs int8 GPU kernels (DeepSpeed's int8 kernels or torch._int_mm on "
+                      "CUDA); on CPU use quantize=dynamic_int8",
+        engines=MappingProxyType({
+            FASTGEN: _NO_INT8_IN_FASTGEN,
+            KERNEL_INJECTION: works("DeepSpeed's int8 kernel-injection path (init_inference dtype=torch.int8) runs the "
+                                    "smoothed weights; public DeepSpeed 0.19.8 has no smoothing step, so our "
+                                    "quantization package calibrates (not measured yet)"),
+            AUTOTP: works("our quantization package's W8A8 linear layers (torch._int_mm) after smoothing; measured: "
+                          "torch._int_mm is 1.0-1.5x the fp16 matmul and eager per-token activation quantization "
+                          "costs 20-200 us a call, so expect memory savings more than speed"),
+        }),
+        per_architecture=True,
+        dtype="fp16",
+    ),
+    "dynamic_int8": QuantizationSupport(
+        method="dynamic_int8",
+        devices=frozenset({CPU, CUDA}),
+        device_reason="",
+        engines=MappingProxyType({
+            FASTGEN: _NO_INT8_IN_FASTGEN,
+            KERNEL_INJECTION: works("DeepSpeed int8 weights through init_inference(dtype=torch.int8), as LMI's "
+                                    "dynamic_int8 did (not measured with transformers 5)"),
+            AUTOTP: works("our quantization package: int8 weights, activations quantized per token at run time "
+                          "(torch's int8 linear kernels on CPU, torch._int_mm on GPU: measured 1.0-1.5x the fp16 "
+                          "matmul before 20-200 us of quantization per call, so not a guaranteed speed-up)"),
+        }),
+        per_architecture=False,
+    ),
+})

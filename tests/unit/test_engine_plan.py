@@ -1,0 +1,355 @@
+"""The engine policy table and the planner that applies it (no torch, no weights)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from entrypoint.properties import ServingProperties
+from handlers import engine_policy as policy
+from handlers.engine_plan import Device, ModelShape, PlanError, cpu_device, detect_device, plan_engine
+from handlers.engine_policy import AUTOTP, ENGINES, FASTGEN, KERNEL_INJECTION
+
+CPU = Device("cpu", 1, "test CPU")
+GPU1 = Device("cuda", 1, "test GPU")
+GPU8 = Device("cuda", 8, "test GPU")
+
+# The embedded default model's shape (SmolLM2-135M-Instruct).
+SMOL = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_attention_heads": 9,
+        "num_key_value_heads": 3, "num_hidden_layers": 30, "hidden_size": 576, "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5}
+LLAMA_7B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_attention_heads": 32,
+            "num_key_value_heads": 32, "num_hidden_layers": 32, "hidden_size": 4096, "max_position_embeddings": 4096,
+            "torch_dtype": "float16", "rms_norm_eps": 1e-5}
+GPTJ = {"model_type": "gptj", "architectures": ["GPTJForCausalLM"], "n_head": 16, "n_layer": 28, "n_embd": 4096,
+        "n_positions": 2048, "torch_dtype": "float32"}
+
+
+def props(**values) -> ServingProperties:
+    return ServingProperties(**values)
+
+
+def plan_error(properties, config, device) -> PlanError:
+    with pytest.raises(PlanError) as caught:
+        plan_engine(properties, config, device)
+    return caught.value
+
+
+def ruled_out(plan) -> dict[str, str]:
+    return dict(plan.ruled_out)
+
+
+# ---- the table ----------------------------------------------------------------------------------------
+def test_preference_names_only_engines_that_exist_and_run_on_that_device():
+    assert set(policy.PREFERENCE) == {"cpu", "cuda"}
+    for kind, order in policy.PREFERENCE.items():
+        assert order and set(order) <= set(ENGINES)
+        assert all(kind in ENGINES[name].devices for name in order)
+    assert policy.PREFERENCE["cuda"] == (FASTGEN, KERNEL_INJECTION, AUTOTP)
+    assert policy.PREFERENCE["cpu"] == (AUTOTP,)
+    assert set(policy.PREFERENCE_REASONS) == set(ENGINES)
+
+
+@pytest.mark.parametrize("model_type", sorted(policy.ARCHITECTURES))
+def test_every_row_has_a_verdict_with_a_reason_for_every_engine(model_type):
+    row = policy.ARCHITECTURES[model_type]
+    assert row.model_type == model_type and row.known
+    assert set(row.engines) == set(ENGINES)
+    for verdict in [*row.engines.values(), row.smoothquant]:
+        assert verdict.reason.strip()
+    for condition in row.conditions:
+        assert condition.engine in ENGINES and condition.reason.strip()
+    # AutoTP is the fallback that makes every architecture servable.
+    assert row.engines[AUTOTP].supported
+
+
+def test_engine_specs_and_quantization_are_consistent():
+    for name, spec in ENGINES.items():
+        assert spec.name == name and spec.summary and spec.batching_reason
+        assert spec.devices <= {"cpu", "cuda"} and spec.dtypes <= {"fp32", "fp16", "bf16"}
+        if spec.dtypes != {"fp32", "fp16", "bf16"}:
+            assert spec.dtype_reason
+    for method, support in policy.QUANTIZATION.items():
+        assert support.method == method
+        assert set(support.engines) == set(ENGINES)
+        assert all(verdict.reason for verdict in support.engines.values())
+        assert any(support.engines[name].supported for name in support.engines)
+    assert set(policy.QUANTIZATION) == {"smoothquant", "dynamic_int8"}
+
+
+def test_fastgen_rows_match_the_installed_deepspeed():
+    """The model_types build_hf_engine accepts in the installed DeepSpeed are the FastGen rows. The source is
+    read as text: importing deepspeed takes seconds (it imports torch) and may try to build ops."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("deepspeed")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("deepspeed is not installed")
+    factory = Path(list(spec.submodule_search_locations)[0]) / "inference" / "v2" / "engine_factory.py"
+    accepted = set(re.findall(r'model_config\.model_type == "([a-z0-9_]+)"', factory.read_text()))
+    assert accepted, f"no model_type checks found in {factory}"
+    fastgen_rows = {name for name, row in policy.ARCHITECTURES.items() if row.engines[FASTGEN].supported}
+    assert fastgen_rows == accepted
+
+
+def test_measured_kernel_injection_facts_are_encoded():
+    runs = {name for name, row in policy.ARCHITECTURES.items() if row.engines[KERNEL_INJECTION].supported}
+    assert runs == {"gptj", "gpt_neo"}
+    for name, fragment in [("gpt2", "cache object"), ("opt", "merge assert"), ("bloom", "4.43.4"),
+                           ("gpt_neox", "hidden_size"), ("llama", "tuple instead of a tensor")]:
+        assert fragment in policy.ARCHITECTURES[name].engines[KERNEL_INJECTION].reason
+
+
+def test_unknown_model_type_gets_the_autotp_only_fallback():
+    row = policy.policy_for("mamba")
+    assert not row.known
+    assert [name for name, verdict in row.engines.items() if verdict.supported] == [AUTOTP]
+    assert policy.policy_for("LLAMA") is policy.ARCHITECTURES["llama"]
+
+
+# ---- engine choice ------------------------------------------------------------------------------------
+def test_cpu_llama_gets_autotp_with_gpu_engines_ruled_out():
+    plan = plan_engine(props(), SMOL, CPU)
+    assert plan.engine == AUTOTP
+    assert plan.rolling_batch is True
+    assert plan.tensor_parallel_degree == 1
+    assert plan.dtype == "fp32"
+    assert (plan.model_type, plan.architecture) == ("llama", "LlamaForCausalLM")
+    reasons = ruled_out(plan)
+    assert set(reasons) == {FASTGEN, KERNEL_INJECTION}
+    assert all("GPU only" in why for why in reasons.values())
+    assert "only engine that runs on CPU" in plan.reason
+
+
+def test_gpu_llama_gets_fastgen():
+    plan = plan_engine(props(), LLAMA_7B, GPU1)
+    assert plan.engine == FASTGEN
+    assert plan.rolling_batch is True
+    assert plan.dtype == "fp16"  # the checkpoint's dtype
+    reasons = ruled_out(plan)
+    assert "tuple instead of a tensor" in reasons[KERNEL_INJECTION]
+    assert "ranks below fastgen" in reasons[AUTOTP]
+    assert "5-40x" in plan.reason
+
+
+def test_gpu_gptj_with_rolling_batch_keeps_continuous_batching_on_autotp():
+    plan = plan_engine(props(), GPTJ, GPU1)
+    assert plan.engine == AUTOTP
+    assert plan.rolling_batch is True
+    reasons = ruled_out(plan)
+    assert "no inference-v2 implementation" in reasons[FASTGEN]
+    assert "no continuous batching" in reasons[KERNEL_INJECTION]
+    assert "rolling_batch=disable" in reasons[KERNEL_INJECTION]
+
+
+def test_gpu_gptj_with_rolling_batch_disabled_gets_kernel_injection():
+    plan = plan_engine(props(rolling_batch="disable"), GPTJ, GPU1)
+    assert plan.engine == KERNEL_INJECTION
+    assert plan.rolling_batch is False
+    assert plan.dtype == "fp16"  # fp32 checkpoint -> fp16 on GPU
+    assert "ranks below kernel_injection" in ruled_out(plan)[AUTOTP]
+    assert any("rolling_batch=disable" in note for note in plan.notes)
+
+
+def test_gpu_llama_with_rolling_batch_disabled_still_prefers_fastgen_without_continuous_batching():
+    plan = plan_engine(props(rolling_batch="disable"), LLAMA_7B, GPU1)
+    assert (plan.engine, plan.rolling_batch) == (FASTGEN, False)
+
+
+def test_fp32_on_gpu_rules_out_fastgen():
+    plan = plan_engine(props(dtype="fp32"), LLAMA_7B, GPU1)
+    assert plan.engine == AUTOTP
+    assert "fp16 and bf16" in ruled_out(plan)[FASTGEN]
+
+
+def test_bf16_checkpoint_is_kept_on_gpu():
+    assert plan_engine(props(), {**LLAMA_7B, "dtype": "bfloat16", "torch_dtype": None}, GPU1).dtype == "bf16"
+
+
+def test_opt_350m_is_refused_by_fastgen():
+    config = {"model_type": "opt", "num_attention_heads": 16, "do_layer_norm_before": False}
+    plan = plan_engine(props(), config, GPU1)
+    assert plan.engine == AUTOTP
+    assert "do_layer_norm_before" in ruled_out(plan)[FASTGEN]
+    assert plan_engine(props(), {**config, "do_layer_norm_before": True}, GPU1).engine == FASTGEN
+
+
+def test_unknown_model_type_gets_autotp_with_a_note():
+    plan = plan_engine(props(), {"model_type": "mamba", "num_attention_heads": 8}, GPU1)
+    assert plan.engine == AUTOTP
+    assert any("mamba is not in the engine policy table" in note for note in plan.notes)
+    assert plan_engine(props(), {"num_attention_heads": 8}, CPU).engine == AUTOTP  # no model_type at all
+
+
+def test_checkpoint_rules_out_fastgen():
+    plan = plan_engine(props(checkpoint="ds.json", dtype="fp16"), LLAMA_7B, GPU1)
+    assert plan.engine == AUTOTP
+    assert "checkpoint=ds.json" in ruled_out(plan)[FASTGEN]
+
+
+# ---- tensor parallel degree ---------------------------------------------------------------------------
+@pytest.mark.parametrize("device", [CPU, GPU8])
+def test_degree_that_does_not_divide_the_heads(device):
+    error = plan_error(props(tensor_parallel_degree=2), SMOL, device)
+    message = str(error)
+    assert error.key == "tensor_parallel_degree"
+    assert "tensor_parallel_degree=2" in message
+    assert "9 attention heads" in message and "3 key/value heads" in message
+    assert "valid degrees: 1, 3" in message
+
+
+def test_valid_degree_for_the_heads():
+    assert plan_engine(props(tensor_parallel_degree=3), SMOL, GPU8).tensor_parallel_degree == 3
+    assert plan_engine(props(tensor_parallel_degree=3), SMOL, CPU).tensor_parallel_degree == 3  # 3 CPU ranks
+
+
+def test_degree_above_the_visible_gpu_count():
+    message = str(plan_error(props(tensor_parallel_degree=4), LLAMA_7B, Device("cuda", 2, "test GPU")))
+    assert "tensor_parallel_degree=4" in message
+    assert "needs 4 GPUs" in message and "only 2 are visible" in message
+
+
+def test_max_is_every_visible_gpu():
+    assert plan_engine(props(tensor_parallel_degree="max"), LLAMA_7B, GPU8).tensor_parallel_degree == 8
+    message = str(plan_error(props(tensor_parallel_degree="max"), SMOL, GPU8))
+    assert "max (= 8 visible GPUs)" in message and "valid degrees: 1, 3" in message
+
+
+def test_max_on_cpu_is_one_process():
+    plan = plan_engine(props(tensor_parallel_degree="max"), SMOL, CPU)
+    assert plan.tensor_parallel_degree == 1
+    assert any("max resolves to 1 on a CPU-only machine" in note for note in plan.notes)
+
+
+def test_head_counts_under_other_config_names():
+    shape = ModelShape.from_config(GPTJ)
+    assert (shape.heads, shape.kv_heads, shape.layers, shape.context) == (16, 16, 28, 2048)
+    falcon = ModelShape.from_config({"model_type": "falcon", "num_attention_heads": 64, "num_kv_heads": 8})
+    assert (falcon.heads, falcon.kv_heads) == (64, 8)
+    multimodal = ModelShape.from_config({"model_type": "llava", "text_config": {"num_attention_heads": 32,
+                                                                                "num_key_value_heads": 8}})
+    assert (multimodal.model_type, multimodal.heads, multimodal.kv_heads) == ("llava", 32, 8)
+
+
+def test_missing_head_count_is_a_note_not_an_error():
+    plan = plan_engine(props(tensor_parallel_degree=2), {"model_type": "llama"}, CPU)
+    assert plan.tensor_parallel_degree == 2
+    assert any("not checked" in note for note in plan.notes)
+
+
+# ---- dtype, quantization, CUDA graphs, rolling batch --------------------------------------------------
+def test_fp16_on_cpu_is_refused_with_a_hint():
+    message = str(plan_error(props(dtype="fp16"), SMOL, CPU))
+    assert "dtype=fp16" in message and "use dtype=fp32" in message and "bf16" in message
+
+
+def test_bf16_on_cpu_is_allowed():
+    plan = plan_engine(props(dtype="bf16"), SMOL, CPU)
+    assert (plan.engine, plan.dtype) == (AUTOTP, "bf16")
+
+
+def test_smoothquant_on_cpu_is_refused():
+    error = plan_error(props(quantize="smoothquant"), SMOL, CPU)
+    assert error.key == "quantize"
+    assert "quantize=smoothquant" in str(error) and "needs a GPU" in str(error)
+
+
+def test_smoothquant_on_an_architecture_without_support_is_refused():
+    message = str(plan_error(props(quantize="smoothquant"), {"model_type": "mistral", "num_attention_heads": 32}, GPU1))
+    assert "not available for model_type mistral" in message
+    assert "dynamic_int8" in message
+
+
+def test_smoothquant_on_gpu_llama_runs_on_autotp_in_fp16():
+    plan = plan_engine(props(quantize="smoothquant"), {**LLAMA_7B, "torch_dtype": "bfloat16"}, GPU1)
+    assert (plan.engine, plan.dtype, plan.quantize) == (AUTOTP, "fp16", "smoothquant")
+    assert "no int8 path" in ruled_out(plan)[FASTGEN]
+
+
+def test_smoothquant_on_gptj_with_static_batches_uses_kernel_injection():
+    plan = plan_engine(props(quantize="smoothquant", rolling_batch="disable"), GPTJ, GPU1)
+    assert plan.engine == KERNEL_INJECTION
+
+
+def test_dynamic_int8_runs_on_cpu_autotp():
+    plan = plan_engine(props(quantize="dynamic_int8"), SMOL, CPU)
+    assert (plan.engine, plan.quantize) == (AUTOTP, "dynamic_int8")
+    assert any(note.startswith("quantize=dynamic_int8 on autotp") for note in plan.notes)
+
+
+def test_cuda_graph_without_kernel_injection_is_refused():
+    message = str(plan_error(props(enable_cuda_graph=True), LLAMA_7B, GPU1))
+    assert "enable_cuda_graph=true" in message and "kernel injection" in message
+    assert "enable_cuda_graph=true" in str(plan_error(props(enable_cuda_graph=True), SMOL, CPU))
+
+
+def test_cuda_graph_with_rolling_batch_auto_falls_back_to_static_batches():
+    plan = plan_engine(props(enable_cuda_graph=True), GPTJ, GPU1)
+    assert (plan.engine, plan.rolling_batch) == (KERNEL_INJECTION, False)
+    assert any("continuous batching is off" in note for note in plan.notes)
+
+
+def test_rolling_batch_deepspeed_when_no_engine_can_do_it():
+    error = plan_error(props(enable_cuda_graph=True, rolling_batch="deepspeed"), GPTJ, GPU1)
+    assert error.key == "rolling_batch"
+    assert "rolling_batch=deepspeed" in str(error) and "continuous batching" in str(error)
+
+
+def test_several_plan_problems_are_reported_together():
+    error = plan_error(props(dtype="fp16", tensor_parallel_degree=2), SMOL, CPU)
+    assert [problem.key for problem in error.problems] == ["dtype", "tensor_parallel_degree"]
+    assert "2 problems" in str(error)
+    described = error.describe(lambda key: "serving.properties:3" if key == "dtype" else None)
+    assert "dtype=fp16 (from serving.properties:3)" in described
+
+
+def test_max_tokens_above_the_context_is_noted():
+    plan = plan_engine(props(max_tokens=16384), SMOL, CPU)
+    assert any("capped by the model's context of 8192" in note for note in plan.notes)
+
+
+def test_fastgen_eps_mismatch_is_noted():
+    plan = plan_engine(props(), {**LLAMA_7B, "rms_norm_eps": 1e-6}, GPU1)
+    assert any("rms_norm_eps is 1e-06" in note for note in plan.notes)
+
+
+def test_float32_rounded_eps_from_gguf_is_not_a_mismatch():
+    plan = plan_engine(props(), {**LLAMA_7B, "rms_norm_eps": 9.999999747378752e-06}, GPU1)
+    assert not any("rms_norm_eps" in note for note in plan.notes)
+
+
+def test_plan_to_dict_is_json_ready():
+    import json
+
+    data = json.loads(json.dumps(plan_engine(props(), SMOL, CPU).to_dict()))
+    assert data["engine"] == AUTOTP and data["device"]["kind"] == "cpu"
+    assert {entry["engine"] for entry in data["ruled_out"]} == {FASTGEN, KERNEL_INJECTION}
+    assert set(data) >= {"engine", "reason", "ruled_out", "tensor_parallel_degree", "dtype", "rolling_batch",
+                         "architecture", "model_type", "notes"}
+
+
+# ---- purity and device detection ----------------------------------------------------------------------
+def test_planning_imports_no_torch():
+    code = ("import sys; from entrypoint.properties import ServingProperties as P; "
+            "from handlers.engine_plan import plan_engine, Device; "
+            "plan_engine(P(), {'model_type': 'llama', 'num_attention_heads': 4}, Device('cuda', 1, 'x')); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_hidden_gpus_mean_cpu_without_importing_torch(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert detect_device().kind == "cpu"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    device = detect_device()
+    assert device == cpu_device() and device.count == 1
+
+
+def test_no_nvidia_device_nodes_mean_cpu(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr("handlers.engine_plan.glob.glob", lambda pattern: [])
+    assert detect_device().kind == "cpu"
