@@ -20,7 +20,7 @@ def build_engine(configuration: Any, progress: Callable[[str], None]) -> Any:
     resolved = resolve_model(properties.model_id, model_dir=configuration.model_dir, revision=properties.revision,
                              cache_dir=cache_dir)
     progress(f"model: {resolved.description}")
-    plan = plan_engine(properties, read_model_config(resolved), detect_device())
+    plan = plan_engine(properties, read_model_config(resolved), detect_device(), available=ENGINE_BUILDERS)
     builder = ENGINE_BUILDERS.get(plan.engine)
     if builder is None:
         raise RuntimeError(f"the plan chose engine {plan.engine!r}, which this build cannot start; "

@@ -13,7 +13,7 @@ import math
 import os
 import platform
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Collection, Literal, Mapping
 
 from entrypoint.properties import DType, RollingBatch, ServingProperties
 from handlers.engine_policy import (
@@ -209,7 +209,10 @@ class EnginePlan:
         }
 
 
-def plan_engine(properties: ServingProperties, model_config: Mapping[str, Any], device: Device) -> EnginePlan:
+def plan_engine(properties: ServingProperties, model_config: Mapping[str, Any], device: Device,
+                available: Collection[str] | None = None) -> EnginePlan:
+    """`available`: the engines this build can start (`handlers.engine_factory.ENGINE_BUILDERS`); None plans
+    with the whole policy table, as if every engine were built."""
     shape = ModelShape.from_config(model_config)
     arch = policy_for(shape.model_type)
     quant = QUANTIZATION[properties.quantize.value] if properties.quantize is not None else None
@@ -222,7 +225,10 @@ def plan_engine(properties: ServingProperties, model_config: Mapping[str, Any], 
         raise PlanError(problems)
 
     def blocker(name: str) -> str | None:
-        return _blocker(ENGINES[name], arch, model_config, properties, quant, dtype, device)
+        reason = _blocker(ENGINES[name], arch, model_config, properties, quant, dtype, device)
+        if reason is None and available is not None and name not in available:
+            reason = "not built into this container yet (only " + ", ".join(sorted(available)) + " is)"
+        return reason
 
     blockers = {name: blocker(name) for name in ENGINES}
     _check_quantize(properties, quant, arch, device, problems)

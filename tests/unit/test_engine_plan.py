@@ -353,3 +353,10 @@ def test_no_nvidia_device_nodes_mean_cpu(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr("handlers.engine_plan.glob.glob", lambda pattern: [])
     assert detect_device().kind == "cpu"
+
+
+def test_engines_not_built_into_this_container_are_ruled_out_with_that_reason():
+    plan = plan_engine(props(), LLAMA_7B, GPU1, available={"autotp"})
+    assert plan.engine == "autotp"
+    ruled = dict(plan.ruled_out)
+    assert "not built into this container" in ruled["fastgen"]
