@@ -1,0 +1,196 @@
+"""Start the HTTP server at once, load the model behind it, and shut down cleanly.
+
+SageMaker health-checks /ping from container start, so uvicorn listens before the (possibly long) model
+load begins; /ping answers 503 with the load progress until the engine is ready. If loading fails or
+exceeds model_loading_timeout, the error is logged and `serve` returns 1: a container that cannot serve
+should exit so SageMaker replaces it, not answer 503 forever. SIGTERM (and SIGINT) shut down gracefully:
+uvicorn stops accepting connections and lets running requests finish for up to GRACEFUL_SHUTDOWN_SECONDS,
+then the engine loop finishes whatever is left with "server shutting down" and `serve` returns 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import uvicorn
+
+from entrypoint.configuration import Configuration
+from entrypoint.http.app import create_app
+from entrypoint.http.state import ServerState
+from handlers.engine import Engine
+from handlers.engine_loop import EngineLoop
+
+logger = logging.getLogger("lmi.launch")
+
+EngineFactory = Callable[[Configuration, Callable[[str], None]], Engine]
+
+#: seconds running requests get to finish after SIGTERM (SageMaker / ECS kill after 30 s by default)
+GRACEFUL_SHUTDOWN_SECONDS = 25.0
+#: longer than the 60 s idle timeout of common load balancers, so the server never closes first
+KEEP_ALIVE_SECONDS = 75
+
+
+def serve(configuration: Configuration, engine_factory: EngineFactory | None = None, *, host: str = "0.0.0.0",
+          graceful_shutdown_s: float = GRACEFUL_SHUTDOWN_SECONDS,
+          raise_load_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Serve until SIGTERM/SIGINT (returns 0) or a failed model load (returns 1).
+
+    A load failure that is an instance of `raise_load_errors` (the CLI passes its user errors: bad
+    configuration, model not found, impossible plan) is logged without a traceback and re-raised from
+    here once the server has shut down, so the caller can report it as a user error."""
+    _configure_logging()
+    properties = configuration.properties
+    name, aliases = model_name_for(configuration)
+    state = ServerState(name, aliases)
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(configuration, state), host=host, port=properties.port, log_config=None, access_log=False,
+        timeout_graceful_shutdown=graceful_shutdown_s, timeout_keep_alive=KEEP_ALIVE_SECONDS))
+    loader = _Loader(configuration, engine_factory or _default_engine_factory, state, server, raise_load_errors)
+    threading.Thread(target=loader.run, name="model-loader", daemon=True).start()
+    logger.info("starting the HTTP server on %s:%d while model %s loads", host, properties.port, name)
+    try:
+        with _signals_end_serving():
+            server.run()
+    except SystemExit as exc:  # uvicorn exits this way when it cannot bind the port
+        logger.error("the HTTP server could not start (exit status %s)", exc.code)
+        return 1
+    finally:
+        loader.stopping = True
+        loop = state.loop
+        if loop is not None:
+            loop.stop()
+    if loader.error is not None:
+        raise loader.error
+    if loader.failed:
+        return 1
+    logger.info("shut down")
+    return 0
+
+
+class _Loader:
+    """Builds the engine on a background thread, bounded by model_loading_timeout."""
+
+    def __init__(self, configuration: Configuration, factory: EngineFactory, state: ServerState,
+                 server: uvicorn.Server, user_errors: tuple[type[BaseException], ...]):
+        self.configuration = configuration
+        self.factory = factory
+        self.state = state
+        self.server = server
+        self.user_errors = user_errors
+        self.failed = False
+        self.error: BaseException | None = None  # a user error for serve() to re-raise
+        self.stopping = False  # set once the server is shutting down: an engine that arrives late is discarded
+
+    def run(self) -> None:
+        started = time.monotonic()
+        result: list[Any] = []
+
+        def build() -> None:
+            try:
+                result.append(self.factory(self.configuration, self._progress))
+            except BaseException as exc:  # noqa: BLE001 - reported below, whatever it is
+                result.append(exc)
+
+        # The factory runs on its own daemon thread so a hung load can be abandoned at the timeout.
+        worker = threading.Thread(target=build, name="engine-factory", daemon=True)
+        worker.start()
+        timeout = self.configuration.properties.model_loading_timeout
+        worker.join(timeout)
+        if worker.is_alive():
+            self._fail(f"loading the model did not finish within model_loading_timeout={timeout:g} s "
+                       f"(last progress: {self.state.progress})")
+            return
+        outcome = result[0]
+        if isinstance(outcome, self.user_errors):
+            self.error = outcome  # its message says it all; no traceback
+            self._fail(str(outcome))
+            return
+        if isinstance(outcome, BaseException):
+            logger.error("loading the model failed", exc_info=outcome)
+            self._fail(f"{type(outcome).__name__}: {outcome}")
+            return
+        engine: Engine = outcome
+        if self.stopping:
+            engine.shutdown()
+            return
+        properties = self.configuration.properties
+        loop = EngineLoop(engine, job_queue_size=properties.job_queue_size,
+                          predict_timeout=properties.predict_timeout).start()
+        self.state.set_ready(loop)
+        summary = startup_summary(self.configuration, engine, self.state)
+        logger.info("model ready in %.1f s: %s", time.monotonic() - started,
+                    " ".join(f"{key}={value}" for key, value in summary.items()))
+
+    def _progress(self, text: str) -> None:
+        self.state.set_progress(text)
+        logger.info("loading: %s", text)
+
+    def _fail(self, reason: str) -> None:
+        logger.error("the model could not be loaded, exiting: %s", reason)
+        self.failed = True
+        self.state.set_failed(reason)
+        self.server.should_exit = True  # uvicorn polls this; serve() then returns 1
+
+
+def startup_summary(configuration: Configuration, engine: Engine, state: ServerState) -> dict[str, Any]:
+    """The facts worth one log line at start-up; the engine adds its own (dtype, why this engine, memory)
+    through an optional `summary() -> dict`, which wins over the configured values."""
+    properties = configuration.properties
+    info: dict[str, Any] = {
+        "model": state.model_name,
+        "engine": engine.name,
+        "dtype": properties.dtype.value,
+        "max_rolling_batch_size": properties.max_rolling_batch_size,
+        "max_total_tokens": engine.max_total_tokens,
+        "job_queue_size": properties.job_queue_size,
+        "predict_timeout": f"{properties.predict_timeout:g}s",
+    }
+    summary = getattr(engine, "summary", None)
+    if callable(summary):
+        info.update(summary())
+    info["peak_host_memory"] = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}GiB"
+    return info
+
+
+def model_name_for(configuration: Configuration) -> tuple[str, tuple[str, ...]]:
+    """The name /predictions/{name} and /models use: the last part of model_id (its full form is accepted
+    too), else the model directory's name ("model" for SageMaker's /opt/ml/model)."""
+    model_id = configuration.properties.model_id
+    if model_id:
+        return model_id.rstrip("/").rsplit("/", 1)[-1] or model_id, (model_id,)
+    return configuration.model_dir.name or "model", ()
+
+
+def _default_engine_factory(configuration: Configuration, progress: Callable[[str], None]) -> Engine:
+    from handlers.engine_factory import build_engine  # heavy (torch, deepspeed): only once serving starts
+
+    return build_engine(configuration, progress)
+
+
+@contextlib.contextmanager
+def _signals_end_serving() -> Iterator[None]:
+    """uvicorn handles SIGTERM/SIGINT gracefully and then re-raises the signal to the handler that was
+    installed before it, which by default kills the process (exit status -15). Installing a no-op handler
+    first lets a graceful shutdown end with exit status 0."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _configure_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
