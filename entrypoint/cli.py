@@ -92,13 +92,23 @@ def _serve(args: argparse.Namespace) -> int:
         return _user_error(error)
     for note in configuration.notes:
         log.info("%s", note)
+    # Plan before anything starts (config.json only, no weights): a model that cannot be found or a plan
+    # that cannot work (e.g. a tensor-parallel degree that does not divide the heads) exits here, before
+    # the port opens.
+    try:
+        report = build_report(configuration)
+    except _user_errors() as error:
+        return _user_error(error, configuration)
+    plan = report["plan"]
+    log.info("plan: engine %s, tensor parallel %s, dtype %s, model %s", plan["engine"],
+             plan["tensor_parallel_degree"], plan["dtype"], report["model"]["description"])
     # Imported here: the server stack (torch, deepspeed, uvicorn) is only needed once the configuration is
     # known to be good, and `plan` never needs it.
     from entrypoint import launch
 
     try:
-        result = launch.serve(configuration)
-    except _user_errors() as error:  # launch raises these before it starts anything
+        result = launch.serve(configuration, raise_load_errors=_user_errors())
+    except _user_errors() as error:  # errors found while loading, re-raised after the server stopped
         return _user_error(error, configuration)
     return int(result or 0)
 

@@ -5,7 +5,9 @@ CPU/AutoTP rolling batch, FastGen and kernel-injection engines are interchangeab
 the server with a fake engine. The shape follows vLLM's `LLMEngine` (add_request / step / abort) and
 nano-vllm: the caller feeds requests in, calls `step()` in a loop, and receives per-request outputs.
 
-Threading contract: one thread (the engine loop) calls every method; engines need no locks.
+Threading contract: one thread (the engine loop) calls every method; engines need no locks. Two
+exceptions, both read-only: the HTTP layer calls `validate()` (pure) before submitting, and tokenizes with
+`engine.tokenizer.encode()` on its own thread.
 """
 
 from __future__ import annotations
