@@ -161,10 +161,14 @@ def startup_summary(configuration: Configuration, engine: Engine, state: ServerS
 
 def model_name_for(configuration: Configuration) -> tuple[str, tuple[str, ...]]:
     """The name /predictions/{name} and /models use: the last part of model_id (its full form is accepted
-    too), else the model directory's name ("model" for SageMaker's /opt/ml/model)."""
+    too), else the model directory's name ("model" for SageMaker's /opt/ml/model), or the embedded model's
+    name when the model directory holds no model."""
     model_id = configuration.properties.model_id
     if model_id:
         return model_id.rstrip("/").rsplit("/", 1)[-1] or model_id, (model_id,)
+    if not (configuration.model_dir / "config.json").is_file():
+        from entrypoint.embedded_model import MODEL_NAME
+        return MODEL_NAME, ()
     return configuration.model_dir.name or "model", ()
 
 
