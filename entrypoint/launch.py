@@ -3,7 +3,7 @@
 SageMaker health-checks /ping from container start, so uvicorn listens before the (possibly long) model
 load begins; /ping answers 503 with the load progress until the engine is ready. If loading fails or
 exceeds model_loading_timeout, the error is logged and `serve` returns 1: a container that cannot serve
-should exit so SageMaker replaces it, not answer 503 forever. SIGTERM (and SIGINT) shut down gracefully:
+should exit so SageMaker replaces it, not answer 503 forever. Once serving, an engine that fails also makes `serve` return 1. SIGTERM (and SIGINT) shut down gracefully:
 uvicorn stops accepting connections and lets running requests finish for up to GRACEFUL_SHUTDOWN_SECONDS,
 then the engine loop finishes whatever is left with "server shutting down" and `serve` returns 0.
 """
@@ -33,6 +33,10 @@ EngineFactory = Callable[[Configuration, Callable[[str], None]], Engine]
 
 #: seconds running requests get to finish after SIGTERM (SageMaker / ECS kill after 30 s by default)
 GRACEFUL_SHUTDOWN_SECONDS = 25.0
+#: how often the engine's health is checked once serving, and how long error responses get to reach
+#: clients after an engine failure before the process exits
+ENGINE_WATCH_SECONDS = 0.5
+ENGINE_FAILURE_GRACE_SECONDS = 1.0
 #: longer than the 60 s idle timeout of common load balancers, so the server never closes first
 KEEP_ALIVE_SECONDS = 75
 
@@ -127,6 +131,21 @@ class _Loader:
         summary = startup_summary(self.configuration, engine, self.state)
         logger.info("model ready in %.1f s: %s", time.monotonic() - started,
                     " ".join(f"{key}={value}" for key, value in summary.items()))
+        self._watch(loop)
+
+    def _watch(self, loop: EngineLoop) -> None:
+        """An engine that failed (a crashed step, a dead tensor-parallel rank) has already finished every
+        request with an error and turned /ping unhealthy; exit non-zero so SageMaker or the container
+        runtime replaces this process instead of it answering 503 forever."""
+        while not self.stopping:
+            health = loop.health()
+            if not health.healthy and not self.stopping:  # stopping: unhealthy because we shut down
+                logger.error("the engine failed, exiting: %s", health.detail)
+                time.sleep(ENGINE_FAILURE_GRACE_SECONDS)
+                self.failed = True
+                self.server.should_exit = True
+                return
+            time.sleep(ENGINE_WATCH_SECONDS)
 
     def _progress(self, text: str) -> None:
         self.state.set_progress(text)

@@ -158,6 +158,13 @@ class Engine(abc.ABC):
     def has_unfinished(self) -> bool:
         """Whether any admitted request is not finished yet."""
 
+    #: seconds between `heartbeat()` calls while idle; None: the engine needs none
+    heartbeat_interval: float | None = None
+
+    def heartbeat(self) -> None:
+        """Called while idle every `heartbeat_interval` s; raises when the engine can no longer serve
+        (e.g. a tensor-parallel rank died), which fails the engine like a crashed step."""
+
     def stats(self) -> EngineStats:
         return EngineStats()
 

@@ -269,6 +269,8 @@ class EngineLoop:
                 self._expire()
                 if self._active or self.engine.has_unfinished():
                     self._step()
+                else:
+                    self._heartbeat()
                 self._snapshot()
         except _EngineFailed:
             pass  # already reported; every request has its error output
@@ -290,8 +292,11 @@ class EngineLoop:
                     self._inbox.extend(self._commands)
                     self._commands.clear()
                     return True
-                # Idle: nothing admitted, so no deadline can pass either; submit/cancel/stop notify.
-                self._cond.wait()
+                # Idle: nothing admitted, so no deadline can pass either; submit/cancel/stop notify. An
+                # engine with a heartbeat (tensor-parallel ranks) is woken to run it every interval.
+                interval = self.engine.heartbeat_interval
+                if not self._cond.wait(timeout=interval) and interval is not None:
+                    return True
 
     def _apply(self) -> None:
         # One at a time from the inbox, so that if an engine method raises, the commands not yet applied
@@ -363,6 +368,14 @@ class EngineLoop:
             for request_id in list(self._active):
                 entry = self._active.pop(request_id)
                 self._deliver_error(entry, ErrorKind.GENERATION, "the engine dropped the request without finishing it")
+
+    def _heartbeat(self) -> None:
+        """While idle: let the engine check its parts (a tensor-parallel rank that died is found here)."""
+        try:
+            self.engine.heartbeat()
+        except Exception as exc:
+            self._fail(exc, "engine heartbeat failed")
+            raise _EngineFailed from exc
 
     def _out_of_memory(self, exc: EngineOutOfMemory) -> None:
         """Finish the requests the engine names (`exc.request_ids`, if it sets that) or else every active

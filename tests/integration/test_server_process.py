@@ -101,6 +101,21 @@ def test_failing_load_exits_non_zero_with_the_reason(processes):
     assert "no weights at /opt/ml/model" in stderr
 
 
+def test_an_engine_crash_fails_the_request_then_the_process_exits_non_zero(processes):
+    process, url = start("--step-delay", "0.02", "--crash-at-step", "3")
+    processes.append(process)
+    wait_listening(process, url)
+    deadline = time.monotonic() + 15
+    while httpx.get(url + "/ping").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    response = httpx.post(url + "/invocations", json={"inputs": "hi", "parameters": {"max_new_tokens": 10}})
+    assert response.status_code == 424 and "crashed" in response.json()["error"]["message"]
+    _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 1
+    assert "the engine failed, exiting" in stderr
+
+
 def test_load_timeout_exits_non_zero(processes):
     process, _ = start("--load-seconds", "30", "--model-loading-timeout", "0.5")
     processes.append(process)

@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-delay", type=float, default=0.0)
     parser.add_argument("--job-queue-size", type=int, default=1000)
     parser.add_argument("--model-loading-timeout", type=float, default=1800.0)
+    parser.add_argument("--crash-at-step", type=int, default=None, help="the engine's step N raises")
     parser.add_argument("--user-error", action="store_true", help="fail the load with a user error (re-raised)")
     args = parser.parse_args(argv)
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(args.load_seconds / steps)
         if args.fail_load:
             raise (UserError if args.user_error else RuntimeError)(args.fail_load)
-        return FakeEngine(step_delay=args.step_delay)
+        return FakeEngine(step_delay=args.step_delay, fail_at_step=args.crash_at_step)
 
     try:
         return serve(configuration, engine_factory=factory, host="127.0.0.1", raise_load_errors=(UserError,))
