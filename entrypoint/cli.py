@@ -70,13 +70,14 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     _model_dir_argument(parser)
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    """Log to stderr with time, level and logger name; once per process (both commands call it)."""
+def configure_logging(level: int = logging.INFO, rank_prefix: str = "") -> None:
+    """Log to stderr with time, level and logger name (and the rank, for tensor-parallel ranks); once per
+    process (every command calls it)."""
     root = logging.getLogger()
     if any(getattr(handler, "_lmi_cli", False) for handler in root.handlers):
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT.replace("%(levelname)s", rank_prefix + "%(levelname)s")))
     handler._lmi_cli = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
@@ -89,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         configuration = load_configuration(args.model_dir, os.environ)
     except ConfigurationError as error:
-        return _user_error(error)
+        return report_user_error(error)
     for note in configuration.notes:
         log.info("%s", note)
     # Plan before anything starts (config.json only, no weights): a model that cannot be found or a plan
@@ -97,19 +98,22 @@ def _serve(args: argparse.Namespace) -> int:
     # the port opens.
     try:
         report = build_report(configuration)
-    except _user_errors() as error:
-        return _user_error(error, configuration)
+    except user_errors() as error:
+        return report_user_error(error, configuration)
     plan = report["plan"]
     log.info("plan: engine %s, tensor parallel %s, dtype %s, model %s", plan["engine"],
              plan["tensor_parallel_degree"], plan["dtype"], report["model"]["description"])
+    if plan["tensor_parallel_degree"] > 1:
+        from entrypoint.rank_launcher import exec_ranks
+        exec_ranks(args.model_dir, plan["tensor_parallel_degree"])  # does not return
     # Imported here: the server stack (torch, deepspeed, uvicorn) is only needed once the configuration is
     # known to be good, and `plan` never needs it.
     from entrypoint import launch
 
     try:
-        result = launch.serve(configuration, raise_load_errors=_user_errors())
-    except _user_errors() as error:  # errors found while loading, re-raised after the server stopped
-        return _user_error(error, configuration)
+        result = launch.serve(configuration, raise_load_errors=user_errors())
+    except user_errors() as error:  # errors found while loading, re-raised after the server stopped
+        return report_user_error(error, configuration)
     return int(result or 0)
 
 
@@ -124,8 +128,8 @@ def _plan(args: argparse.Namespace) -> int:
         try:
             configuration = load_configuration(args.model_dir, os.environ)
             report = build_report(configuration)
-        except _user_errors() as error:
-            return _user_error(error, configuration)
+        except user_errors() as error:
+            return report_user_error(error, configuration)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -203,7 +207,7 @@ def render_report(report: dict[str, Any]) -> str:
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
-def _user_errors() -> tuple[type[BaseException], ...]:
+def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean "the user's configuration or model is wrong" (exit 2, no traceback)."""
     from handlers.engine_plan import PlanError
 
@@ -215,7 +219,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return errors + (ModelResolutionError,)
 
 
-def _user_error(error: BaseException, configuration: Configuration | None = None) -> int:
+def report_user_error(error: BaseException, configuration: Configuration | None = None) -> int:
     describe = getattr(error, "describe", None)
     if configuration is not None and callable(describe):
         # A PlanError names properties; say where each came from, as configuration errors do.

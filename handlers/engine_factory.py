@@ -11,6 +11,16 @@ logger = logging.getLogger(__name__)
 
 def build_engine(configuration: Any, progress: Callable[[str], None]) -> Any:
     """Resolve the model (downloading or converting it if needed), plan the engine and load it."""
+    resolved, plan = resolve_and_plan(configuration, progress)
+    builder = ENGINE_BUILDERS.get(plan.engine)
+    if builder is None:
+        raise RuntimeError(f"the plan chose engine {plan.engine!r}, which this build cannot start; "
+                           f"available: {', '.join(ENGINE_BUILDERS)}")
+    return builder(configuration.properties, plan, str(resolved.path), progress, resolved.description)
+
+
+def resolve_and_plan(configuration: Any, progress: Callable[[str], None]) -> tuple[Any, Any]:
+    """The model on local disk (downloaded or converted if needed) and the engine plan for it."""
     from entrypoint.model_resolution import default_cache_dir, read_model_config, resolve_model
     from handlers.engine_plan import detect_device, plan_engine
 
@@ -21,11 +31,7 @@ def build_engine(configuration: Any, progress: Callable[[str], None]) -> Any:
                              cache_dir=cache_dir)
     progress(f"model: {resolved.description}")
     plan = plan_engine(properties, read_model_config(resolved), detect_device(), available=ENGINE_BUILDERS)
-    builder = ENGINE_BUILDERS.get(plan.engine)
-    if builder is None:
-        raise RuntimeError(f"the plan chose engine {plan.engine!r}, which this build cannot start; "
-                           f"available: {', '.join(ENGINE_BUILDERS)}")
-    return builder(properties, plan, str(resolved.path), progress, resolved.description)
+    return resolved, plan
 
 
 def _autotp(*args: Any) -> Any:

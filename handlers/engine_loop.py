@@ -103,6 +103,7 @@ class _Entry:
     sink: Sink
     deadline: float | None
     generated_tokens: int = 0
+    closed: bool = False  # its final output was sent (guarded by EngineLoop._cond; see abort())
 
 
 class EngineLoop:
@@ -138,6 +139,11 @@ class EngineLoop:
             self._started = True
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
+        # An engine with parts outside this thread (tensor-parallel ranks) watches them and aborts the
+        # loop itself when one dies, even while a step is stuck waiting for it.
+        watch = getattr(self.engine, "watch", None)
+        if callable(watch):
+            watch(self.abort)
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -150,6 +156,8 @@ class EngineLoop:
             return
         thread = self._thread
         if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            if self._failure is not None:
+                timeout = min(timeout, 1.0)  # after abort() the thread may be stuck for good
             thread.join(timeout)
             if thread.is_alive():
                 logger.error("the engine loop did not stop within %.0f s (an engine step is stuck)", timeout)
@@ -158,6 +166,22 @@ class EngineLoop:
         # thread uses the engine any more, so the one-thread contract still holds).
         self._finish_everything(ErrorKind.SHUTDOWN, "server shutting down")
         self._shutdown_engine()
+
+    def abort(self, reason: str) -> None:
+        """Thread-safe: the engine can no longer serve and its thread may be stuck inside it (a collective
+        waiting for a tensor-parallel rank that died never returns). Every admitted request gets its error
+        now, from the calling thread; the loop is marked failed, so /ping turns unhealthy and new requests
+        are refused. Whatever the stuck thread sends later is dropped (`_Entry.closed`)."""
+        with self._cond:
+            if self._failure is not None:
+                return
+            self._failure = reason
+            pending = [payload for kind, payload in list(self._commands) + list(self._inbox) if kind == "add"]
+            entries = list(self._active.values()) + pending  # type: ignore[operator]
+            self._cond.notify_all()
+        logger.error("engine aborted: %s; failing %d request(s)", reason, len(entries))
+        for entry in entries:
+            self._deliver_error(entry, ErrorKind.ENGINE_FAILED, reason)
 
     @property
     def running(self) -> bool:
@@ -411,8 +435,11 @@ class EngineLoop:
         self._send(entry, output)
 
     def _send(self, entry: _Entry, output: RequestOutput) -> None:
-        if output.finished:
-            with self._cond:
+        with self._cond:
+            if entry.closed:  # abort() already gave this request its final output
+                return
+            if output.finished:
+                entry.closed = True
                 self._admitted -= 1
         try:
             entry.sink(output)

@@ -70,6 +70,8 @@ class RollingBatchEngine(Engine):
         self._running: list[_Active] = []  # index == KV cache row
         self._by_id: dict[str, _Active] = {}
         self._failure: str | None = None
+        # A tensor-parallel runner checks its ranks while idle (see handlers.tensor_parallel).
+        self.heartbeat_interval = getattr(runner, "heartbeat_interval", None)
 
     # ---- Engine interface ---------------------------------------------------------------------------
     def add_request(self, request: GenerationRequest) -> None:
@@ -108,6 +110,22 @@ class RollingBatchEngine(Engine):
 
     def has_unfinished(self) -> bool:
         return bool(self._by_id)
+
+    def watch(self, abort: Any) -> None:
+        """Hand `abort` to a runner that watches parts outside the engine thread (tensor-parallel ranks)."""
+        watch = getattr(self.runner, "watch", None)
+        if watch is not None:
+            watch(abort)
+
+    def heartbeat(self) -> None:
+        beat = getattr(self.runner, "heartbeat", None)
+        if beat is not None:
+            beat()
+
+    def shutdown(self) -> None:
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
 
     def stats(self) -> EngineStats:
         cache = self.runner.cache

@@ -1,0 +1,145 @@
+"""Tensor parallelism on CPU: `tensor_parallel_degree=3` runs three ranks under DeepSpeed's launcher (the
+embedded model has 9 attention heads and 3 KV heads), serves the same greedy text as degree 1, and a rank
+killed during generation fails the in-flight request with an error, turns /ping unhealthy, and ends every
+process with a non-zero status."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+           "The history of Paris", "def fibonacci(n):", "Once upon a time"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, degree: int, workdir: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / f"server-tp{degree}.log"
+        env = {**os.environ, "SAGEMAKER_BIND_TO_PORT": str(self.port), "OPTION_MODEL_ID": str(model),
+               "OPTION_TENSOR_PARALLEL_DEGREE": str(degree), "OPTION_MAX_TOKENS": "512"}
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen([sys.executable, "-m", "entrypoint", "serve", "--model-dir", str(workdir)],
+                                        env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.output()
+            try:
+                if httpx.get(f"{self.url}/ping", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"not ready in {timeout} s:\n{self.output()}")
+
+    def ranks(self) -> list[psutil.Process]:
+        found = [p for p in psutil.Process(self.process.pid).children(recursive=True)
+                 if "entrypoint.rank" in " ".join(p.cmdline()) and "deepspeed" not in " ".join(p.cmdline())]
+        return sorted(found, key=lambda p: int(p.environ().get("RANK", "-1")))
+
+    def generate(self, prompt: str, tokens: int = 24) -> str:
+        response = httpx.post(f"{self.url}/invocations", timeout=120,
+                              json={"inputs": prompt, "parameters": {"max_new_tokens": tokens}})
+        assert response.status_code == 200, response.text
+        return response.json()["generated_text"]
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()[-4000:]
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        code = self.process.wait(timeout=90)
+        self.log.close()
+        return code
+
+
+@pytest.fixture(scope="module")
+def degree1_outputs(embedded_model_dir, tmp_path_factory):
+    server = Server(embedded_model_dir, 1, tmp_path_factory.mktemp("tp1"))
+    try:
+        server.wait_ready()
+        return [server.generate(prompt) for prompt in PROMPTS]
+    finally:
+        server.stop()
+
+
+def test_degree_3_serves_the_same_greedy_text_as_degree_1(embedded_model_dir, tmp_path, degree1_outputs):
+    server = Server(embedded_model_dir, 3, tmp_path)
+    try:
+        server.wait_ready()
+        ranks = server.ranks()
+        assert [r.environ()["RANK"] for r in ranks] == ["0", "1", "2"]
+        assert [server.generate(prompt) for prompt in PROMPTS] == degree1_outputs
+        assert "Paris" in degree1_outputs[0]
+    finally:
+        code = server.stop()
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks), "orphaned ranks"
+
+
+def test_killing_a_rank_fails_the_request_and_the_server_exits_non_zero(embedded_model_dir, tmp_path):
+    server = Server(embedded_model_dir, 3, tmp_path)
+    try:
+        server.wait_ready()
+        ranks = server.ranks()
+        result: dict = {}
+
+        def long_request() -> None:
+            started = time.monotonic()
+            response = httpx.post(f"{server.url}/invocations", timeout=60,
+                                  json={"inputs": "The history of Paris",
+                                        "parameters": {"max_new_tokens": 400, "ignore_eos": True}})
+            result.update(status=response.status_code, body=response.json(), seconds=time.monotonic() - started)
+
+        client = threading.Thread(target=long_request)
+        client.start()
+        time.sleep(3)  # generating by now
+        killed_at = time.monotonic()
+        ranks[1].kill()
+        pings = []
+        while time.monotonic() - killed_at < 5:
+            try:
+                pings.append(httpx.get(f"{server.url}/ping", timeout=1).status_code)
+            except httpx.TransportError:
+                pings.append("refused")
+            time.sleep(0.2)
+        client.join(30)
+        code = server.process.wait(timeout=60)
+    finally:
+        server.stop()
+    assert result["status"] == 424, result
+    assert "rank 1" in result["body"]["error"]["message"] and "died" in result["body"]["error"]["message"]
+    assert 200 not in pings, pings  # unhealthy (503), then gone
+    assert code != 0
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks), "orphaned ranks"
+
+
+def test_a_degree_that_does_not_divide_the_heads_fails_before_loading(embedded_model_dir, tmp_path):
+    env = {**os.environ, "OPTION_MODEL_ID": str(embedded_model_dir), "OPTION_TENSOR_PARALLEL_DEGREE": "2"}
+    result = subprocess.run([sys.executable, "-m", "entrypoint", "serve", "--model-dir", str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "9" in result.stderr and "3" in result.stderr and "tensor_parallel_degree" in result.stderr
+    assert "Uvicorn running" not in result.stderr
