@@ -127,17 +127,23 @@ async def load_test(url: str, prompts: list[str], max_tokens: int, concurrency: 
             "itl_p50_ms": 1000 * percentile(itl, 50), "itl_p99_ms": 1000 * percentile(itl, 99)}
 
 
-def start_server(model_dir: str | None, port: int, env_extra: dict[str, str]) -> subprocess.Popen:
+def start_server(model_dir: str | None, port: int, env_extra: dict[str, str],
+                 log_path: Path = Path("/tmp/serving-benchmark-server.log")) -> subprocess.Popen:
+    """The server as a subprocess; its log goes to a file (a pipe nobody reads would block it)."""
     env = {**os.environ, "SAGEMAKER_BIND_TO_PORT": str(port), **env_extra}
     command = [sys.executable, "-m", "entrypoint", "serve"] + (["--model-dir", model_dir] if model_dir else [])
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = open(log_path, "w")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    process.log_path = log_path  # type: ignore[attr-defined]
+    return process
 
 
 def wait_ready(url: str, process: subprocess.Popen | None, timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {process.stderr.read()[-2000:]}")
+            log = Path(process.log_path).read_text()[-3000:]  # type: ignore[attr-defined]
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log}")
         try:
             if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
                 return

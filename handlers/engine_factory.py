@@ -30,7 +30,8 @@ def resolve_and_plan(configuration: Any, progress: Callable[[str], None]) -> tup
     resolved = resolve_model(properties.model_id, model_dir=configuration.model_dir, revision=properties.revision,
                              cache_dir=cache_dir)
     progress(f"model: {resolved.description}")
-    plan = plan_engine(properties, read_model_config(resolved), detect_device(), available=ENGINE_BUILDERS)
+    plan = plan_engine(properties, read_model_config(resolved), detect_device(), available=ENGINE_BUILDERS,
+                       quantizers=QUANTIZERS)
     return resolved, plan
 
 
@@ -41,3 +42,5 @@ def _autotp(*args: Any) -> Any:
 
 # engine name (as the plan names it) -> builder(properties, plan, model_path, progress, description)
 ENGINE_BUILDERS: dict[str, Callable[..., Any]] = {"autotp": _autotp}
+# quantization methods this build applies (none yet: see the quantization package)
+QUANTIZERS: frozenset[str] = frozenset()

@@ -210,9 +210,11 @@ class EnginePlan:
 
 
 def plan_engine(properties: ServingProperties, model_config: Mapping[str, Any], device: Device,
-                available: Collection[str] | None = None) -> EnginePlan:
-    """`available`: the engines this build can start (`handlers.engine_factory.ENGINE_BUILDERS`); None plans
-    with the whole policy table, as if every engine were built."""
+                available: Collection[str] | None = None,
+                quantizers: Collection[str] | None = None) -> EnginePlan:
+    """`available`: the engines this build can start (`handlers.engine_factory.ENGINE_BUILDERS`) and
+    `quantizers` the quantization methods it can apply (`handlers.engine_factory.QUANTIZERS`); None plans
+    with the whole policy table, as if everything were built."""
     shape = ModelShape.from_config(model_config)
     arch = policy_for(shape.model_type)
     quant = QUANTIZATION[properties.quantize.value] if properties.quantize is not None else None
@@ -232,6 +234,10 @@ def plan_engine(properties: ServingProperties, model_config: Mapping[str, Any], 
 
     blockers = {name: blocker(name) for name in ENGINES}
     _check_quantize(properties, quant, arch, device, problems)
+    if quant is not None and quantizers is not None and quant.method not in quantizers:
+        problems.append(PlanProblem("quantize", properties.quantize,
+                                    "not built into this container yet (the quantization package has no "
+                                    f"{quant.method} yet); unset quantize to serve the model unquantized"))
     _check_cuda_graph(properties, device, blockers, problems)
     if problems:
         raise PlanError(problems)

@@ -360,3 +360,9 @@ def test_engines_not_built_into_this_container_are_ruled_out_with_that_reason():
     assert plan.engine == "autotp"
     ruled = dict(plan.ruled_out)
     assert "not built into this container" in ruled["fastgen"]
+
+
+def test_quantization_this_build_cannot_apply_is_an_error_not_silently_ignored():
+    with pytest.raises(PlanError) as error:
+        plan_engine(props(quantize="dynamic_int8"), SMOL, CPU, available={"autotp"}, quantizers=set())
+    assert "quantize=dynamic_int8" in str(error.value) and "not built" in str(error.value)
