@@ -31,7 +31,7 @@ class Problem:
 
     def __str__(self) -> str:
         key, where = self.key, ""
-        if self.source is not None and self.source.kind == "serving.properties":
+        if self.source is not None and self.source.kind in ("serving.properties", "djl"):
             where = f" (from {self.source})"
         elif self.source is not None and self.source.kind == "env":
             key = f"environment variable {self.key}"
@@ -80,6 +80,26 @@ def load_configuration(model_dir: Path | str | None = None, environ: Mapping[str
     properties_file = model_dir / PROPERTIES_FILE
 
     raw_values, unknown, notes = property_sources.collect(properties_file, environ)
+    return _validated(raw_values, unknown, notes, model_dir)
+
+
+def load_configuration_from_properties(properties: Mapping[str, Any], model_dir: Path | str | None = None,
+                                       environ: Mapping[str, str] | None = None) -> Configuration:
+    """The configuration DJL Serving hands `handle()` on its initialization call: `properties` are the
+    serving.properties options without their `option.` prefix (plus keys DJL adds, such as `model_dir`,
+    which is used as the model directory unless `model_dir` is given). They rank as serving.properties
+    values; the environment is read as `load_configuration` reads it; the model directory's
+    serving.properties is not read again (DJL already did)."""
+    environ = os.environ if environ is None else environ
+    if model_dir is None:
+        model_dir = properties.get("model_dir") or DEFAULT_MODEL_DIR
+    djl_values, djl_unknown, djl_notes = property_sources.collect_djl(properties)
+    env_values, env_unknown, env_notes = property_sources.collect(None, environ)
+    return _validated(djl_values + env_values, djl_unknown + env_unknown, djl_notes + env_notes, Path(model_dir))
+
+
+def _validated(raw_values: list[property_sources.RawValue], unknown: list[property_sources.UnknownKey],
+               notes: list[str], model_dir: Path) -> Configuration:
     problems = [
         Problem(u.key, u.source, _NO_VALUE,
                 "unknown key" + (f"; did you mean {u.suggestion}?" if u.suggestion else

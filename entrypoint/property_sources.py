@@ -3,7 +3,8 @@
 Precedence, highest first:
   1. `SAGEMAKER_BIND_TO_PORT` for the port (SageMaker tells the container where to listen).
   2. `serving.properties` in the model directory: `option.<name>=value` (and the top-level `engine=`,
-     `job_queue_size=`). LMI lets a value written in the file win over the environment.
+     `job_queue_size=`). LMI lets a value written in the file win over the environment. Under DJL Serving
+     (`handlers.deepspeed.handle`), the properties DJL passes in take this place (`collect_djl`).
   3. `OPTION_<NAME>` environment variables (`OPTION_MAX_ROLLING_BATCH_SIZE` -> `max_rolling_batch_size`).
   4. LMI's own environment names: `HF_MODEL_ID`, `HF_MODEL_REVISION`, `HF_TASK`, `TENSOR_PARALLEL_DEGREE`,
      `SERVING_JOB_QUEUE_SIZE`.
@@ -28,14 +29,14 @@ from entrypoint.properties import property_names
 class Source:
     """Where one value came from, precise enough for an error message ("serving.properties:3", "env OPTION_DTYPE")."""
 
-    kind: str  # "serving.properties", "env", "default"
-    detail: str  # file:line, variable name, or "default"
+    kind: str  # "serving.properties", "djl", "env", "default"
+    detail: str  # file:line, "DJL properties", variable name, or "default"
     key: str  # the key as the user wrote it
 
     def __str__(self) -> str:
         if self.kind == "env":
             return f"environment variable {self.detail}"
-        if self.kind == "serving.properties":
+        if self.kind in ("serving.properties", "djl"):
             return self.detail
         return "default"
 
@@ -97,6 +98,18 @@ IGNORED_DJL_KEYS: dict[str, str] = {
     "required_memory_mb": "memory is not reserved per worker",
     "reserved_memory_mb": "memory is not reserved per worker",
 }
+
+
+# Keys DJL Serving's Python engine adds to the properties it hands `handle()` (see `collect_djl`); they
+# describe DJL's own worker process, not the model, so they are skipped without a note. (`content-type`:
+# a first call that carries a request, as djl_python's test_model sends, has the request's header too.)
+DJL_RUNTIME_KEYS = frozenset({
+    "model_dir", "device_id", "handler", "pythonexecutable", "env", "mpi_mode", "enable_venv",
+    "parallel_loading", "async_mode", "input_formatter", "recommended_entry_point", "content-type",
+})
+# DJL runtime keys this container can only honour as 1 (it has no pipeline parallelism or multi-node).
+DJL_MUST_BE_ONE: dict[str, str] = {"pipeline_parallel_degree": "tensor_parallel_degree",
+                                   "cluster_size": "tensor_parallel_degree"}
 
 
 @dataclass(frozen=True)
@@ -199,6 +212,36 @@ def collect(properties_file: Path | None, environ: Mapping[str, str]) -> tuple[l
             values.append(RawValue(COMPAT_ENV[variable], value, Source("env", variable, variable), RANK_COMPAT_ENV))
         elif variable == "SAGEMAKER_BIND_TO_PORT":
             values.append(RawValue("port", value, Source("env", variable, variable), RANK_SAGEMAKER_PORT))
+    return values, unknown, notes
+
+
+def collect_djl(properties: Mapping[str, object]) -> tuple[list[RawValue], list[UnknownKey], list[str]]:
+    """Raw values from the properties DJL Serving passes to `handle()` on its first (initialization) call:
+    serving.properties' `option.*` keys without the prefix (`model_id`, `entryPoint`, ...), which rank as
+    serving.properties values, plus keys DJL adds for its worker (`DJL_RUNTIME_KEYS`, skipped)."""
+    values: list[RawValue] = []
+    unknown: list[UnknownKey] = []
+    notes: list[str] = []
+    for key, raw in properties.items():
+        value = "" if raw is None else str(raw)
+        source = Source("djl", "DJL properties", key)
+        bare = key[len("option."):] if key.lower().startswith("option.") else key
+        lowered = bare.lower()
+        if lowered in DJL_RUNTIME_KEYS:
+            continue
+        if lowered in DJL_MUST_BE_ONE:
+            if value.strip() not in ("", "1"):
+                unknown.append(UnknownKey(key, source, DJL_MUST_BE_ONE[lowered]))
+            continue
+        if lowered in IGNORED_DJL_KEYS:
+            notes.append(f"{source}: {key} is ignored: {IGNORED_DJL_KEYS[lowered]}")
+            continue
+        normalized = normalize_key(bare)
+        name = canonical_name(normalized)
+        if name is None:
+            unknown.append(UnknownKey(key, source, suggest(normalized)))
+        else:
+            values.append(RawValue(name, value, source, RANK_FILE))
     return values, unknown, notes
 
 

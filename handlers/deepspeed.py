@@ -1,0 +1,256 @@
+"""`handle(inputs)`, the entry point DJL Serving's Python engine calls, as `djl_python.deepspeed` had it.
+
+With `option.entryPoint=handlers.deepspeed` (or LMI's `djl_python.deepspeed`, which names the same
+handler), DJL Serving can drive this container's engines the way it drove LMI's DeepSpeed handler:
+
+* The first call initializes. Its `Input` is empty and its properties are serving.properties' options
+  without the `option.` prefix plus keys DJL adds (`model_dir`, `device_id`, ...). They become one
+  validated `Configuration` (`load_configuration_from_properties`), the engine is built
+  (`handlers.engine_factory.build_engine`, or the factory given to `set_engine_factory`) and driven by an
+  `EngineLoop`. A bad configuration answers code 400 with the message naming each key, and the handler
+  stays uninitialized (the next initialization call tries again).
+* An empty input answers None (DJL turns that into 204), as djl_python.deepspeed did.
+* A request, or a batch of them (see `handlers.djl_io`), carries LMI's body
+  `{"inputs": str | [str], "parameters": {...}}` and gets exactly what /invocations answers for it:
+  `{"generated_text": ...}` (+ `details`), or a list for list inputs, or the error body
+  `{"error": {"message", "type", "code"}}` with the same status. Both paths use the same parser, response
+  builder and error table (`entrypoint.http.lmi_protocol`, `entrypoint.http.errors`).
+* In a batch, each request is parsed, tokenized and validated on its own: a bad one (invalid JSON, a bad
+  parameter, a prompt too long) gets its own 400 and the others are served. The valid requests are
+  submitted together, so they share the engine's rolling batch. The batch `Output` has code 200 and
+  one content entry per request under `batch_<i>.data`, with `batch_<i>_code` and
+  `batch_<i>_Content-Type` properties (a batch code >= 300 would fail every request in DJL).
+
+Deviations: responses are always JSON. `"stream": true` gets a 400, because DJL's dynamic batching
+path has no token stream; use the HTTP server for streaming. Calls are answered one at a time, and a
+batch returns when its slowest request finishes. DJL's token-by-token rolling batch protocol
+(`option.rolling_batch` handled by DJL's Java `RollingBatch`, with binary-encoded chunks) is not spoken:
+with this handler, batching happens inside the engine, so DJL should run it without its own rolling batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from entrypoint.configuration import Configuration, ConfigurationError, load_configuration_from_properties
+from entrypoint.http.errors import INTERNAL, PredictTimeout, error_body, exception_for_output, make_body, row_for
+from entrypoint.http.lmi_protocol import Accumulator, LmiRequest, build_response, parse_request
+from handlers.djl_io import Input, Output
+from handlers.engine import Engine, GenerationRequest, InvalidRequest, SamplingParams
+from handlers.engine_loop import EngineLoop
+
+logger = logging.getLogger("lmi.djl")
+
+#: builds the engine from the validated configuration; the second argument receives progress messages
+EngineFactory = Callable[[Configuration, Callable[[str], None]], Engine]
+
+#: seconds `generate` waits beyond predict_timeout (which the loop enforces per request) before giving up
+GENERATE_GRACE_SECONDS = 60.0
+
+JSON = "application/json"
+
+
+def default_engine_factory(configuration: Configuration, progress: Callable[[str], None]) -> Engine:
+    from handlers.engine_factory import build_engine  # heavy (torch, deepspeed): only when initializing
+
+    return build_engine(configuration, progress)
+
+
+def make_requests(engine: Engine, prompts: list[str], params: SamplingParams,
+                  request_id: str) -> list[GenerationRequest]:
+    """Tokenize and validate one LMI request's prompts, as /invocations does (an input of a list is named by
+    its index in the message). Raises `InvalidRequest`."""
+    requests = [GenerationRequest(request_id if len(prompts) == 1 else f"{request_id}-{index}", prompt,
+                                  list(engine.tokenizer.encode(prompt)), params)
+                for index, prompt in enumerate(prompts)]
+    for index, generation in enumerate(requests):
+        try:
+            engine.validate(generation)
+        except InvalidRequest as exc:
+            if len(requests) > 1:
+                raise InvalidRequest(f"inputs[{index}]: {exc}", exc.field) from None
+            raise
+    return requests
+
+
+@dataclass
+class _Item:
+    """One request of a call: its parsed form and generation requests, or the error that ends it."""
+
+    lmi: LmiRequest | None = None
+    requests: list[GenerationRequest] = field(default_factory=list)
+    results: list[Accumulator] = field(default_factory=list)
+    error: BaseException | None = None
+
+    def answer(self) -> tuple[int, Any]:
+        """(status, JSON body) as /invocations answers."""
+        if self.error is None:  # the first input of the request that finished with an error fails it
+            failures = (exception_for_output(r.final) for r in self.results if r.final is not None)
+            self.error = next((failure for failure in failures if failure is not None), None)
+        if self.error is not None:
+            row = row_for(self.error)
+            if row is INTERNAL:
+                logger.error("unexpected error", exc_info=self.error)
+            return row.status, error_body(self.error)
+        assert self.lmi is not None
+        return 200, build_response(self.results, self.lmi.is_batch)
+
+
+class DeepSpeedService:
+    """The state behind `handle()`: configuration, engine loop, and the answers to DJL's calls."""
+
+    def __init__(self, engine_factory: EngineFactory | None = None, environ: Mapping[str, str] | None = None):
+        self.engine_factory = engine_factory
+        self.environ = environ  # None: os.environ
+        self.configuration: Configuration | None = None
+        self.loop: EngineLoop | None = None
+        self.init_failure: Output | None = None  # the answer of the last failed initialization
+        self._lock = threading.Lock()
+
+    @property
+    def initialized(self) -> bool:
+        return self.loop is not None
+
+    # ---- initialization ---------------------------------------------------------------------------
+    def initialize(self, properties: Mapping[str, Any]) -> Output | None:
+        """Configure and load the engine; None when ready, else the error `Output` (and stay uninitialized)."""
+        with self._lock:
+            if self.loop is not None:
+                return None
+            failure = self._initialize(dict(properties))
+            self.init_failure = failure
+            return failure
+
+    def _initialize(self, properties: dict[str, Any]) -> Output | None:
+        try:
+            configuration = load_configuration_from_properties(properties, environ=self.environ)
+        except ConfigurationError as exc:
+            logger.error("%s", exc)
+            return _failure(400, "ConfigurationError", str(exc))
+        for note in configuration.notes:
+            logger.info("%s", note)
+        factory = self.engine_factory or default_engine_factory
+        try:
+            engine = factory(configuration, lambda text: logger.info("loading: %s", text))
+        except Exception as exc:  # noqa: BLE001 - every load failure becomes DJL's failed initialization
+            return _load_failure(exc, configuration)
+        properties_ = configuration.properties
+        self.loop = EngineLoop(engine, job_queue_size=properties_.job_queue_size,
+                               predict_timeout=properties_.predict_timeout, name="djl-engine-loop").start()
+        self.configuration = configuration
+        logger.info("model ready: engine %s, max_total_tokens %d", engine.name, engine.max_total_tokens)
+        return None
+
+    def shutdown(self) -> None:
+        """Stop the engine loop (finishing whatever runs) and forget the configuration."""
+        with self._lock:
+            loop, self.loop, self.configuration, self.init_failure = self.loop, None, None, None
+        if loop is not None:
+            loop.stop()
+
+    # ---- inference ------------------------------------------------------------------------------------
+    def inference(self, inputs: Input) -> Output:
+        loop, configuration = self.loop, self.configuration
+        if loop is None or configuration is None:
+            raise RuntimeError("the handler is not initialized")
+        batch = inputs.get_batches()
+        items = [self._parse(loop.engine, item) for item in batch]
+        self._generate(loop, configuration, [item for item in items if item.error is None])
+        answers = [item.answer() for item in items]
+        if not inputs.is_batch():
+            status, body = answers[0]
+            output = Output(status, "OK" if status == 200 else body["error"]["message"])
+            return output.add_property("Content-Type", JSON).add_as_json(body)
+        output = Output().add_property("Content-Type", JSON)
+        for index, (status, body) in enumerate(answers):
+            output.add_as_json(body, key="data", batch_index=index)
+            output.add_property(f"batch_{index}_Content-Type", JSON)
+            output.add_property(f"batch_{index}_code", str(status))
+        return output
+
+    def _parse(self, engine: Engine, item: Input) -> _Item:
+        try:
+            body = item.get_as_bytes()
+            lmi, params = parse_request(bytes(body) if body is not None else b"")
+            if lmi.stream:
+                raise InvalidRequest("stream: true is not served through DJL's handle() (no token stream); "
+                                     "send \"stream\": false or use the HTTP server's /invocations", "stream")
+            requests = make_requests(engine, lmi.prompts, params, f"djl-{uuid.uuid4().hex}")
+        except Exception as exc:  # noqa: BLE001 - InvalidRequest (400), or anything else (500), for this item
+            return _Item(error=exc)
+        return _Item(lmi, requests, [Accumulator(r.prompt, params) for r in requests])
+
+    def _generate(self, loop: EngineLoop, configuration: Configuration, items: list[_Item]) -> None:
+        """Run every valid item's requests together (one rolling batch) and collect their outputs."""
+        requests = [request for item in items for request in item.requests]
+        if not requests:
+            return
+        timeout = configuration.properties.predict_timeout + GENERATE_GRACE_SECONDS
+        try:
+            outputs = iter(loop.generate(requests, timeout=timeout))
+        except TimeoutError as exc:
+            failure: BaseException = PredictTimeout(str(exc))
+        except Exception as exc:  # noqa: BLE001 - QueueFull, EngineUnavailable (503), else 500
+            failure = exc
+        else:
+            for item in items:
+                for result in item.results:
+                    for output in next(outputs):
+                        result.add(output)
+            return
+        for item in items:
+            item.error = failure
+
+
+def _failure(status: int, error_type: str, message: str) -> Output:
+    """An initialization failure: the message goes to DJL's log (Output.message) and the body."""
+    return Output(status, message).add_property("Content-Type", JSON).add_as_json(
+        make_body(status, error_type, message))
+
+
+def _load_failure(exc: Exception, configuration: Configuration) -> Output:
+    from entrypoint.model_resolution import ModelResolutionError
+    from handlers.engine_plan import PlanError
+
+    if isinstance(exc, (PlanError, ModelResolutionError)):  # the user's model or configuration is wrong
+        describe = getattr(exc, "describe", None)
+        message = describe(lambda key: str(configuration.source_of(key)) if key in configuration.sources else None) \
+            if callable(describe) else str(exc)
+        logger.error("%s", message)
+        return _failure(400, type(exc).__name__, message)
+    logger.error("loading the model failed", exc_info=exc)
+    out_of_memory = type(exc).__name__ in ("OutOfMemoryError", "MemoryError", "EngineOutOfMemory")
+    status, error_type = (507, "OutOfMemory") if out_of_memory else (500, "ModelLoadingFailed")
+    return _failure(status, error_type, f"loading the model failed: {type(exc).__name__}: {exc}")
+
+
+_service = DeepSpeedService()
+
+
+def set_engine_factory(factory: EngineFactory | None) -> None:
+    """Build the engine with `factory` at the next initialization (None: the real engine factory)."""
+    _service.engine_factory = factory
+
+
+def shutdown() -> None:
+    """Stop the engine; the next `handle()` call initializes again."""
+    _service.shutdown()
+
+
+def handle(inputs: Input) -> Output | None:
+    """DJL Serving's entry point; see the module docstring."""
+    if not _service.initialized:
+        if not inputs.is_empty() and _service.init_failure is not None:
+            # A request after a failed initialization: answer with that failure instead of configuring the
+            # model from the request's properties (its headers).
+            return _service.init_failure
+        failure = _service.initialize(inputs.get_properties())
+        if failure is not None:
+            return failure
+    if inputs.is_empty():
+        return None
+    return _service.inference(inputs)
