@@ -47,13 +47,16 @@ def make_random_llama7b(target: Path, tokenizer_dir: Path) -> None:
     print(f"wrote random Llama-2-7B-shaped model to {target} in {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def peak_memory_per_rank(log_text: str) -> dict[str, float]:
-    """GiB per rank, from the start-up summary (rank 0) and the ranks' "rank ready" lines."""
-    found: dict[str, float] = {}
+def peak_memory_per_rank(log_text: str) -> dict[str, dict[str, float]]:
+    """GiB per rank (private, and RSS including the mapped checkpoint), from the start-up summary (rank 0)
+    and the other ranks' "rank ready" lines; see handlers/memory_probe.py."""
+    found: dict[str, dict[str, float]] = {}
     for line in log_text.splitlines():
-        match = re.search(r"(?:rank (\d+) )?INFO .*peak(?:_| )host(?:_| )memory[=:] ?([\d.]+) ?GiB", line)
-        if match:
-            found[f"rank{match.group(1) or 0}"] = float(match.group(2))
+        rank = re.search(r"(?:rank (\d+) )?INFO ", line)
+        for name in ("peak_private_memory", "peak_rss_incl_mapped_checkpoint"):
+            match = re.search(name + r"=([\d.]+)GiB", line)
+            if rank and match:
+                found.setdefault(f"rank{rank.group(1) or 0}", {})[name] = float(match.group(1))
     return found
 
 

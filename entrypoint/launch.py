@@ -174,7 +174,7 @@ def startup_summary(configuration: Configuration, engine: Engine, state: ServerS
     summary = getattr(engine, "summary", None)
     if callable(summary):
         info.update(summary())
-    info["peak_host_memory"] = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}GiB"
+    info.setdefault("peak_rss", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}GiB")
     return info
 
 

@@ -21,8 +21,12 @@ def load_autotp_engine(properties: Any, plan: Any, model_path: str, progress: Ca
     tensor-parallel: its runner then drives the other ranks, see `handlers.tensor_parallel`)."""
     from handlers.rolling_batch import RollingBatchEngine
 
+    from handlers.memory_probe import PeakMemory
+
     started = time.monotonic()
+    memory = PeakMemory()
     model = load_autotp_model(properties, plan, model_path, progress)
+    memory_summary = memory.stop()
     runner = model.runner
     if model.control_group is not None:
         from handlers.tensor_parallel import TensorParallelRunner
@@ -46,6 +50,7 @@ def load_autotp_engine(properties: Any, plan: Any, model_path: str, progress: Ca
             "weights_bytes_this_rank": sum(p.numel() * p.element_size() for p in module.parameters()),
             "kv_bytes_per_token": _kv_bytes_per_token(module.config, model.dtype),
             "load_seconds": round(load_seconds, 2),
+            **memory_summary,
             "reason": getattr(plan, "reason", ""),
         },
     )

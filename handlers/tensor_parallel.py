@@ -234,12 +234,14 @@ def serve_worker(configuration: Any) -> int:
     from handlers.autotp_engine import load_autotp_model
     from handlers.engine_factory import resolve_and_plan
 
+    from handlers.memory_probe import PeakMemory
+
     resolved, plan = resolve_and_plan(configuration, lambda text: logger.info("%s", text))
+    memory = PeakMemory()
     model = load_autotp_model(configuration.properties, plan, str(resolved.path), lambda text: logger.info("%s", text))
-    import resource
-    logger.info("rank ready; following rank 0 (weights on this rank: %.0f MB, peak host memory: %.2f GiB)",
-                sum(p.numel() * p.element_size() for p in model.module.parameters()) / 2**20,
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    logger.info("rank ready; following rank 0: weights_bytes_this_rank=%d %s",
+                sum(p.numel() * p.element_size() for p in model.module.parameters()),
+                " ".join(f"{key}={value}" for key, value in memory.stop().items()))
     worker_loop(model.runner, model.control_group)
     logger.info("rank 0 said stop; exiting")
     return 0
