@@ -53,8 +53,10 @@ def peak_memory_per_rank(log_text: str) -> dict[str, dict[str, float]]:
     found: dict[str, dict[str, float]] = {}
     for line in log_text.splitlines():
         rank = re.search(r"(?:rank (\d+) )?INFO ", line)
-        for name in ("peak_private_memory", "peak_rss_incl_mapped_checkpoint"):
-            match = re.search(name + r"=([\d.]+)GiB", line)
+        for name, pattern in (("peak_private_memory_loading", r"peak_private_memory=([\d.]+)GiB"),
+                              ("peak_rss_loading", r"peak_rss_incl_mapped_checkpoint=([\d.]+)GiB"),
+                              ("peak_rss_whole_run", r"peak_rss over the whole run: ([\d.]+)GiB")):
+            match = re.search(pattern, line)
             if rank and match:
                 found.setdefault(f"rank{rank.group(1) or 0}", {})[name] = float(match.group(1))
     return found

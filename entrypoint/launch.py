@@ -74,7 +74,8 @@ def serve(configuration: Configuration, engine_factory: EngineFactory | None = N
         raise loader.error
     if loader.failed:
         return 1
-    logger.info("shut down")
+    logger.info("shut down (peak_rss over the whole run: %.2fGiB)",
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     return 0
 
 
