@@ -6,11 +6,15 @@ Routes (LMI / DJL Serving's, as SageMaker calls them):
   POST /invocations               LMI request -> generated text (JSON) or a token stream (jsonlines / SSE)
   POST /predictions/{model_name}  the same, for the named model (404 for any other name)
   GET  /models                    the served model and its status
+OpenAI's (`openai_api`), errors in OpenAI's shape:
+  POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /v1/models/{model}
+And GET /metrics, Prometheus' text format (`metrics`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -19,36 +23,43 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from entrypoint.configuration import Configuration
-from entrypoint.http.errors import make_body
+from entrypoint.http.errors import ErrorFamily, error_response, make_body, render, row_for_status
+from entrypoint.http.metrics import ServerMetrics
+from entrypoint.http.openai_api import OpenAIApi
 from entrypoint.http.predict import Predictor
 from entrypoint.http.state import LOADING_RETRY_AFTER, Phase, ServerState
-
-_HTTP_TYPES = {404: "NotFound", 405: "MethodNotAllowed", 400: "InvalidRequest", 413: "RequestTooLarge"}
+from entrypoint.http.tokenization import PromptTokenizer
 
 
 def create_app(configuration: Configuration, state: ServerState) -> FastAPI:
-    predictor = Predictor(configuration.properties, state)
+    properties = configuration.properties
+    tokenizer = PromptTokenizer()
+    metrics = ServerMetrics(state)
+    openai = OpenAIApi(properties, state, tokenizer, metrics)
+    # /invocations serves whichever model this is, so a chat body there is not checked against its "model"
+    predictor = Predictor(properties, state, tokenizer, metrics, chat=functools.partial(openai.chat, check_model=False))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        predictor.close()
+        tokenizer.close()
 
     app = FastAPI(title="LMI DeepSpeed", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.server = state
     app.state.predictor = predictor
+    app.state.metrics = metrics
 
-    # Framework-level errors (unknown route, wrong method) use the same body shape as ours.
+    # Framework-level errors (unknown route, wrong method) use the same body shapes as ours.
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error_type = _HTTP_TYPES.get(exc.status_code, "HTTPError")
         message = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
-        return JSONResponse(make_body(exc.status_code, error_type, message), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        body = render(row_for_status(exc.status_code), message, ErrorFamily.for_path(request.url.path))
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(make_body(400, "InvalidRequest", str(exc)), status_code=400)
+        body = render(row_for_status(400), str(exc), ErrorFamily.for_path(request.url.path))
+        return JSONResponse(body, status_code=400)
 
     @app.get("/ping")
     async def ping() -> JSONResponse:
@@ -82,6 +93,30 @@ def create_app(configuration: Configuration, state: ServerState) -> FastAPI:
     @app.post("/predictions/{model_name:path}")
     async def predictions(request: Request, model_name: str) -> Response:
         return await predictor.handle(request, f"/predictions/{model_name}", model_name)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await openai.completions(request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await openai.chat_completions(request)
+
+    @app.get("/v1/models")
+    async def openai_models() -> JSONResponse:
+        return JSONResponse(openai.models())
+
+    @app.get("/v1/models/{model_name:path}")
+    async def openai_model(model_name: str) -> Response:
+        try:
+            return JSONResponse(openai.model_card(model_name))
+        except Exception as exc:
+            return error_response(exc, ErrorFamily.OPENAI)
+
+    @app.get("/metrics")
+    async def prometheus_metrics(request: Request) -> Response:
+        body, content_type = metrics.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     return app
 

@@ -1,7 +1,14 @@
-"""The one table from failures to HTTP responses, and the one error body shape.
+"""The one table from failures to HTTP responses, rendered in the error shape of each route family.
 
-Every error response (and the final error line of a stream whose headers were already sent) is
-`{"error": {"message": str, "type": str, "code": int}}`, where `code` repeats the HTTP status.
+A failure has one status whatever route it happens on; only the body differs (`ErrorFamily`):
+  LMI (/invocations, /predictions, /ping)  `{"error": {"message": str, "type": str, "code": int}}`, where
+                                           `code` repeats the HTTP status and `type` is the table's name
+  OpenAI (/v1/...)                         `{"error": {"message": str, "type": str, "param": str | null,
+                                           "code": str}}` as api.openai.com answers: `type` is
+                                           invalid_request_error for the client's mistakes and server_error
+                                           for ours, `param` names the offending request field, `code` is the
+                                           table's name in snake_case ("model_not_found", "queue_full", ...)
+The final error object of a stream whose headers were already sent has the same shape.
 
 Status choices, as LMI (DJL Serving) had them where it had one:
   400 invalid JSON / schema / parameter / prompt too long   (InvalidRequest; the message names the field,
@@ -14,13 +21,16 @@ Status choices, as LMI (DJL Serving) had them where it had one:
   424 predict_timeout exceeded. Not 408: 408 says the *client* was too slow to send its request, and
       HTTP clients and proxies retry 408 automatically, which would resubmit an expensive generation.
   507 the engine ran out of memory for the request (LMI's status for OOM)
+  499 the client closed the connection first (nginx's status; only the access log and metrics see it)
   500 anything unexpected (the traceback goes to the log, not to the client)
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
+from enum import Enum
 
 from fastapi.responses import JSONResponse
 
@@ -58,26 +68,60 @@ class ServerShuttingDown(RuntimeError):
     """The server stopped while the request was active."""
 
 
+class ClientClosed(ConnectionError):
+    """The client closed the connection before the response was complete; its requests were cancelled."""
+
+
+class ErrorFamily(str, Enum):
+    """Which API's error body a route answers with (see the module docstring)."""
+
+    LMI = "lmi"
+    OPENAI = "openai"
+
+    @classmethod
+    def for_path(cls, path: str) -> ErrorFamily:
+        return cls.OPENAI if path == "/v1" or path.startswith("/v1/") else cls.LMI
+
+
+#: OpenAI's two error categories that apply here
+CLIENT_ERROR = "invalid_request_error"
+SERVER_ERROR = "server_error"
+
+
 @dataclass(frozen=True)
 class ErrorRow:
     status: int
-    type: str
+    type: str  # LMI's name, CamelCase
+    openai_type: str  # CLIENT_ERROR or SERVER_ERROR
+
+    @property
+    def openai_code(self) -> str:
+        return re.sub(r"(?<!^)(?=[A-Z])", "_", self.type).lower()  # ModelNotFound -> model_not_found
 
 
 # First match wins (isinstance), so subclasses come before their bases.
 ERROR_TABLE: tuple[tuple[type[BaseException], ErrorRow], ...] = (
-    (InvalidRequest, ErrorRow(400, "InvalidRequest")),
-    (ModelNotFound, ErrorRow(404, "ModelNotFound")),
-    (RequestTooLarge, ErrorRow(413, "RequestTooLarge")),
-    (QueueFull, ErrorRow(503, "QueueFull")),
-    (ModelNotReady, ErrorRow(503, "ModelNotReady")),
-    (EngineUnavailable, ErrorRow(503, "EngineUnavailable")),
-    (ServerShuttingDown, ErrorRow(503, "ServerShuttingDown")),
-    (GenerationFailed, ErrorRow(424, "GenerationError")),
-    (PredictTimeout, ErrorRow(424, "PredictTimeout")),
-    (EngineOutOfMemory, ErrorRow(507, "OutOfMemory")),
+    (InvalidRequest, ErrorRow(400, "InvalidRequest", CLIENT_ERROR)),
+    (ModelNotFound, ErrorRow(404, "ModelNotFound", CLIENT_ERROR)),
+    (RequestTooLarge, ErrorRow(413, "RequestTooLarge", CLIENT_ERROR)),
+    (ClientClosed, ErrorRow(499, "ClientClosedRequest", CLIENT_ERROR)),
+    (QueueFull, ErrorRow(503, "QueueFull", SERVER_ERROR)),
+    (ModelNotReady, ErrorRow(503, "ModelNotReady", SERVER_ERROR)),
+    (EngineUnavailable, ErrorRow(503, "EngineUnavailable", SERVER_ERROR)),
+    (ServerShuttingDown, ErrorRow(503, "ServerShuttingDown", SERVER_ERROR)),
+    (GenerationFailed, ErrorRow(424, "GenerationError", SERVER_ERROR)),
+    (PredictTimeout, ErrorRow(424, "PredictTimeout", SERVER_ERROR)),
+    (EngineOutOfMemory, ErrorRow(507, "OutOfMemory", SERVER_ERROR)),
 )
-INTERNAL = ErrorRow(500, "InternalServerError")
+INTERNAL = ErrorRow(500, "InternalServerError", SERVER_ERROR)
+
+#: errors the framework answers before our code runs (unknown route, wrong method, unreadable request)
+FRAMEWORK_ROWS: dict[int, ErrorRow] = {
+    400: ErrorRow(400, "InvalidRequest", CLIENT_ERROR),
+    404: ErrorRow(404, "NotFound", CLIENT_ERROR),
+    405: ErrorRow(405, "MethodNotAllowed", CLIENT_ERROR),
+    413: ErrorRow(413, "RequestTooLarge", CLIENT_ERROR),
+}
 
 
 def row_for(exc: BaseException) -> ErrorRow:
@@ -87,10 +131,21 @@ def row_for(exc: BaseException) -> ErrorRow:
     return INTERNAL
 
 
-def error_body(exc: BaseException) -> dict:
+def row_for_status(status: int) -> ErrorRow:
+    return FRAMEWORK_ROWS.get(status) or ErrorRow(status, "HTTPError", CLIENT_ERROR if status < 500 else SERVER_ERROR)
+
+
+def error_body(exc: BaseException, family: ErrorFamily = ErrorFamily.LMI) -> dict:
     row = row_for(exc)
     # Unexpected exceptions may carry internals (paths, tensors); the log has the details.
     message = str(exc) if row is not INTERNAL else "internal server error; see the server log"
+    return render(row, message, family, getattr(exc, "field", None))
+
+
+def render(row: ErrorRow, message: str, family: ErrorFamily = ErrorFamily.LMI, param: str | None = None) -> dict:
+    """The error body of `row` in `family`'s shape; `param` (the offending field) only OpenAI's shape has."""
+    if family is ErrorFamily.OPENAI:
+        return {"error": {"message": message, "type": row.openai_type, "param": param, "code": row.openai_code}}
     return make_body(row.status, row.type, message)
 
 
@@ -98,7 +153,7 @@ def make_body(status: int, error_type: str, message: str) -> dict:
     return {"error": {"message": message, "type": error_type, "code": status}}
 
 
-def error_response(exc: BaseException) -> JSONResponse:
+def error_response(exc: BaseException, family: ErrorFamily = ErrorFamily.LMI) -> JSONResponse:
     row = row_for(exc)
     if row is INTERNAL:
         logger.error("unexpected error", exc_info=exc)
@@ -106,7 +161,7 @@ def error_response(exc: BaseException) -> JSONResponse:
     retry_after = getattr(exc, "retry_after", None)
     if row.status == 503 and retry_after is not None:
         headers["Retry-After"] = str(retry_after)
-    return JSONResponse(error_body(exc), status_code=row.status, headers=headers)
+    return JSONResponse(error_body(exc, family), status_code=row.status, headers=headers)
 
 
 _KIND_TO_EXCEPTION: dict[ErrorKind, type[Exception]] = {

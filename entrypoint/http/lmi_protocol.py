@@ -42,6 +42,11 @@ class LmiRequest(BaseModel):
 
 def parse_request(body: bytes) -> tuple[LmiRequest, SamplingParams]:
     """Parse and validate a request body; raises `InvalidRequest` naming what is wrong."""
+    return parse_lmi(load_json_object(body))
+
+
+def load_json_object(body: bytes, example: str = '{"inputs": "..."}') -> dict[str, Any]:
+    """The body as a JSON object (every API here takes one), or `InvalidRequest` saying what it is instead."""
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -49,11 +54,15 @@ def parse_request(body: bytes) -> tuple[LmiRequest, SamplingParams]:
         reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
         raise InvalidRequest(f"the request body is not valid JSON: {reason}{where}") from None
     if not isinstance(data, dict):
-        raise InvalidRequest(f'the request body must be a JSON object like {{"inputs": "..."}}, got {_kind(data)}')
+        raise InvalidRequest(f"the request body must be a JSON object like {example}, got {_kind(data)}")
+    return data
+
+
+def parse_lmi(data: dict[str, Any]) -> tuple[LmiRequest, SamplingParams]:
     try:
         request = LmiRequest.model_validate(data)
     except ValidationError as exc:
-        raise _invalid(exc, "", LmiRequest) from None
+        raise validation_error(exc, "", LmiRequest) from None
     if request.is_batch and not request.inputs:
         raise InvalidRequest("inputs is an empty list; send a string or a list of strings", "inputs")
     return request, sampling_params(request.parameters or {})
@@ -70,10 +79,12 @@ def sampling_params(parameters: dict[str, Any]) -> SamplingParams:
     try:
         return SamplingParams(**values)
     except ValidationError as exc:
-        raise _invalid(exc, "parameters.", SamplingParams) from None
+        raise validation_error(exc, "parameters.", SamplingParams) from None
 
 
-def _invalid(error: ValidationError, prefix: str, model: type[BaseModel]) -> InvalidRequest:
+def validation_error(error: ValidationError, prefix: str, model: type[BaseModel]) -> InvalidRequest:
+    """One `InvalidRequest` for a pydantic error: each bad field with the value sent and what is allowed;
+    its `field` is the first bad field."""
     messages: dict[str, str] = {}  # one message per field (a union like `inputs` reports each member)
     for detail in error.errors():
         loc = [str(part) for part in detail["loc"]]

@@ -67,21 +67,23 @@ def frame(fmt: Format, obj: dict[str, Any]) -> bytes:
 
 
 class StreamEncoder:
-    """Turns one request's outputs into framed chunks; `result` accumulates them for the access log."""
+    """Turns one request's outputs into LMI's framed chunks (a `generation.ChunkEncoder`); `result`
+    accumulates them."""
 
     def __init__(self, fmt: Format, result: Accumulator):
         self.fmt = fmt
+        self.media_type = fmt.media_type
         self.result = result
         self.failure: BaseException | None = None  # the error sent as the stream's last object
         self._pending = ""  # visible text not yet attached to a token line
 
-    def feed(self, output: RequestOutput) -> list[bytes]:
+    def feed(self, index: int, output: RequestOutput) -> list[bytes]:
         self.result.add(output)
         self._pending += output.text
         error = exception_for_output(output) if output.finished else None
         objects: list[dict[str, Any]] = []
-        for index, token in enumerate(output.tokens):
-            last = index == len(output.tokens) - 1
+        for position, token in enumerate(output.tokens):
+            last = position == len(output.tokens) - 1
             objects.append({"token": token_dict(token, text=self._pending if last else "")})
             if last:
                 self._pending = ""
@@ -93,9 +95,12 @@ class StreamEncoder:
                 objects[-1]["details"] = self.result.details(with_tokens=False)  # the tokens were streamed
         chunks = [frame(self.fmt, obj) for obj in objects]
         if error is not None:
-            chunks.append(self.error(error))
+            chunks += self.error(error)
         return chunks
 
-    def error(self, exc: BaseException) -> bytes:
+    def error(self, exc: BaseException) -> list[bytes]:
         self.failure = exc
-        return frame(self.fmt, error_body(exc))
+        return [frame(self.fmt, error_body(exc))]
+
+    def end(self) -> list[bytes]:
+        return []  # the last token line already carries generated_text

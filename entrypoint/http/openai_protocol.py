@@ -1,0 +1,272 @@
+"""OpenAI's request schema for /v1/completions and /v1/chat/completions, and how it maps onto the engine.
+
+Parameters and ranges are the ones OpenAI documents; a bad value is `InvalidRequest` whose `field` is the
+OpenAI parameter name (rendered as the error's `param`). Mapping to `SamplingParams`:
+  temperature  default 1 and sampling, as OpenAI; 0 (or top_p 0) means greedy decoding
+  max_tokens / max_completion_tokens  max_new_tokens; unset: 16 for completions (OpenAI's default), the
+               rest of the context for chat
+  stop         stop_sequences (a string or up to 4); the stop text is not part of the output
+  logprobs     top_n_tokens (chat: logprobs true + top_logprobs 0..20; completions: logprobs 0..5)
+  n            n independent engine requests; with a seed, choice i is sampled with seed + i, so each
+               choice is what the same request with that seed and n=1 would give
+  top_k, repetition_penalty, ignore_eos  accepted as vLLM's extensions to OpenAI's schema
+Unknown parameters are refused (as OpenAI does), and known ones this server cannot honour (tools,
+logit_bias, suffix, ...) are refused by name rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from entrypoint.http.lmi_protocol import validation_error
+from handlers.engine import InvalidRequest, SamplingParams
+
+#: most choices per request; OpenAI documents the same bound for n
+MAX_N = 128
+#: OpenAI's default max_tokens for completions
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+MAX_STOP_SEQUENCES = 4
+ROLES = ("system", "developer", "user", "assistant")
+
+#: parameters OpenAI has that this server cannot honour; sending them with a value is a 400 naming them
+UNSUPPORTED = {
+    "tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
+    "function_call": "function calling", "audio": "audio output", "modalities": "output modalities",
+    "prediction": "predicted outputs", "web_search_options": "web search", "reasoning_effort": "reasoning effort",
+    "suffix": "suffix (insertion)",
+}
+#: parameters accepted and not used: they change nothing about the generated text
+IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+           "safety_identifier")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # OpenAI pads chunks against side channels; nothing to hide here
+
+
+class _OpenAIRequest(BaseModel):
+    """The parameters both endpoints share."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None  # OpenAI requires it; absent means the served model
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    # vLLM's extensions
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: no top-k
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    ignore_eos: bool | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str) and value:
+            return value
+        if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+            raise ValueError("expected a non-empty string or a list of non-empty strings")
+        if len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(value)}")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            raise ValueError("logit_bias is not supported by this server; leave it out or send {}")
+        return value
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def limit_param(self) -> str:
+        """The parameter that sets max_new_tokens, for error messages."""
+        return "max_tokens"
+
+    def top_n_tokens(self) -> int:
+        """How many alternatives per token the response shows (0: none)."""
+        raise NotImplementedError
+
+    @property
+    def wants_logprobs(self) -> bool:
+        raise NotImplementedError
+
+    def sampling_params(self, max_new_tokens: int, choice: int) -> SamplingParams:
+        """The engine parameters for choice number `choice` (0..n-1) of one prompt."""
+        temperature = 1.0 if self.temperature is None else self.temperature
+        top_p = 1.0 if self.top_p is None else self.top_p
+        greedy = temperature == 0.0 or top_p == 0.0  # both limits select the most likely token
+        values: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": not greedy,
+            "temperature": temperature if not greedy else 1.0,
+            "top_p": top_p if not greedy else 1.0,
+            "top_k": max(self.top_k or 0, 0),
+            "repetition_penalty": self.repetition_penalty or 1.0,
+            "presence_penalty": self.presence_penalty or 0.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "stop_sequences": [self.stop] if isinstance(self.stop, str) else (self.stop or []),
+            "ignore_eos": bool(self.ignore_eos),
+            "top_n_tokens": self.top_n_tokens(),
+            # OpenAI takes any 64-bit seed; the engine's are 0..2**63-1, so fold, keeping "same seed, same text"
+            "seed": None if self.seed is None else (self.seed + choice) % 2**63,
+        }
+        try:
+            return SamplingParams(**values)
+        except ValidationError as exc:  # not expected after the checks above; still a 400, not a 500
+            raise validation_error(exc, "", SamplingParams) from None
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: Any  # str | list[str] | list[int] | list[list[int]], checked in `prompts`
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
+
+    def top_n_tokens(self) -> int:
+        return self.logprobs or 0
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt as text or token ids; OpenAI allows one or a list of either."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if isinstance(prompt, list) and prompt:
+            if all(isinstance(item, str) for item in prompt):
+                return list(prompt)
+            if all(_is_token_id(item) for item in prompt):
+                return [list(prompt)]
+            if all(isinstance(item, list) and item and all(_is_token_id(i) for i in item) for item in prompt):
+                return [list(item) for item in prompt]
+        raise InvalidRequest("prompt must be a string, a non-empty list of strings, a list of token ids, or a list "
+                             "of lists of token ids", "prompt")
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    messages: Any  # checked in `chat_messages`
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type") != "text":
+            raise ValueError('only {"type": "text"} is supported (no JSON mode or structured outputs)')
+        return value
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return bool(self.logprobs)
+
+    def top_n_tokens(self) -> int:
+        return (self.top_logprobs or 0) if self.logprobs else 0
+
+    @property
+    def completion_limit(self) -> int | None:
+        """max_completion_tokens, or the older max_tokens it replaces."""
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def limit_param(self) -> str:
+        return "max_tokens" if self.max_completion_tokens is None and self.max_tokens else "max_completion_tokens"
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """The messages as the chat template takes them: role and content text."""
+        if not isinstance(self.messages, list) or not self.messages:
+            raise InvalidRequest("messages must be a non-empty list of {\"role\", \"content\"} objects", "messages")
+        return [_message(index, message) for index, message in enumerate(self.messages)]
+
+
+def parse_completion(data: dict[str, Any]) -> CompletionRequest:
+    request = _parse(CompletionRequest, data)
+    if request.best_of is not None and request.best_of != request.choices_per_prompt:
+        raise InvalidRequest("best_of other than n is not supported (this server returns every choice it generates)",
+                             "best_of")
+    if request.echo and request.wants_logprobs:
+        raise InvalidRequest("echo with logprobs is not supported: the prompt's log-probabilities are not computed",
+                             "echo")
+    return request
+
+
+def parse_chat(data: dict[str, Any]) -> ChatCompletionRequest:
+    request = _parse(ChatCompletionRequest, data)
+    if request.top_logprobs is not None and not request.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs set to true", "top_logprobs")
+    return request
+
+
+def _parse(model: type[_OpenAIRequest], data: dict[str, Any]) -> Any:
+    for name, feature in UNSUPPORTED.items():
+        value = data.get(name)
+        if value is not None and value != [] and not (name == "tool_choice" and value == "none"):
+            raise InvalidRequest(f"{name}: {feature} is not supported by this server", name)
+    data = {key: value for key, value in data.items() if key not in IGNORED and key not in UNSUPPORTED}
+    try:
+        request = model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc, "", model) from None
+    if request.stream_options is not None and not request.stream:
+        raise InvalidRequest("stream_options is only allowed when stream is true", "stream_options")
+    return request
+
+
+def _message(index: int, message: Any) -> dict[str, str]:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise InvalidRequest(f"{where} must be an object with role and content", where)
+    role = message.get("role")
+    if role not in ROLES:
+        raise InvalidRequest(f"{where}.role = {role!r} is not supported; use one of {', '.join(ROLES)}",
+                             f"{where}.role")
+    if message.get("tool_calls") or message.get("function_call"):
+        raise InvalidRequest(f"{where}: tool calls are not supported by this server", f"{where}.tool_calls")
+    unknown = set(message) - {"role", "content", "name", "refusal", "tool_calls", "function_call"}
+    if unknown:
+        raise InvalidRequest(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; a message has role, content and "
+                             "optionally name", f"{where}.{sorted(unknown)[0]}")
+    return {"role": "system" if role == "developer" else role,  # chat templates know OpenAI's older name only
+            "content": _content(where, message.get("content"))}
+
+
+def _content(where: str, content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        texts = []
+        for number, part in enumerate(content):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequest(f"{where}.content[{number}]: only text parts ({{\"type\": \"text\", \"text\": "
+                                     f"\"...\"}}) are supported, got type {part.get('type')!r}",
+                                     f"{where}.content[{number}]")
+            texts.append(part["text"])
+        return "\n".join(texts)  # as vLLM joins text parts for templates that take a string
+    raise InvalidRequest(f"{where}.content must be a string or a list of text parts", f"{where}.content")
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -1,0 +1,160 @@
+"""OpenAI's response bodies: a completion or chat completion as one JSON object, or as server-sent chunks.
+
+Streams follow OpenAI's framing: `data: {chunk}` events and a last `data: [DONE]`. A chat choice's first
+chunk carries `"role": "assistant"`; the chunk of a choice's last output carries its finish_reason. With
+`stream_options.include_usage` every chunk has `"usage": null` and one more chunk before [DONE] has empty
+choices and the usage. A failure after the headers went out is sent as `data: {"error": {...}}` (OpenAI's
+error shape), then [DONE], so clients end their read loop normally.
+
+Counts: usage.prompt_tokens is each prompt's token count once (however many choices share it), as OpenAI
+counts; completion_tokens is every generated token, including an end-of-sequence token, so it equals the
+number of logprobs entries. finish_reason is "stop" (end-of-sequence or a stop sequence) or "length".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from entrypoint.http.errors import ErrorFamily, error_body, exception_for_output
+from entrypoint.http.lmi_protocol import Accumulator
+from handlers.engine import FinishReason, RequestOutput, Token
+
+DONE = b"data: [DONE]\n\n"
+#: what a log-probability of -inf is reported as: JSON has no infinity
+LOG_PROB_FLOOR = -9999.0
+
+_FINISH_REASONS = {FinishReason.EOS_TOKEN: "stop", FinishReason.STOP_SEQUENCE: "stop", FinishReason.LENGTH: "length"}
+
+
+@dataclass
+class Completion:
+    """One OpenAI response under construction: its choices (one Accumulator each, in index order)."""
+
+    chat: bool
+    id: str
+    created: int
+    model: str
+    results: list[Accumulator]
+    prompt_tokens: int  # each prompt counted once
+    logprobs: bool = False
+    echo: bool = False  # completions: the prompt text starts each choice's text
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    def usage(self) -> dict[str, int]:
+        completion = sum(result.generated_tokens for result in self.results)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+    def body(self) -> dict[str, Any]:
+        choices = []
+        for index, result in enumerate(self.results):
+            choice: dict[str, Any] = {"index": index}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": result.text, "refusal": None}
+                choice["logprobs"] = chat_logprobs(result.tokens) if self.logprobs else None
+            else:
+                prefix = result.prompt if self.echo else ""
+                choice["text"] = prefix + result.text
+                choice["logprobs"] = completion_logprobs(result.tokens, len(prefix)) if self.logprobs else None
+            choice["finish_reason"] = finish_reason(result.finish_reason)
+            choices.append(choice)
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, "usage": self.usage()}
+
+
+class CompletionStreamEncoder:
+    """A `generation.ChunkEncoder` for one `Completion`, as OpenAI's chunks."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, completion: Completion, include_usage: bool):
+        self.completion = completion
+        self.results = completion.results
+        self.include_usage = include_usage
+        self.failure: BaseException | None = None
+        self._started: set[int] = set()  # choices that sent their first chunk
+        self._offsets = [0] * len(completion.results)  # completions' text_offset so far, per choice
+
+    def feed(self, index: int, output: RequestOutput) -> list[bytes]:
+        result = self.results[index]
+        result.add(output)
+        error = exception_for_output(output) if output.finished else None
+        if error is not None:
+            return self.error(error)
+        first = index not in self._started
+        reason = finish_reason(result.finish_reason) if output.finished else None
+        if not (first or output.text or reason or (self.completion.logprobs and output.tokens)):
+            return []  # nothing the client can see yet (text held back for a stop sequence or UTF-8)
+        self._started.add(index)
+        choice: dict[str, Any] = {"index": index}
+        if self.completion.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": output.text} if first else {}
+            if output.text and not first:
+                delta["content"] = output.text
+            choice["delta"] = delta
+            choice["logprobs"] = chat_logprobs(output.tokens) if self.completion.logprobs else None
+        else:
+            prefix = result.prompt if first and self.completion.echo else ""
+            choice["text"] = prefix + output.text
+            logprobs = None
+            if self.completion.logprobs:
+                logprobs = completion_logprobs(output.tokens, self._offsets[index] + len(prefix))
+                self._offsets[index] += len(prefix) + sum(len(token.text) for token in output.tokens)
+            choice["logprobs"] = logprobs
+        choice["finish_reason"] = reason
+        return [self._chunk([choice])]
+
+    def error(self, exc: BaseException) -> list[bytes]:
+        self.failure = exc
+        return [_event(error_body(exc, ErrorFamily.OPENAI)), DONE]
+
+    def end(self) -> list[bytes]:
+        chunks = [self._chunk([], usage=self.completion.usage())] if self.include_usage else []
+        return chunks + [DONE]
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+        c = self.completion
+        chunk: dict[str, Any] = {"id": c.id, "object": "chat.completion.chunk" if c.chat else "text_completion",
+                                 "created": c.created, "model": c.model, "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = usage
+        return _event(chunk)
+
+
+def finish_reason(reason: FinishReason | None) -> str | None:
+    return _FINISH_REASONS.get(reason) if reason is not None else None
+
+
+def chat_logprobs(tokens: list[Token] | tuple[Token, ...]) -> dict[str, Any]:
+    def entry(token: Token) -> dict[str, Any]:
+        return {"token": token.text, "logprob": _log_prob(token.log_prob), "bytes": list(token.text.encode())}
+
+    return {"content": [{**entry(token), "top_logprobs": [entry(top) for top in token.top_tokens]}
+                        for token in tokens],
+            "refusal": None}
+
+
+def completion_logprobs(tokens: list[Token] | tuple[Token, ...], offset: int) -> dict[str, Any]:
+    """The legacy completions shape: parallel lists, `text_offset` counted from the start of the choice's text."""
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token.text)
+    return {"tokens": [token.text for token in tokens],
+            "token_logprobs": [_log_prob(token.log_prob) for token in tokens],
+            "top_logprobs": [{top.text: _log_prob(top.log_prob) for top in token.top_tokens} for token in tokens],
+            "text_offset": offsets}
+
+
+def _log_prob(value: float) -> float:
+    return LOG_PROB_FLOOR if math.isnan(value) or value < LOG_PROB_FLOOR else value
+
+
+def _event(obj: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
