@@ -30,6 +30,23 @@ class ModelRunner:
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         return self._forward(row, ids, positions)[0]
 
+    def prefill_many(self, row_start: int, prompts: list[list[int]]) -> torch.Tensor:
+        """Prefill whole prompts into rows row_start.. in one forward pass; returns each prompt's last-token
+        logits [n, vocab]. Shorter prompts are right-padded: the padding writes keys/values past the end of
+        its row, which no query attends to (a query at position p sees keys <= p) and which the row's own
+        next tokens overwrite before they could be seen."""
+        lengths = [len(prompt) for prompt in prompts]
+        longest = max(lengths)
+        ids = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        positions = torch.arange(longest).expand(len(prompts), longest)
+        ids, positions = ids.to(self.device), positions.to(self.device)
+        if len(set(lengths)) == 1:
+            return self._forward(row_start, ids, positions)
+        last = torch.tensor(lengths, device=self.device) - 1
+        return self._forward(row_start, ids, positions, last_positions=last)
+
     def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each of rows 0..n-1 at their own positions; returns logits [n, vocab]."""
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device).unsqueeze(1)
@@ -40,19 +57,23 @@ class ModelRunner:
         with torch.inference_mode():  # the buffers are inference tensors; they may only change in this mode
             self.cache.move_row(source, target, length)
 
-    def _forward(self, row_start: int, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _forward(self, row_start: int, ids: torch.Tensor, positions: torch.Tensor,
+                 last_positions: torch.Tensor | None = None) -> torch.Tensor:
         try:
             with torch.inference_mode():
                 mask = self.cache.prepare(row_start, positions)
-                output = self.model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=self.cache,
-                    use_cache=True,
-                    logits_to_keep=1,  # only the last position's logits are sampled from
-                )
-            return output.logits[:, -1, :]
+                if last_positions is None:
+                    output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                        past_key_values=self.cache, use_cache=True,
+                                        logits_to_keep=1)  # only the last position's logits are sampled from
+                    return output.logits[:, -1, :]
+                # Rows end at different positions: keep the logits of every distinct last position, then
+                # pick each row's own. transformers takes a tensor of sequence indices for logits_to_keep.
+                distinct, which = torch.unique(last_positions, return_inverse=True)
+                output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                    past_key_values=self.cache, use_cache=True, logits_to_keep=distinct)
+                rows = torch.arange(ids.shape[0], device=ids.device)
+                return output.logits[rows, which, :]
         except torch.OutOfMemoryError as error:
             raise EngineOutOfMemory(f"out of device memory: {error}") from error
         except RuntimeError as error:

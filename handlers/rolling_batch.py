@@ -38,6 +38,10 @@ from handlers.token_sampler import Choice, SamplerState, sample
 
 logger = logging.getLogger(__name__)
 
+#: a prefill pass keeps one row of logits per distinct prompt length (see ModelRunner.prefill_many), so a
+#: group of whole prompts holds at most this many lengths
+MAX_DISTINCT_PROMPT_LENGTHS = 4
+
 
 @dataclass
 class _Active:
@@ -155,27 +159,67 @@ class RollingBatchEngine(Engine):
         return outputs
 
     def _prefill(self) -> list[RequestOutput]:
-        outputs = []
+        outputs: list[RequestOutput] = []
         budget = self.max_prefill_tokens
-        staging = self.runner.staging_row
         while self._waiting and budget > 0 and len(self._running) < self.max_batch:
-            active = self._waiting[0]
-            chunk = active.prompt[active.prefilled:active.prefilled + budget]
-            logits = self.runner.prefill(staging, chunk, start=active.prefilled)
-            active.prefilled += len(chunk)
-            active.cached = active.prefilled
+            head = self._waiting[0]
+            if head.prefilled == 0 and len(head.prompt) <= budget:
+                group = self._whole_prompts(budget)
+                budget -= len(group) * max(len(a.prompt) for a in group)
+                outputs += self._prefill_together(group)
+                continue
+            # A prompt longer than what is left of the budget (or already partly prefilled): one chunk of
+            # it in the staging row; it joins the batch when its last chunk is in.
+            chunk = head.prompt[head.prefilled:head.prefilled + budget]
+            logits = self.runner.prefill(self.runner.staging_row, chunk, start=head.prefilled)
+            head.prefilled += len(chunk)
+            head.cached = head.prefilled
             budget -= len(chunk)
-            if active.prefilled < len(active.prompt):
+            if head.prefilled < len(head.prompt):
                 break  # budget spent; the rest of this prompt follows next step
             self._waiting.popleft()
             row = len(self._running)
-            self.runner.move_row(staging, row, active.cached)
+            self.runner.move_row(self.runner.staging_row, row, head.cached)
+            self._running.append(head)
+            outputs += self._first_tokens([head], logits.unsqueeze(0))
+        return outputs
+
+    def _whole_prompts(self, budget: int) -> list[_Active]:
+        """The waiting requests, first come first served, whose whole prompts fit in one forward pass:
+        padded to the longest, within the budget and the free rows, with few distinct lengths (one row of
+        logits is kept per distinct length)."""
+        group: list[_Active] = []
+        longest, lengths = 0, set()
+        for active in self._waiting:
+            size = len(active.prompt)
+            if (active.prefilled or len(self._running) + len(group) >= self.max_batch
+                    or max(longest, size) * (len(group) + 1) > budget
+                    or len(lengths | {size}) > MAX_DISTINCT_PROMPT_LENGTHS):
+                break
+            group.append(active)
+            longest, lengths = max(longest, size), lengths | {size}
+        for _ in group:
+            self._waiting.popleft()
+        return group
+
+    def _prefill_together(self, group: list[_Active]) -> list[RequestOutput]:
+        """Prefill whole prompts into the next free rows in one forward pass; they join the batch."""
+        logits = self.runner.prefill_many(len(self._running), [active.prompt for active in group])
+        for active in group:
+            active.prefilled = active.cached = len(active.prompt)
             self._running.append(active)
-            choice = sample(logits.unsqueeze(0), [active.sampler])[0]
+        return self._first_tokens(group, logits)
+
+    def _first_tokens(self, joined: list[_Active], logits: Any) -> list[RequestOutput]:
+        """Sample the first token of requests that just joined (the last rows of the batch)."""
+        first_row = len(self._running) - len(joined)
+        outputs, finished = [], []
+        for offset, (active, choice) in enumerate(zip(joined, sample(logits, [a.sampler for a in joined]))):
             output = self._advance(active, choice)
             outputs.append(output)
             if output.finished:
-                self._remove_running([row])
+                finished.append(first_row + offset)
+        self._remove_running(finished)
         return outputs
 
     # ---- per-request bookkeeping --------------------------------------------------------------------

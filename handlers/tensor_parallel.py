@@ -190,6 +190,10 @@ class TensorParallelRunner:
         self._send(("prefill", row, token_ids, start))
         return self.runner.prefill(row, token_ids, start)
 
+    def prefill_many(self, row_start: int, prompts: list[list[int]]) -> Any:
+        self._send(("prefill_many", row_start, prompts))
+        return self.runner.prefill_many(row_start, prompts)
+
     def decode(self, token_ids: list[int], positions: list[int]) -> Any:
         self._send(("decode", token_ids, positions))
         return self.runner.decode(token_ids, positions)
@@ -218,7 +222,7 @@ def worker_loop(runner: Any, control_group: Any) -> None:
     import torch.distributed as dist
 
     _exchange_pids(control_group)
-    operations = {"prefill": runner.prefill, "decode": runner.decode, "move_row": runner.move_row,
+    operations = {"prefill": runner.prefill, "prefill_many": runner.prefill_many, "decode": runner.decode, "move_row": runner.move_row,
                   "ping": lambda: None}
     while True:
         box = [None]

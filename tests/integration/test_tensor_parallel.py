@@ -69,8 +69,10 @@ class Server:
         return self.log_path.read_text()[-4000:]
 
     def stop(self) -> int:
+        """SIGTERM to the server's process alone, as `docker stop` sends it to the container's main process
+        (after `serve` exec'd it, that is DeepSpeed's launcher): it must take every rank down."""
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.send_signal(signal.SIGTERM)
         code = self.process.wait(timeout=90)
         self.log.close()
         return code

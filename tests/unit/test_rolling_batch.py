@@ -231,3 +231,17 @@ def test_a_request_whose_sampling_fails_ends_alone_with_an_error(model):
     assert finals["good"].finish_reason is FinishReason.LENGTH
     assert tokens["good"] == alone(model, good_prompt, max_new_tokens=6)
     assert engine.health().healthy
+
+
+def test_whole_prompts_arriving_together_are_prefilled_in_one_pass_and_match_alone(model):
+    engine = make_engine(model, max_batch=8, prefill=256)
+    calls = []
+    original = engine.runner.prefill_many
+    engine.runner.prefill_many = lambda row, batch: calls.append([len(p) for p in batch]) or original(row, batch)
+    batch = [list(range(1, 9)), list(range(10, 30)), list(range(40, 45)), list(range(50, 70))]  # 3 distinct lengths
+    for i, prompt in enumerate(batch):
+        engine.add_request(request(i, prompt, max_new_tokens=6))
+    tokens, _, _ = run(engine)
+    assert calls == [[8, 20, 5, 20]]
+    for i, prompt in enumerate(batch):
+        assert tokens[str(i)] == alone(model, prompt, max_new_tokens=6), f"request {i}"
