@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 import pytest
+
+from tests.support.ports import free_port
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -73,11 +74,6 @@ def test_batched_equals_alone_on_gpu_fp16():
     alone = [run(engine_for(model, max_batch=1), [item])[0] for item in batch]
     assert together == alone
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve_and_generate(model_dir, degree, prompts, tmp_path):

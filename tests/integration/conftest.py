@@ -5,7 +5,6 @@ and the modules only add their own requests to it."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,11 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.ports import free_port
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
