@@ -73,7 +73,6 @@ class RollingBatchEngine(Engine):
         self._waiting: collections.deque[_Active] = collections.deque()
         self._running: list[_Active] = []  # index == KV cache row
         self._by_id: dict[str, _Active] = {}
-        self._failure: str | None = None
         # A tensor-parallel runner checks its ranks while idle (see handlers.tensor_parallel).
         self.heartbeat_interval = getattr(runner, "heartbeat_interval", None)
 
@@ -110,7 +109,8 @@ class RollingBatchEngine(Engine):
         return self._final(active, (), FinishReason.CANCELLED, text=active.stops.flush())
 
     def health(self) -> EngineHealth:
-        return EngineHealth(self._failure is None, self._failure or "ok")
+        # A failing forward pass raises out of step(); the engine loop turns that into the failure.
+        return EngineHealth(True)
 
     def has_unfinished(self) -> bool:
         return bool(self._by_id)
