@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import platform
 import re
-import shutil
 import sys
 import time
 from datetime import datetime, timezone

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import resource
 import threading
-import time
 
 
 def _private_bytes() -> int | None:

@@ -6,14 +6,14 @@ import asyncio
 import json
 import logging
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
+
+from tests.support.live_app import uvicorn_serving, wait_for
 
 from entrypoint.configuration import Configuration
 from entrypoint.http.app import create_app
@@ -366,26 +366,8 @@ def test_access_log_line(serve, caplog):
 @pytest.fixture
 def live(serve):
     served = serve(FakeEngine(step_delay=0.005))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(served.app, host="127.0.0.1", port=port, log_config=None, lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 5
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    yield served, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(5)
-
-
-def _wait_for(condition, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
+    with uvicorn_serving(served.app) as url:
+        yield served, url
 
 
 def test_streaming_client_disconnect_cancels_the_request(live):
@@ -395,8 +377,8 @@ def test_streaming_client_disconnect_cancels_the_request(live):
                                                          "parameters": {"max_new_tokens": 2000}}) as response:
             first = next(response.iter_lines())
             assert json.loads(first)["token"]["text"] == "a"
-    _wait_for(lambda: len(served.engine.cancelled) == 1)
-    _wait_for(lambda: served.loop.stats().admitted == 0)
+    wait_for(lambda: len(served.engine.cancelled) == 1)
+    wait_for(lambda: served.loop.stats().admitted == 0)
 
 
 def test_non_streaming_client_disconnect_cancels_the_request(live):
@@ -406,6 +388,6 @@ def test_non_streaming_client_disconnect_cancels_the_request(live):
     with socket.create_connection(("127.0.0.1", port)) as raw:
         raw.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        _wait_for(lambda: served.engine.steps > 3)
-    _wait_for(lambda: len(served.engine.cancelled) == 1)
-    _wait_for(lambda: served.loop.stats().admitted == 0)
+        wait_for(lambda: served.engine.steps > 3)
+    wait_for(lambda: len(served.engine.cancelled) == 1)
+    wait_for(lambda: served.loop.stats().admitted == 0)

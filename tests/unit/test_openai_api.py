@@ -6,15 +6,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import socket
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
+
+from tests.support.live_app import uvicorn_serving, wait_for
 
 from entrypoint.configuration import Configuration
 from entrypoint.http.app import create_app
@@ -376,26 +374,8 @@ def test_each_app_has_its_own_registry(serve):
 @pytest.fixture
 def live(serve):
     served = serve(RecordingEngine(step_delay=0.005))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(served.app, host="127.0.0.1", port=port, log_config=None, lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 5
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    yield served, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(5)
-
-
-def _wait_for(condition, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
+    with uvicorn_serving(served.app) as url:
+        yield served, url
 
 
 @pytest.mark.parametrize("path, body", [
@@ -408,9 +388,9 @@ def test_streaming_disconnect_cancels_every_choice(live, path, body):
         with client.stream("POST", path, json={**body, "stream": True}) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
-    _wait_for(lambda: served.loop.stats().admitted == 0)
+    wait_for(lambda: served.loop.stats().admitted == 0)
     assert len(served.engine.cancelled) == body.get("n", 1)
-    _wait_for(lambda: metric(served, "lmi_requests_total", route=path, status="499") == 1)
+    wait_for(lambda: metric(served, "lmi_requests_total", route=path, status="499") == 1)
 
 
 def test_non_streaming_client_timeout_cancels_the_request(live):
@@ -418,6 +398,6 @@ def test_non_streaming_client_timeout_cancels_the_request(live):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                        "max_tokens": 3000}, timeout=0.3)
-    _wait_for(lambda: served.loop.stats().admitted == 0)
+    wait_for(lambda: served.loop.stats().admitted == 0)
     assert len(served.engine.cancelled) == 1
     assert metric(served, "lmi_num_requests_active") == 0
