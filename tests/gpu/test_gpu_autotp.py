@@ -8,12 +8,12 @@ import os
 import random
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
 from tests.support.ports import free_port
+from tests.support.server_process import wait_until_healthy
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -85,16 +85,7 @@ def serve_and_generate(model_dir, degree, prompts, tmp_path):
                                env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert process.poll() is None, (tmp_path / f"tp{degree}.log").read_text()[-3000:]
-            assert time.monotonic() < deadline
-            try:
-                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
+        wait_until_healthy(url, process, 600, lambda: (tmp_path / f"tp{degree}.log").read_text()[-3000:], interval=1)
         return [httpx.post(f"{url}/invocations", timeout=120,
                            json={"inputs": p, "parameters": {"max_new_tokens": 16}}).json()["generated_text"]
                 for p in prompts]

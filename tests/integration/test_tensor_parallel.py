@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from tests.support.ports import free_port
+from tests.support.server_process import wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -38,16 +39,7 @@ class Server:
                                         env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.output()
-            try:
-                if httpx.get(f"{self.url}/ping", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"not ready in {timeout} s:\n{self.output()}")
+        wait_until_healthy(self.url, self.process, timeout, self.output)
 
     def ranks(self) -> list[psutil.Process]:
         found = [p for p in psutil.Process(self.process.pid).children(recursive=True)
