@@ -146,7 +146,7 @@ def build_report(configuration: Configuration) -> dict[str, Any]:
     resolved = resolve_model(properties.model_id, model_dir=configuration.model_dir, revision=properties.revision,
                              cache_dir=properties.model_cache_dir, config_only=True, progress=False)
     model_config = read_model_config(resolved)
-    from handlers.engine_factory import ENGINE_BUILDERS, QUANTIZERS
+    from entrypoint.engine_factory import ENGINE_BUILDERS, QUANTIZERS
     plan = plan_engine(properties, model_config, detect_device(), available=ENGINE_BUILDERS, quantizers=QUANTIZERS)
     shape = ModelShape.from_config(model_config)
     model = {"source": _plain(resolved.source), "description": str(resolved.description), "path": str(resolved.path)}

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from pydantic import ValidationError
 
 from entrypoint import property_sources
-from entrypoint.properties import CrossFieldError, ServingProperties, describe_value
+from handlers.serving_properties import CrossFieldError, ServingProperties, describe_value
 from entrypoint.property_sources import DEFAULT_SOURCE, Source
 
 DEFAULT_MODEL_DIR = Path("/opt/ml/model")  # where SageMaker mounts the model artifacts

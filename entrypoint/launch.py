@@ -193,7 +193,7 @@ def model_name_for(configuration: Configuration) -> tuple[str, tuple[str, ...]]:
 
 
 def _default_engine_factory(configuration: Configuration, progress: Callable[[str], None]) -> Engine:
-    from handlers.engine_factory import build_engine  # heavy (torch, deepspeed): only once serving starts
+    from entrypoint.engine_factory import build_engine  # heavy (torch, deepspeed): only once serving starts
 
     return build_engine(configuration, progress)
 

@@ -11,7 +11,7 @@ Precedence, highest first:
   5. The SageMaker / TGI names LMI translated when the LMI name is unset: `SM_NUM_GPUS`,
      `HF_MODEL_QUANTIZE`, `HF_MODEL_TRUST_REMOTE_CODE`, `MAX_BATCH_SIZE`, `MAX_BATCH_PREFILL_TOKENS`,
      `MAX_CONCURRENT_REQUESTS`.
-  6. The default in `entrypoint.properties.ServingProperties`.
+  6. The default in `handlers.serving_properties.ServingProperties`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from entrypoint.properties import property_names
+from handlers.serving_properties import property_names
 
 
 @dataclass(frozen=True)

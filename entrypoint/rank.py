@@ -1,7 +1,7 @@
 """One tensor-parallel rank, started by DeepSpeed's launcher (see `entrypoint.rank_launcher`).
 
 Rank 0 serves HTTP and schedules (the same `entrypoint.launch.serve` as a single process); the other
-ranks load their shard and replay rank 0's forward passes (`handlers.tensor_parallel.serve_worker`).
+ranks load their shard and replay rank 0's forward passes (`serve_worker` below, with `handlers.tensor_parallel.worker_loop`).
 """
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from entrypoint.cli import report_user_error, user_errors, configure_logging
 from entrypoint.configuration import load_configuration
+
+logger = logging.getLogger("lmi.rank")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,13 +30,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank == 0:
             from entrypoint import launch
             return launch.serve(configuration, raise_load_errors=user_errors())
-        from handlers.tensor_parallel import serve_worker
         return serve_worker(configuration)
     except user_errors() as error:
         return report_user_error(error)
     except Exception:
         logging.getLogger("lmi.rank").exception("rank %d failed", rank)
         return 1
+
+
+def serve_worker(configuration: Any) -> int:
+    """A rank > 0: resolve and plan like rank 0, load this rank's shard, replay rank 0's operations.
+
+    SIGTERM (the launcher forwards it to every rank) is ignored here: rank 0 finishes its running requests
+    gracefully, which needs every rank, and then says stop. If rank 0 dies instead, the next broadcast
+    fails and this rank exits; the launcher kills whatever is left after its own timeout."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from handlers.autotp_engine import load_autotp_model
+    from entrypoint.engine_factory import resolve_and_plan
+    from handlers.tensor_parallel import worker_loop
+
+    from handlers.memory_probe import PeakMemory
+
+    resolved, plan = resolve_and_plan(configuration, lambda text: logger.info("%s", text))
+    memory = PeakMemory()
+    model = load_autotp_model(configuration.properties, plan, str(resolved.path), lambda text: logger.info("%s", text))
+    logger.info("rank ready; following rank 0: weights_bytes_this_rank=%d %s",
+                sum(p.numel() * p.element_size() for p in model.module.parameters()),
+                " ".join(f"{key}={value}" for key, value in memory.stop().items()))
+    worker_loop(model.runner, model.control_group)
+    import resource
+    logger.info("rank 0 said stop; exiting (peak_rss over the whole run: %.2fGiB)",
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    return 0
 
 
 if __name__ == "__main__":

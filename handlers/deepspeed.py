@@ -6,7 +6,7 @@ handler), DJL Serving can drive this container's engines the way it drove LMI's 
 * The first call initializes. Its `Input` is empty and its properties are serving.properties' options
   without the `option.` prefix plus keys DJL adds (`model_dir`, `device_id`, ...). They become one
   validated `Configuration` (`load_configuration_from_properties`), the engine is built
-  (`handlers.engine_factory.build_engine`, or the factory given to `set_engine_factory`) and driven by an
+  (`entrypoint.engine_factory.build_engine`, or the factory given to `set_engine_factory`) and driven by an
   `EngineLoop`. A bad configuration answers code 400 with the message naming each key, and the handler
   stays uninitialized (the next initialization call tries again).
 * An empty input answers None (DJL turns that into 204), as djl_python.deepspeed did.
@@ -55,7 +55,7 @@ JSON = "application/json"
 
 
 def default_engine_factory(configuration: Configuration, progress: Callable[[str], None]) -> Engine:
-    from handlers.engine_factory import build_engine  # heavy (torch, deepspeed): only when initializing
+    from entrypoint.engine_factory import build_engine  # heavy (torch, deepspeed): only when initializing
 
     return build_engine(configuration, progress)
 

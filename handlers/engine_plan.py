@@ -15,7 +15,7 @@ import platform
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Collection, Literal, Mapping
 
-from entrypoint.properties import DType, RollingBatch, ServingProperties
+from handlers.serving_properties import DType, RollingBatch, ServingProperties
 from handlers.engine_policy import (
     CPU,
     CUDA,
@@ -212,8 +212,8 @@ class EnginePlan:
 def plan_engine(properties: ServingProperties, model_config: Mapping[str, Any], device: Device,
                 available: Collection[str] | None = None,
                 quantizers: Collection[str] | None = None) -> EnginePlan:
-    """`available`: the engines this build can start (`handlers.engine_factory.ENGINE_BUILDERS`) and
-    `quantizers` the quantization methods it can apply (`handlers.engine_factory.QUANTIZERS`); None plans
+    """`available`: the engines this build can start (`entrypoint.engine_factory.ENGINE_BUILDERS`) and
+    `quantizers` the quantization methods it can apply (`entrypoint.engine_factory.QUANTIZERS`); None plans
     with the whole policy table, as if everything were built."""
     shape = ModelShape.from_config(model_config)
     arch = policy_for(shape.model_type)

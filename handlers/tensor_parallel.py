@@ -231,30 +231,3 @@ def worker_loop(runner: Any, control_group: Any) -> None:
         if op == "stop":
             return
         operations[op](*args)
-
-
-def serve_worker(configuration: Any) -> int:
-    """A rank > 0: resolve and plan like rank 0, load this rank's shard, replay rank 0's operations.
-
-    SIGTERM (the launcher forwards it to every rank) is ignored here: rank 0 finishes its running requests
-    gracefully, which needs every rank, and then says stop. If rank 0 dies instead, the next broadcast
-    fails and this rank exits; the launcher kills whatever is left after its own timeout."""
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from handlers.autotp_engine import load_autotp_model
-    from handlers.engine_factory import resolve_and_plan
-
-    from handlers.memory_probe import PeakMemory
-
-    resolved, plan = resolve_and_plan(configuration, lambda text: logger.info("%s", text))
-    memory = PeakMemory()
-    model = load_autotp_model(configuration.properties, plan, str(resolved.path), lambda text: logger.info("%s", text))
-    logger.info("rank ready; following rank 0: weights_bytes_this_rank=%d %s",
-                sum(p.numel() * p.element_size() for p in model.module.parameters()),
-                " ".join(f"{key}={value}" for key, value in memory.stop().items()))
-    worker_loop(model.runner, model.control_group)
-    import resource
-    logger.info("rank 0 said stop; exiting (peak_rss over the whole run: %.2fGiB)",
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    return 0

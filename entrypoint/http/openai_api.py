@@ -31,7 +31,7 @@ from entrypoint.http.openai_protocol import (
 from entrypoint.http.openai_response import Completion, CompletionStreamEncoder
 from entrypoint.http.state import ServerState
 from entrypoint.http.tokenization import PromptTokenizer
-from entrypoint.properties import ServingProperties
+from handlers.serving_properties import ServingProperties
 from handlers.engine import Engine, GenerationRequest, InvalidRequest
 from handlers.engine_loop import EngineLoop
 

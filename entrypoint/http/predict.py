@@ -29,7 +29,7 @@ from entrypoint.http.lmi_protocol import Accumulator, build_response, load_json_
 from entrypoint.http.state import ServerState
 from entrypoint.http.streaming import StreamEncoder, choose_format
 from entrypoint.http.tokenization import PromptTokenizer
-from entrypoint.properties import ServingProperties
+from handlers.serving_properties import ServingProperties
 from handlers.engine import Engine, GenerationRequest, InvalidRequest, SamplingParams
 
 #: answers a chat body (`{"messages": [...]}`) posted to /invocations: (request, record, parsed body)

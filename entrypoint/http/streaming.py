@@ -20,7 +20,7 @@ from typing import Any
 
 from entrypoint.http.errors import error_body, exception_for_output
 from entrypoint.http.lmi_protocol import Accumulator, token_dict
-from entrypoint.properties import OutputFormatter
+from handlers.serving_properties import OutputFormatter
 from handlers.engine import RequestOutput
 
 

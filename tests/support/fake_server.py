@@ -15,7 +15,7 @@ from pathlib import Path
 
 from entrypoint.configuration import Configuration
 from entrypoint.launch import serve
-from entrypoint.properties import ServingProperties
+from handlers.serving_properties import ServingProperties
 from tests.support.fake_engine import FakeEngine
 
 

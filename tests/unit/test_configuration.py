@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from entrypoint.configuration import Configuration, ConfigurationError, load_configuration
-from entrypoint.properties import DjlEngine, DType, Quantize, RollingBatch, ServingProperties, Task
+from handlers.serving_properties import DjlEngine, DType, Quantize, RollingBatch, ServingProperties, Task
 from entrypoint.property_sources import COMPAT_ENV, LMI_ENV, parse_properties_text
 
 

@@ -16,7 +16,7 @@ import pytest
 from entrypoint.configuration import Configuration, load_configuration_from_properties
 from entrypoint.http.app import create_app
 from entrypoint.http.state import ServerState
-from entrypoint.properties import ServingProperties
+from handlers.serving_properties import ServingProperties
 from entrypoint.property_sources import COMPAT_ENV, LMI_ENV
 from handlers import deepspeed
 from handlers.djl_io import Input, Output, PairList, encode_batch, encode_json, split_batch_output

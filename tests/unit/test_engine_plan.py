@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from entrypoint.properties import ServingProperties
+from handlers.serving_properties import ServingProperties
 from handlers import engine_policy as policy
 from handlers.engine_plan import Device, ModelShape, PlanError, cpu_device, detect_device, plan_engine
 from handlers.engine_policy import AUTOTP, ENGINES, FASTGEN, KERNEL_INJECTION
@@ -334,7 +334,7 @@ def test_plan_to_dict_is_json_ready():
 
 # ---- purity and device detection ----------------------------------------------------------------------
 def test_planning_imports_no_torch():
-    code = ("import sys; from entrypoint.properties import ServingProperties as P; "
+    code = ("import sys; from handlers.serving_properties import ServingProperties as P; "
             "from handlers.engine_plan import plan_engine, Device; "
             "plan_engine(P(), {'model_type': 'llama', 'num_attention_heads': 4}, Device('cuda', 1, 'x')); "
             "assert 'torch' not in sys.modules, 'torch imported'")

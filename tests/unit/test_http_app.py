@@ -18,7 +18,7 @@ from tests.support.live_app import uvicorn_serving, wait_for
 from entrypoint.configuration import Configuration
 from entrypoint.http.app import create_app
 from entrypoint.http.state import ServerState
-from entrypoint.properties import ServingProperties
+from handlers.serving_properties import ServingProperties
 from handlers.engine_loop import EngineLoop
 from tests.support.fake_engine import FakeEngine, expected_text
 

@@ -1,4 +1,4 @@
-"""serving.properties.example documents every property exactly as entrypoint/properties.py defines it.
+"""serving.properties.example documents every property exactly as handlers/serving_properties.py defines it.
 
 Each entry in the file is three comment lines:
     # <description>
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from entrypoint.configuration import load_configuration
-from entrypoint.properties import ServingProperties
+from handlers.serving_properties import ServingProperties
 from entrypoint.property_sources import COMPAT_ENV, LMI_ENV
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "serving.properties.example"
