@@ -35,7 +35,8 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_new_tokens: int = Field(256, ge=1, description="Most tokens to generate.")
+    max_new_tokens: int = Field(256, ge=0, description="Most tokens to generate; 0 only scores the prompt "
+                                "(with prompt_logprobs).")
     temperature: float = Field(1.0, ge=0.0, le=100.0, description="Softmax temperature; 0 means greedy.")
     top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens; 0 disables.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling probability mass.")
@@ -45,10 +46,14 @@ class SamplingParams(BaseModel):
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Random seed; the same seed gives the same text.")
     stop_sequences: tuple[str, ...] = Field((), description="Generation stops when the text contains one of these.")
+    stop_token_ids: tuple[int, ...] = Field((), description="Generation stops after one of these token ids "
+                                            "(which, like EOS, is not part of the text).")
     ignore_eos: bool = Field(False, description="Keep generating after the end-of-sequence token.")
     details: bool = Field(False, description="Return finish reason and per-token id, text and log-probability.")
     return_full_text: bool = Field(False, description="Prepend the prompt to generated_text.")
     top_n_tokens: int = Field(0, ge=0, le=20, description="Also return the n most likely alternatives per token.")
+    prompt_logprobs: bool = Field(False, description="Return each prompt token's log-probability (the first "
+                                  "output carries them; top_n_tokens alternatives each).")
 
     @field_validator("stop_sequences", mode="before")
     @classmethod
@@ -100,6 +105,9 @@ class RequestOutput:
     error: str | None = None
     prompt_tokens: int = 0
     generated_tokens: int = 0  # total so far
+    # With params.prompt_logprobs: the prompt's tokens with their log-probabilities, on the request's first
+    # output only (the first prompt token has no context: its log_prob is nan).
+    prompt_token_details: tuple[Token, ...] = ()
 
 
 @dataclass(frozen=True)
