@@ -98,6 +98,9 @@ def _serve(args: argparse.Namespace) -> int:
     # the port opens.
     try:
         report = build_report(configuration)
+        # A model whose weights cannot fit fails here in seconds, not by the OOM killer minutes into loading.
+        from entrypoint.memory_fit import check_weights_fit
+        check_weights_fit(report)
     except user_errors() as error:
         return report_user_error(error, configuration)
     plan = report["plan"]
