@@ -84,6 +84,12 @@ def load_autotp_model(properties: Any, plan: Any, model_path: str, progress: Cal
 
     dtype = getattr(torch, TORCH_DTYPES[plan.dtype])
     degree = plan.tensor_parallel_degree
+    if properties.checkpoint is not None:
+        from pathlib import Path
+
+        from handlers.checkpoint_files import checkpoint_view
+        model_path = str(checkpoint_view(Path(model_path), properties.checkpoint))
+        progress(f"checkpoint={properties.checkpoint}: loading its weights ({model_path} links them)")
     progress(f"loading tokenizer from {model_path}")
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=properties.trust_remote_code)
     control_group = None
