@@ -93,10 +93,10 @@ class LoopStats:
     running: int  # engine.stats().running
     waiting: int  # engine.stats().waiting
     kv_cache_usage: float
-    steps: int
-    kv_cache_tokens: int = 0  # reserved by admitted requests
-    kv_cache_capacity_tokens: int = 0  # engine steps taken since start
+    steps: int  # engine steps taken since start
     healthy: bool
+    kv_cache_tokens: int = 0  # reserved by admitted requests
+    kv_cache_capacity_tokens: int = 0
 
 
 @dataclass
