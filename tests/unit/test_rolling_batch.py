@@ -10,10 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from handlers.engine import FinishReason, GenerationRequest, InvalidRequest, SamplingParams
-from handlers.kv_blocks import BlockAllocator, KVBudget
-from handlers.model_runner import ModelRunner
-from handlers.paged_kv_cache import PagedKVCache, attention_window
-from handlers.rolling_batch import RollingBatchEngine
+from tests.support.engines import make_engine as build_engine
 
 VOCAB = 96
 
@@ -40,17 +37,8 @@ def model():
     return LlamaForCausalLM(config).eval()
 
 
-def make_engine(model, max_batch=4, prefill=64, max_total=256, eos=(), kv_tokens=4096, batching=None,
-                tokenizer=None):
-    """The engine as the AutoTP loader builds it, over a paged cache of `kv_tokens` positions."""
-    budget = KVBudget(block_size=16, num_blocks=kv_tokens // 16, bytes_per_token=1, basis="test")
-    window, layer_types = attention_window(model.config)
-    cache = PagedKVCache(model.config.num_hidden_layers, num_blocks=budget.num_blocks, block_size=16,
-                         max_sequences=max(max_batch, batching.batch_size if batching else 0), max_length=max_total,
-                         device="cpu", sliding_window=window, layer_types=layer_types)
-    return RollingBatchEngine(ModelRunner(model, cache), tokenizer or CharTokenizer(), allocator=BlockAllocator(budget),
-                              max_batch=max_batch, max_prefill_tokens=prefill, max_total_tokens=max_total,
-                              eos_token_ids=eos, batching=batching)
+def make_engine(model, tokenizer=None, **options):
+    return build_engine(model, tokenizer or CharTokenizer(), **options)
 
 
 def request(rid, prompt, **params):
