@@ -69,7 +69,8 @@ class Report:
             detail = action() or ""
         except Exception as error:
             seconds = time.monotonic() - started
-            self.steps.append({"step": name, "ok": False, "seconds": round(seconds, 1), "detail": str(error)})
+            detail = str(error).split("\nlogs")[0]  # the logs are printed in full at the end, not in the table
+            self.steps.append({"step": name, "ok": False, "seconds": round(seconds, 1), "detail": detail})
             print(f"FAIL {name} ({seconds:.1f} s): {error}", flush=True)
             raise
         seconds = time.monotonic() - started
@@ -144,7 +145,7 @@ class ContainerCheck:
             # docker format keeps HEALTHCHECK (OCI has no field for it); one layer per stage is much faster
             # on the vfs storage driver, which copies the whole file system for every layer.
             command += ["--format", "docker", "--layers=false"]
-        command += self.args.build_option + [str(REPO)]
+        command += self.args.build_option + [str(self.args.context)]
         run(command, capture=False)
         size = run([self.engine, "image", "inspect", self.args.image, "--format", "{{.Size}}"]).stdout.strip()
         return f"{self.args.image}, {int(size) / 1e6:.0f} MB" if size.isdigit() else self.args.image
@@ -347,6 +348,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ca-bundle", help="CA bundle for pip in the build, passed as the build secret 'cacert'")
     parser.add_argument("--embedded-model", action="store_true", help="also convert the embedded model into the image")
     parser.add_argument("--skip-build", action="store_true", help="check an image built before")
+    parser.add_argument("--context", default=str(REPO), help="build context (default: this repository)")
     parser.add_argument("--build-option", action="append", default=[], help="extra build argument (repeatable)")
     parser.add_argument("--run-option", action="append", default=[], help="extra run argument (repeatable)")
     parser.add_argument("--report", help="write the steps as JSON here")
