@@ -73,10 +73,10 @@ ENV DS_ACCELERATOR=cpu \
 FROM ${PYTORCH_IMAGE}-runtime AS runtime-gpu
 # (a stage with no instruction of its own would be a second name for the base image, which podman's
 #  --layers=false clean-up then deletes)
-LABEL com.amazonaws.lmi.variant="gpu"
+LABEL lmi-deepspeed.variant="gpu"
 
 FROM ${CPU_IMAGE} AS runtime-cpu
-LABEL com.amazonaws.lmi.variant="cpu"
+LABEL lmi-deepspeed.variant="cpu"
 
 # ---- build: one virtual environment with everything, at the path the final image runs it from ----------
 # hadolint ignore=DL3006
