@@ -28,9 +28,9 @@ def load_autotp_engine(properties: Any, plan: Any, model_path: str, progress: Ca
     model = load_autotp_model(properties, plan, model_path, progress)
     memory_summary = memory.stop()
     runner = model.runner
-    if model.control_group is not None:
+    if model.groups is not None:
         from handlers.tensor_parallel import TensorParallelRunner
-        runner = TensorParallelRunner(runner, model.control_group)
+        runner = TensorParallelRunner(runner, model.groups)
     module = model.module
     load_seconds = time.monotonic() - started
     progress(f"model ready in {load_seconds:.1f} s")
@@ -63,7 +63,7 @@ class AutoTPModel:
     runner: Any  # ModelRunner over this rank's shard
     max_total_tokens: int
     dtype: Any
-    control_group: Any = None  # set when tensor-parallel: the gloo group commands travel on
+    groups: Any = None  # tensor-parallel only: handlers.tensor_parallel.ProcessGroups (rank, control groups)
 
 
 def load_autotp_model(properties: Any, plan: Any, model_path: str, progress: Callable[[str], None]) -> AutoTPModel:
@@ -79,10 +79,11 @@ def load_autotp_model(properties: Any, plan: Any, model_path: str, progress: Cal
     degree = plan.tensor_parallel_degree
     progress(f"loading tokenizer from {model_path}")
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=properties.trust_remote_code)
-    control_group = None
+    groups = None
     if degree > 1:
         from handlers.tensor_parallel import init_distributed, load_sharded_model
-        rank, world, control_group = init_distributed(plan.device.kind)
+        groups = init_distributed(plan.device.kind, startup_timeout=properties.model_loading_timeout)
+        rank, world = groups.rank, groups.world
         if world != degree:
             raise RuntimeError(f"tensor_parallel_degree={degree} but the launcher started {world} ranks")
         if plan.device.kind == "cpu":
@@ -107,7 +108,7 @@ def load_autotp_model(properties: Any, plan: Any, model_path: str, progress: Cal
     max_total_tokens = min(properties.max_tokens, context)
     runner = ModelRunner(module, max_batch=properties.max_rolling_batch_size, max_length=max_total_tokens,
                          device=device)
-    return AutoTPModel(module, tokenizer, runner, max_total_tokens, dtype, control_group)
+    return AutoTPModel(module, tokenizer, runner, max_total_tokens, dtype, groups)
 
 
 def _eos_token_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -8,10 +8,11 @@ from typing import Any
 import torch
 
 from handlers.engine import EngineOutOfMemory
+from handlers.runner import Runner
 from handlers.slot_kv_cache import SlotKVCache
 
 
-class ModelRunner:
+class ModelRunner(Runner):
     def __init__(self, model: Any, max_batch: int, max_length: int, device: torch.device | str = "cpu"):
         """`model` is a transformers causal LM (DeepSpeed's AutoTP shards its linear layers in place, so the
         module keeps its Hugging Face forward signature)."""

@@ -33,7 +33,7 @@ from handlers.engine import (
     RequestOutput,
     Token,
 )
-from handlers.model_runner import ModelRunner
+from handlers.runner import Runner
 from handlers.token_sampler import Choice, SamplerState, sample
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class _Active:
 
 
 class RollingBatchEngine(Engine):
-    def __init__(self, runner: ModelRunner, tokenizer: Any, *, max_batch: int, max_prefill_tokens: int,
+    def __init__(self, runner: Runner, tokenizer: Any, *, max_batch: int, max_prefill_tokens: int,
                  max_total_tokens: int, eos_token_ids: Iterable[int], name: str = "autotp",
                  summary: dict[str, Any] | None = None):
         self.runner = runner
@@ -74,7 +74,7 @@ class RollingBatchEngine(Engine):
         self._running: list[_Active] = []  # index == KV cache row
         self._by_id: dict[str, _Active] = {}
         # A tensor-parallel runner checks its ranks while idle (see handlers.tensor_parallel).
-        self.heartbeat_interval = getattr(runner, "heartbeat_interval", None)
+        self.heartbeat_interval = runner.heartbeat_interval
 
     # ---- Engine interface ---------------------------------------------------------------------------
     def add_request(self, request: GenerationRequest) -> None:
@@ -117,19 +117,13 @@ class RollingBatchEngine(Engine):
 
     def watch(self, abort: Any) -> None:
         """Hand `abort` to a runner that watches parts outside the engine thread (tensor-parallel ranks)."""
-        watch = getattr(self.runner, "watch", None)
-        if watch is not None:
-            watch(abort)
+        self.runner.watch(abort)
 
     def heartbeat(self) -> None:
-        beat = getattr(self.runner, "heartbeat", None)
-        if beat is not None:
-            beat()
+        self.runner.heartbeat()
 
     def shutdown(self) -> None:
-        stop = getattr(self.runner, "shutdown", None)
-        if stop is not None:
-            stop()
+        self.runner.shutdown()
 
     def stats(self) -> EngineStats:
         cache = self.runner.cache
