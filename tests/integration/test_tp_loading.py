@@ -37,7 +37,7 @@ NEW_TOKENS = 8
 
 
 def _configs() -> dict:
-    from transformers import (BloomConfig, FalconConfig, GPTNeoXConfig, MistralConfig, Phi3Config,
+    from transformers import (BloomConfig, FalconConfig, GPT2Config, GPTNeoXConfig, MistralConfig, Phi3Config,
                               Qwen2Config)
 
     gqa = dict(COMMON, num_key_value_heads=6)
@@ -47,6 +47,7 @@ def _configs() -> dict:
         "falcon": FalconConfig(vocab_size=1000, hidden_size=96, num_hidden_layers=2, num_attention_heads=12,
                                multi_query=False, new_decoder_architecture=False),  # fused query_key_value
         "bloom": BloomConfig(vocab_size=1000, hidden_size=96, n_layer=2, n_head=12),  # ALiBi, fused qkv
+        "gpt2": GPT2Config(vocab_size=1000, n_embd=96, n_layer=2, n_head=12, n_positions=128),  # Conv1D c_attn
         "qwen2": Qwen2Config(**gqa, tie_word_embeddings=True),  # q/k/v biases, lm_head tied to the embedding
         "mistral": MistralConfig(**gqa),  # last: also generates through the runners
     }

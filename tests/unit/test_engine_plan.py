@@ -241,6 +241,29 @@ def test_missing_head_count_is_a_note_not_an_error():
     assert any("not checked" in note for note in plan.notes)
 
 
+@pytest.mark.parametrize("model_type, architecture, reason", [
+    ("phi3", "Phi3ForCausalLM", "splits the fused qkv_proj output"),
+    ("bloom", "BloomForCausalLM", "build_alibi_tensor"),
+    ("mixtral", "MixtralForCausalLM", "merging or splitting tensors (WeightConverter for .experts.*.w1.weight"),
+])
+def test_architectures_that_cannot_be_sharded_are_refused_above_degree_1(model_type, architecture, reason):
+    config = {"model_type": model_type, "architectures": [architecture], "num_attention_heads": 32,
+              "num_key_value_heads": 8, "torch_dtype": "float16"}
+    error = plan_error(props(tensor_parallel_degree=2), config, GPU8)
+    assert error.key == "tensor_parallel_degree"
+    assert f"{architecture} cannot be sharded" in str(error) and reason in str(error)
+    assert "use tensor_parallel_degree=1" in str(error)
+    assert plan_engine(props(tensor_parallel_degree=1), config, GPU8).tensor_parallel_degree == 1
+
+
+@pytest.mark.parametrize("model_type, architecture", [("gpt_neox", "GPTNeoXForCausalLM"), ("falcon", "FalconForCausalLM"),
+                                                      ("qwen2", "Qwen2ForCausalLM"), ("mistral", "MistralForCausalLM")])
+def test_architectures_measured_to_shard_are_planned_above_degree_1(model_type, architecture):
+    config = {"model_type": model_type, "architectures": [architecture], "num_attention_heads": 12,
+              "num_key_value_heads": 6}
+    assert plan_engine(props(tensor_parallel_degree=3), config, CPU).tensor_parallel_degree == 3
+
+
 # ---- dtype, quantization, CUDA graphs, rolling batch --------------------------------------------------
 def test_fp16_on_cpu_is_refused_with_a_hint():
     message = str(plan_error(props(dtype="fp16"), SMOL, CPU))
