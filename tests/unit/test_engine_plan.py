@@ -244,6 +244,7 @@ def test_missing_head_count_is_a_note_not_an_error():
 @pytest.mark.parametrize("model_type, architecture, reason", [
     ("phi3", "Phi3ForCausalLM", "splits the fused qkv_proj output"),
     ("bloom", "BloomForCausalLM", "build_alibi_tensor"),
+    ("gpt2", "GPT2LMHeadModel", "AutoTP refuses GPT-2 by name"),
     ("mixtral", "MixtralForCausalLM", "merging or splitting tensors (WeightConverter for .experts.*.w1.weight"),
 ])
 def test_architectures_that_cannot_be_sharded_are_refused_above_degree_1(model_type, architecture, reason):
