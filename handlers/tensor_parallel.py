@@ -3,7 +3,7 @@
 Ranks are started by DeepSpeed's launcher (`deepspeed --num_gpus N --module ...`, as LMI started its
 DeepSpeed workers) and joined with torch.distributed: NCCL on GPUs, gloo on CPU. Rank 0 serves HTTP and
 schedules; every forward pass it runs is first broadcast, as a small command of int64 tensors
-(`handlers.command_channel`), to the other ranks, which replay it on their own shard (their `SlotKVCache`
+(`handlers.command_channel`), to the other ranks, which replay it on their own shard (their `PagedKVCache`
 mirrors rank 0's). The model's own collectives (AutoTP's all-reduces) then line up across ranks.
 
 A step that fails on any rank ends the server, on every rank alike. A failure inside a forward pass leaves
@@ -126,10 +126,9 @@ class Op(IntEnum):
 
     STOP = 0
     PING = 1
-    PREFILL = 2
-    PREFILL_MANY = 3
+    ASSIGN = 2
+    PREFILL = 3
     DECODE = 4
-    MOVE_ROW = 5
 
 
 def _alive(pid: int) -> bool:
@@ -162,12 +161,9 @@ class TensorParallelRunner(Runner):
     def __init__(self, runner: Runner, groups: ProcessGroups):
         self.runner = runner
         self.cache = runner.cache
+        self.device = runner.device
         self._channel = CommandChannel(groups.control)
         self._peers = rendezvous(groups)[1:]
-
-    @property
-    def staging_row(self) -> int:
-        return self.runner.staging_row
 
     def watch(self, abort: Callable[[str], None]) -> None:
         """Call `abort(reason)` as soon as another rank's process is gone. A collective waiting for a dead
@@ -184,22 +180,20 @@ class TensorParallelRunner(Runner):
 
         threading.Thread(target=check, name="rank-watchdog", daemon=True).start()
 
-    # fields: [row, start], token_ids
-    def prefill(self, row: int, token_ids: list[int], start: int) -> Any:
-        return self._step(lambda: self.runner.prefill(row, token_ids, start), Op.PREFILL, [row, start], token_ids)
+    # fields: [sequence], blocks
+    def assign(self, sequence: int, blocks: list[int]) -> None:
+        self._step(lambda: self.runner.assign(sequence, blocks), Op.ASSIGN, [sequence], blocks)
 
-    # fields: [row_start], prompt lengths, the prompts concatenated
-    def prefill_many(self, row_start: int, prompts: list[list[int]]) -> Any:
-        return self._step(lambda: self.runner.prefill_many(row_start, prompts), Op.PREFILL_MANY, [row_start],
-                          [len(p) for p in prompts], [t for p in prompts for t in p])
+    # fields: [all_logits], sequences, starts, chunk lengths, the chunks concatenated
+    def prefill(self, sequences: list[int], chunks: list[list[int]], starts: list[int],
+                all_logits: bool = False) -> Any:
+        return self._step(lambda: self.runner.prefill(sequences, chunks, starts, all_logits), Op.PREFILL,
+                          [int(all_logits)], sequences, starts, [len(c) for c in chunks], [t for c in chunks for t in c])
 
-    # fields: token_ids, positions
-    def decode(self, token_ids: list[int], positions: list[int]) -> Any:
-        return self._step(lambda: self.runner.decode(token_ids, positions), Op.DECODE, token_ids, positions)
-
-    # fields: [source, target, length]
-    def move_row(self, source: int, target: int, length: int) -> None:
-        self._step(lambda: self.runner.move_row(source, target, length), Op.MOVE_ROW, [source, target, length])
+    # fields: sequences, token_ids, positions
+    def decode(self, sequences: list[int], token_ids: list[int], positions: list[int]) -> Any:
+        return self._step(lambda: self.runner.decode(sequences, token_ids, positions), Op.DECODE, sequences,
+                          token_ids, positions)
 
     def heartbeat(self) -> None:
         """Raises when a rank is gone (its end of the control group is closed)."""
@@ -249,18 +243,15 @@ def worker_loop(runner: Runner, groups: ProcessGroups) -> None:
         if op == Op.STOP:
             return
         if op == Op.DECODE:
-            runner.decode(fields[0].tolist(), fields[1].tolist())
+            runner.decode(*(field.tolist() for field in fields))
         elif op == Op.PREFILL:
-            (row, start), token_ids = fields[0].tolist(), fields[1].tolist()
-            runner.prefill(row, token_ids, start)
-        elif op == Op.PREFILL_MANY:
-            flat = fields[2].tolist()
-            prompts, offset = [], 0
-            for length in fields[1].tolist():
-                prompts.append(flat[offset:offset + length])
+            (all_logits,), sequences, starts, lengths, flat = (field.tolist() for field in fields)
+            chunks, offset = [], 0
+            for length in lengths:
+                chunks.append(flat[offset:offset + length])
                 offset += length
-            runner.prefill_many(int(fields[0][0]), prompts)
-        elif op == Op.MOVE_ROW:
-            runner.move_row(*fields[0].tolist())
+            runner.prefill(sequences, chunks, starts, bool(all_logits))
+        elif op == Op.ASSIGN:
+            runner.assign(int(fields[0][0]), fields[1].tolist())
         elif op != Op.PING:
             raise RuntimeError(f"rank 0 sent an unknown operation code {op}")

@@ -32,6 +32,7 @@ def main() -> int:
 
     from handlers.engine import EngineOutOfMemory
     from handlers.model_runner import ModelRunner
+    from handlers.paged_kv_cache import PagedKVCache, attention_window
     from handlers.tensor_parallel import TensorParallelRunner, init_distributed, load_sharded_model, worker_loop
 
     groups = init_distributed("cpu", startup_timeout=300)
@@ -54,16 +55,19 @@ def main() -> int:
     if groups.rank == 0:
         (args.out / "errors.json").write_text(json.dumps(errors))
 
-    runner = ModelRunner(module, max_batch=2, max_length=64)
+    window, layer_types = attention_window(module.config)
+    cache = PagedKVCache(module.config.num_hidden_layers, num_blocks=8, block_size=16, max_sequences=2,
+                         max_length=64, device="cpu", sliding_window=window, layer_types=layer_types)
+    runner = ModelRunner(module, cache)
     if args.fail is not None and groups.rank == args.fail:
         calls = [0]
         decode = runner.decode
 
-        def failing_decode(token_ids, positions):
+        def failing_decode(sequences, token_ids, positions):
             calls[0] += 1
             if calls[0] == 3:
                 raise EngineOutOfMemory("out of memory: injected by the test")
-            return decode(token_ids, positions)
+            return decode(sequences, token_ids, positions)
 
         runner.decode = failing_decode
     if groups.rank != 0:
@@ -81,11 +85,12 @@ def main() -> int:
     tp.watch(abort)
     prompt = spec["prompt"]
     try:
-        logits = tp.prefill(0, prompt, start=0)
+        tp.assign(1, [1, 2, 3, 4])  # sequence slot 1 (slot 0 stays unused), blocks 1-4 (0 is the scratch block)
+        logits = tp.prefill([1], [prompt], [0])[0]
         for step in range(spec["new_tokens"]):
             token = int(logits.argmax())
             tokens.append(token)
-            logits = tp.decode([token], [len(prompt) + step])[0]
+            logits = tp.decode([1], [token], [len(prompt) + step])[0]
     except EngineOutOfMemory as error:  # would be served on as if nothing happened: the defect
         outcome["recoverable"] = str(error)
     except Exception as error:
