@@ -200,13 +200,10 @@ ARCHITECTURES: Mapping[str, ArchitecturePolicy] = MappingProxyType({row.model_ty
 
 # Architectures AutoTP cannot run at tensor_parallel_degree > 1, and why. Measured on CPU with tiny random
 # configs, DeepSpeed 0.19.8 and transformers 5.24 (tests/integration/test_tp_loading.py keeps checking that
-# they still fail sharded; GPT-NeoX, Falcon, Qwen2 and Mistral match degree 1 there).
+# they still fail sharded; Phi-3, GPT-NeoX, Falcon, Qwen2 and Mistral match degree 1 there).
 TENSOR_PARALLEL_REFUSED: Mapping[str, str] = MappingProxyType({
     "gpt2": "DeepSpeed 0.19.8's AutoTP refuses GPT-2 by name (module_inject/auto_tp.py AutoTP.supported: "
             "'AutoTP not supported for model. Please use kernel injection since container policy for model exists')",
-    "phi3": "transformers' Phi-3 attention splits the fused qkv_proj output at config.num_attention_heads * head_dim, "
-            "the whole model's query width, so a rank holding a shard of the heads reads keys and values as "
-            "queries (measured: the forward fails with a shape mismatch in o_proj)",
     "bloom": "DeepSpeed 0.19.8 shards BLOOM's ALiBi biases by patching transformer.build_alibi_tensor, which "
              "transformers 5 no longer has, so each rank adds the biases of all heads to its share of them "
              "(measured: the forward fails with a shape mismatch); BLOOM also has no SDPA attention in transformers",

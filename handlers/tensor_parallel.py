@@ -102,6 +102,7 @@ def load_sharded_model(model_path: str, dtype: Any, tp_size: int, trust_remote_c
     module = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp_size}, dtype=dtype,
                                       replace_with_kernel_inject=False).module
     restore_shard_layouts(module)
+    _per_rank_attention_configs(module)
     rank = dist.get_rank() if dist.is_initialized() else 0
     with torch.no_grad():
         for name, buffer in module.named_buffers():
@@ -109,6 +110,25 @@ def load_sharded_model(model_path: str, dtype: Any, tp_size: int, trust_remote_c
                 buffer.copy_(buffers[name].to(buffer.device, buffer.dtype))
         load_rank_slices(module, files, sources, rank, progress, show_progress=rank == 0)
     return module
+
+
+def _per_rank_attention_configs(module: Any) -> None:
+    """Attention modules that read the query width from the shared config at run time get a copy of it with
+    this rank's query heads. transformers' Phi-3 splits its fused `qkv_proj` output at
+    `self.config.num_attention_heads * head_dim` (the whole model's width); AutoTP updates the module's own
+    head-count attributes (`num_key_value_heads`, ...) but not the config every layer shares, so without this
+    a rank would read its keys and values as queries."""
+    import copy
+
+    from deepspeed.module_inject.layers import fused_LinearLayer
+
+    for attention in module.modules():
+        qkv, config = getattr(attention, "qkv_proj", None), getattr(attention, "config", None)
+        widths = getattr(qkv, "_subparam_shard_widths", None)
+        if isinstance(qkv, fused_LinearLayer) and config is not None and widths and hasattr(attention, "head_dim"):
+            local = copy.copy(config)
+            local.num_attention_heads = widths[0][qkv.tp_index] // attention.head_dim  # widths[0]: the query part
+            attention.config = local
 
 
 def rendezvous(groups: ProcessGroups) -> list[int]:

@@ -1,8 +1,8 @@
-"""Sharded loading at tensor_parallel_degree 2 and 3 on CPU: tiny random GPT-NeoX, Falcon, Qwen2 and
-Mistral checkpoints (saved by transformers, so with their real key names and fused layouts:
-`query_key_value`, `embed_out`, tied embeddings, q/k/v biases, uneven MLP shards) give the same logits as
-the unsharded model, and a failed step ends the run on every rank instead of leaving the ranks out of
-step. Phi-3, BLOOM and GPT-2 cannot run sharded with DeepSpeed 0.19.8 and transformers 5 (see
+"""Sharded loading at tensor_parallel_degree 2 and 3 on CPU: tiny random Phi-3, GPT-NeoX, Falcon, Qwen2
+and Mistral checkpoints (saved by transformers, so with their real key names and fused layouts: `qkv_proj`
+and `gate_up_proj`, `query_key_value`, `embed_out`, tied embeddings, q/k/v biases, uneven MLP shards) give
+the same logits as the unsharded model, and a failed step ends the run on every rank instead of leaving the
+ranks out of step. BLOOM and GPT-2 cannot run sharded with DeepSpeed 0.19.8 and transformers 5 (see
 handlers/engine_policy.py); that the plan refuses them at degree > 1 is tested in
 tests/unit/test_engine_plan.py, and that they really fail sharded is checked here, so the refusal cannot
 outlive its cause unnoticed.
@@ -37,8 +37,7 @@ PROMPT = [5, 17, 300, 42, 999, 7]
 NEW_TOKENS = 8
 # What the plan refuses at degree > 1 (handlers/engine_policy.py TENSOR_PARALLEL_REFUSED) and the symptom
 # its reason describes: these must still fail sharded, or the refusal has outlived its cause.
-REFUSED = {"phi3": "mat1 and mat2 shapes cannot be multiplied", "bloom": "must match the existing size",
-           "gpt2": "AutoTP not supported for model"}
+REFUSED = {"bloom": "must match the existing size", "gpt2": "AutoTP not supported for model"}
 
 
 def _configs() -> dict:

@@ -242,7 +242,6 @@ def test_missing_head_count_is_a_note_not_an_error():
 
 
 @pytest.mark.parametrize("model_type, architecture, reason", [
-    ("phi3", "Phi3ForCausalLM", "splits the fused qkv_proj output"),
     ("bloom", "BloomForCausalLM", "build_alibi_tensor"),
     ("gpt2", "GPT2LMHeadModel", "AutoTP refuses GPT-2 by name"),
     ("mixtral", "MixtralForCausalLM", "merging or splitting tensors (WeightConverter for .experts.*.w1.weight"),
@@ -257,7 +256,8 @@ def test_architectures_that_cannot_be_sharded_are_refused_above_degree_1(model_t
     assert plan_engine(props(tensor_parallel_degree=1), config, GPU8).tensor_parallel_degree == 1
 
 
-@pytest.mark.parametrize("model_type, architecture", [("gpt_neox", "GPTNeoXForCausalLM"), ("falcon", "FalconForCausalLM"),
+@pytest.mark.parametrize("model_type, architecture", [("phi3", "Phi3ForCausalLM"),
+                                                      ("gpt_neox", "GPTNeoXForCausalLM"), ("falcon", "FalconForCausalLM"),
                                                       ("qwen2", "Qwen2ForCausalLM"), ("mistral", "MistralForCausalLM")])
 def test_architectures_measured_to_shard_are_planned_above_degree_1(model_type, architecture):
     config = {"model_type": model_type, "architectures": [architecture], "num_attention_heads": 12,
