@@ -184,6 +184,8 @@ class TensorParallelRunner(Runner):
         self.device = runner.device
         self._channel = CommandChannel(groups.control)
         self._peers = rendezvous(groups)[1:]
+        self._deaths: dict[int, str] = {}  # pid -> why it died (read once: the watchdog and the step both ask)
+        self._deaths_lock = threading.Lock()
 
     def watch(self, abort: Callable[[str], None]) -> None:
         """Call `abort(reason)` as soon as another rank's process is gone. A collective waiting for a dead
@@ -207,8 +209,9 @@ class TensorParallelRunner(Runner):
     # fields: [all_logits], sequences, starts, chunk lengths, the chunks concatenated
     def prefill(self, sequences: list[int], chunks: list[list[int]], starts: list[int],
                 all_logits: bool = False) -> Any:
+        lengths, flat = [len(c) for c in chunks], [t for c in chunks for t in c]
         return self._step(lambda: self.runner.prefill(sequences, chunks, starts, all_logits), Op.PREFILL,
-                          [int(all_logits)], sequences, starts, [len(c) for c in chunks], [t for c in chunks for t in c])
+                          [int(all_logits)], sequences, starts, lengths, flat)
 
     # fields: sequences, token_ids, positions
     def decode(self, sequences: list[int], token_ids: list[int], positions: list[int]) -> Any:
@@ -249,15 +252,45 @@ class TensorParallelRunner(Runner):
     def _dead_peer(self) -> str | None:
         for rank, pid in enumerate(self._peers, start=1):
             if not _alive(pid):
-                return f"tensor-parallel rank {rank} (pid {pid}) died"
+                with self._deaths_lock:
+                    if pid not in self._deaths:
+                        cause = _take_failure(pid)
+                        died = f"tensor-parallel rank {rank} (pid {pid}) died"
+                        self._deaths[pid] = f"{died}: {cause}" if cause else died
+                    return self._deaths[pid]
         return None
+
+
+def _failure_file(pid: int) -> Path:
+    """Where a worker rank leaves the reason it failed for rank 0 (ranks share a host and its temp dir)."""
+    import tempfile
+    return Path(tempfile.gettempdir()) / f"lmi-tensor-parallel-rank-{pid}.failure"
+
+
+def _take_failure(pid: int) -> str | None:
+    path = _failure_file(pid)
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+        path.unlink()
+    except OSError:
+        return None
+    return text or None
 
 
 def worker_loop(runner: Runner, groups: ProcessGroups) -> None:
     """Ranks > 0: replay rank 0's operations until told to stop. Any failure (rank 0 gone, an error in a
     forward pass) raises out of here, and the rank exits non-zero (see the module docstring)."""
-    rendezvous(groups)
+    rank0 = rendezvous(groups)[0]
     channel = CommandChannel(groups.control)
+    try:
+        _replay(runner, channel)
+    except Exception as error:
+        if _alive(rank0):  # rank 0 only sees this process die; leave it the reason, so its error names the cause
+            _failure_file(os.getpid()).write_text(f"{type(error).__name__}: {error}"[:2000], encoding="utf-8")
+        raise
+
+
+def _replay(runner: Runner, channel: CommandChannel) -> None:
     while True:
         op, fields = channel.receive()
         if op == Op.STOP:

@@ -131,4 +131,5 @@ def test_sharded_models_match_degree_1_and_a_failed_step_stops_every_rank(checkp
     else:
         reason = outcome.get("aborted") or outcome.get("failed")
         assert reason is not None and f"rank {fail}" in reason and "died" in reason, outcome
+        assert "injected by the test" in reason, f"rank 0's error does not name the worker's cause: {reason}"
     assert code != 0, log[-4000:]
