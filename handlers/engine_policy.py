@@ -193,6 +193,9 @@ _ROWS: tuple[ArchitecturePolicy, ...] = (
          smoothquant=_SQ_AUTOTP_ONLY),
     _row("bloom", fastgen=_FASTGEN_NONE,
          kernel_injection=fails("DeepSpeed refuses BLOOM kernel injection above transformers 4.43.4 (measured)"),
+         autotp=fails("transformers 5 has no SDPA attention for BLOOM (from_pretrained(attn_implementation='sdpa') "
+                      "raises, measured with 5.24), and the AutoTP engine's paged KV cache passes a boolean 4D "
+                      "attention mask that only SDPA takes"),
          smoothquant=_SQ_AUTOTP_ONLY),
 )
 
