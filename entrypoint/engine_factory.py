@@ -28,7 +28,7 @@ def resolve_and_plan(configuration: Any, progress: Callable[[str], None]) -> tup
     cache_dir = Path(properties.model_cache_dir) if properties.model_cache_dir else default_cache_dir()
     progress("resolving the model")
     resolved = resolve_model(properties.model_id, model_dir=configuration.model_dir, revision=properties.revision,
-                             cache_dir=cache_dir)
+                             cache_dir=cache_dir, report=progress)
     progress(f"model: {resolved.description}")
     plan = plan_engine(properties, read_model_config(resolved), detect_device(), available=ENGINE_BUILDERS,
                        quantizers=QUANTIZERS)
