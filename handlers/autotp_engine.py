@@ -33,7 +33,6 @@ def load_autotp_engine(properties: Any, plan: Any, model_path: str, progress: Ca
         runner = TensorParallelRunner(runner, model.control_group)
     module = model.module
     load_seconds = time.monotonic() - started
-    progress(f"model ready in {load_seconds:.1f} s")
     return RollingBatchEngine(
         runner, model.tokenizer,
         max_batch=properties.max_rolling_batch_size,
