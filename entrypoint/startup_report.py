@@ -53,7 +53,8 @@ def render_summary(headline: str, facts: dict[str, Any], timeline: StartupTimeli
                                    break_on_hyphens=False))
     for index, (phase, seconds) in enumerate(slow):
         start = f"  {'time' if index == 0 else '':<{width}}  {seconds:5.1f} s  "
-        lines.append(start + textwrap.shorten(phase, width=WIDTH - len(start), placeholder=" ..."))
+        lines.append(start + textwrap.shorten(phase, width=WIDTH - len(start), placeholder=" ...",
+                                                 break_on_hyphens=False))
     return "\n".join(lines)
 
 
