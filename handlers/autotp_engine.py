@@ -35,7 +35,6 @@ def load_autotp_engine(properties: Any, plan: Any, model_path: str, progress: Ca
         runner = TensorParallelRunner(runner, model.groups)
     module = model.module
     load_seconds = time.monotonic() - started
-    progress(f"model ready in {load_seconds:.1f} s")
     batching = None
     if not getattr(plan, "rolling_batch", True):
         batching = DynamicBatching(properties.batch_size, properties.max_batch_delay / 1000.0)
