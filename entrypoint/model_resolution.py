@@ -248,6 +248,11 @@ class _S3Download:
     def run(self) -> None:
         from tqdm import tqdm
 
+        # Leftovers of a download that was killed (temporary names, never used as model files); removing
+        # them is safe because the caller holds this target's lock, so no other process is downloading here.
+        if self.target.is_dir():
+            for stale in self.target.rglob("*.partial*"):
+                stale.unlink(missing_ok=True)
         objects = self._list()
         wanted = [(rel, size) for rel, size in objects if not (self.config_only and rel.endswith(WEIGHT_SUFFIXES))]
         missing = [(rel, size) for rel, size in wanted if not self._present(rel, size)]
