@@ -115,3 +115,14 @@ def test_the_chars_per_token_bound_of_the_embedded_tokenizer_is_a_true_bound(emb
     assert bound is not None and 4 <= bound < 200
     longest = max(len(tokenizer.decode([token_id])) for token_id in range(len(tokenizer)))
     assert longest <= bound
+
+
+def test_outputs_for_a_closed_event_loop_are_dropped_without_an_error():
+    """After shutdown the server's event loop is closed while the engine loop still finishes what it held."""
+    from handlers.engine import FinishReason, RequestOutput
+    from handlers.engine_loop import OutputStream
+
+    aloop = asyncio.new_event_loop()
+    stream = OutputStream(None, "r-1", aloop)  # type: ignore[arg-type]
+    aloop.close()
+    stream._sink(RequestOutput("r-1", (), "", finished=True, finish_reason=FinishReason.ERROR, error="shutting down"))
