@@ -56,6 +56,7 @@ LONG_TEXT = ("The history of Paris spans more than two thousand years. It began 
              "a Celtic tribe, on an island in the Seine, and grew under Roman rule into the town of Lutetia. "
              "Kings, revolutions and world fairs shaped its streets, bridges, churches and museums. ") * 3
 GROWTH_LIMIT = 0.10
+MEMORY_EVERY_S = 15.0
 
 
 @dataclass
@@ -154,11 +155,17 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, rng: rand
 
 
 async def soak(url: str, clients: int, duration: float, drain: float, max_requests: int, disconnect_share: float,
-               timeout: float, seed: int) -> tuple[list[Outcome], float]:
+               timeout: float, seed: int, pid: int, memory: list[tuple[float, int]]) -> tuple[list[Outcome], float]:
+    """Run the clients; `memory` receives (seconds, server RSS) every MEMORY_EVERY_S seconds meanwhile."""
     outcomes: list[Outcome] = []
     started = time.monotonic()
     deadline = started + duration
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+
+    async def sample_memory() -> None:
+        while True:
+            memory.append((round(time.monotonic() - started, 1), rss_bytes(pid)))
+            await asyncio.sleep(MEMORY_EVERY_S)
 
     async def client_loop(index: int, client: httpx.AsyncClient, model: str) -> None:
         rng = random.Random(seed * 1000 + index)
@@ -169,11 +176,13 @@ async def soak(url: str, clients: int, duration: float, drain: float, max_reques
 
     async with httpx.AsyncClient(limits=limits) as client:
         model = (await client.get(url + "/v1/models", timeout=30)).json()["data"][0]["id"]
+        sampler = asyncio.ensure_future(sample_memory())
         tasks = [asyncio.ensure_future(client_loop(index, client, model)) for index in range(clients)]
         _, pending = await asyncio.wait(tasks, timeout=duration + drain)
         for task in pending:  # bounded: whatever is still waiting stays "lost"
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        sampler.cancel()
     return outcomes, time.monotonic() - started
 
 
@@ -243,8 +252,9 @@ def write_report(path: Path, meta: dict, figures: dict, raw_name: str, server_lo
         f"- server: `python -m entrypoint serve` on the embedded SmolLM2-135M-Instruct (CPU), "
         f"{', '.join(f'{k}={v}' for k, v in meta['server_env'].items()) or 'defaults'}",
         f"- load: {meta['clients']} clients for {meta['duration']:g} s, each sending one request after another; "
-        f"{meta['disconnect_share']:.0%} of streams disconnect on purpose after 1-4 tokens; measured after a "
-        f"{meta['warmup']['seconds']:g} s warm-up under the same load ({meta['warmup']['requests']} requests)",
+        f"{meta['disconnect_share']:.0%} of streams disconnect on purpose after 1-4 tokens; then it waits (at most "
+        f"{meta['drain']:g} s) for the requests in flight. The start RSS is taken {meta['warmup']['seconds']:g} s "
+        f"into the load (allocators and caches at their working size), the end RSS after the drain",
         "",
         "| figure | value |",
         "|---|---|",
@@ -255,7 +265,7 @@ def write_report(path: Path, meta: dict, figures: dict, raw_name: str, server_lo
         f"| **lost** (sent, never answered; must be 0) | **{figures['lost']}** |",
         f"| latency p50 / p99, first minute ({first['count']} completed) | {first['p50_s']} s / {first['p99_s']} s |",
         f"| latency p50 / p99, last minute ({last['count']} completed) | {last['p50_s']} s / {last['p99_s']} s |",
-        f"| server RSS at start (after warm-up) / end | {figures['rss_start_mib']} MiB / {figures['rss_end_mib']} MiB |",
+        f"| server RSS at start / end | {figures['rss_start_mib']} MiB / {figures['rss_end_mib']} MiB |",
         f"| RSS growth (must stay under {GROWTH_LIMIT:.0%}) | {figures['rss_growth']:.2%} |",
         f"| throughput | {figures['requests_per_s']} requests/s over {figures['elapsed_s']} s |",
         f"| server exit after SIGTERM | {meta.get('server_exit', 'n/a')} |",
@@ -271,6 +281,9 @@ def write_report(path: Path, meta: dict, figures: dict, raw_name: str, server_lo
     if meta.get("tests"):
         lines += ["", "## Fault, fuzz and security tests", "", f"`{meta['tests']['command']}`", "", "```",
                   meta["tests"]["summary"], "```"]
+    if meta.get("memory"):
+        lines += ["", f"Server RSS every {MEMORY_EVERY_S:g} s (seconds: MiB): "
+                  + ", ".join(f"{seconds:g}: {mib}" for seconds, mib in meta["memory"])]
     if server_log:
         lines += ["", "## Server log (last lines)", "", "```", server_log.rstrip(), "```"]
     path.write_text("\n".join(lines) + "\n")
@@ -328,7 +341,7 @@ def main() -> int:
         pid = process.pid
     meta: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
                   "versions": _versions(), "commit": git_commit(), "command": command, "clients": args.clients,
-                  "duration": args.duration, "disconnect_share": args.disconnect_share,
+                  "duration": args.duration, "disconnect_share": args.disconnect_share, "drain": args.drain,
                   "server_env": server_env if process else {}}
     server_log = ""
     try:
@@ -336,18 +349,18 @@ def main() -> int:
         if pid is None:  # a server started elsewhere on this machine: find it by its port
             pid = next(c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == urlparse(url).port
                        and c.status == psutil.CONN_LISTEN)
-        warmup, _ = asyncio.run(soak(url, args.clients, args.warmup, args.drain, args.max_requests,
-                                     args.disconnect_share, args.timeout, args.seed + 1))
-        meta["warmup"] = {"seconds": args.warmup, "requests": len(warmup),
-                          "completed": sum(o.result == "completed" for o in warmup)}
-        rss_start = rss_bytes(pid)
         meta["load_start"] = os.getloadavg()
-        print(f"soak: {args.clients} clients for {args.duration:g} s against {url} (server RSS "
-              f"{rss_start / 2**20:.0f} MiB)", file=sys.stderr)
+        print(f"soak: {args.clients} clients for {args.duration:g} s against {url}", file=sys.stderr)
+        memory: list[tuple[float, int]] = []
         outcomes, elapsed = asyncio.run(soak(url, args.clients, args.duration, args.drain, args.max_requests,
-                                             args.disconnect_share, args.timeout, args.seed))
+                                             args.disconnect_share, args.timeout, args.seed, pid, memory))
         time.sleep(2)  # let the server finish cancelled work before measuring memory
         rss_end = rss_bytes(pid)
+        # The start figure is taken once the same load has run for --warmup seconds: allocators and caches
+        # have grown to their working size by then, so growth after that is what a leak would show.
+        rss_start = next((rss for seconds, rss in memory if seconds >= args.warmup), memory[-1][1])
+        meta["warmup"] = {"seconds": args.warmup}
+        meta["memory"] = [(seconds, round(rss / 2**20, 1)) for seconds, rss in memory]
         meta["load_end"] = os.getloadavg()
         healthy = httpx.get(url + "/ping", timeout=10).status_code == 200
     finally:

@@ -78,6 +78,8 @@ def serve(configuration: Configuration, engine_factory: EngineFactory | None = N
         return 1
     finally:
         loader.stopping = True
+        if server.ending is not None:  # the engine is being stopped already: let it finish (ranks included)
+            server.ending.join(SHUTDOWN_WRITE_SECONDS)
         loop = state.loop
         if loop is not None:
             loop.stop()
@@ -103,16 +105,20 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self.drain_s = drain_s
         self.end_in_flight: Callable[[], None] = lambda: None
+        self.ending: threading.Thread | None = None  # ends the work left after drain_s; serve() joins it
 
     async def shutdown(self, sockets: Any = None) -> None:
         logger.info("shutting down: running requests get %.0f s to finish", self.drain_s)
-        # On a thread: stopping the engine loop joins its thread, and the event loop must keep writing.
-        timer = asyncio.get_running_loop().call_later(
-            self.drain_s, lambda: threading.Thread(target=self.end_in_flight, name="end-in-flight", daemon=True).start())
+        timer = asyncio.get_running_loop().call_later(self.drain_s, self._end_in_flight)
         try:
             await super().shutdown(sockets)
         finally:
             timer.cancel()
+
+    def _end_in_flight(self) -> None:
+        # On a thread: stopping the engine loop joins its thread, and the event loop must keep writing.
+        self.ending = threading.Thread(target=self.end_in_flight, name="end-in-flight", daemon=True)
+        self.ending.start()
 
 
 class _Loader:
