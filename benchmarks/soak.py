@@ -80,7 +80,8 @@ def error_type(body: dict) -> str:
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict):
         return "no error object"
-    return str(error.get("type") or error.get("code"))
+    code = error.get("code")  # OpenAI's shape names the failure in `code` ("predict_timeout"), LMI's in `type`
+    return str(code if isinstance(code, str) else error.get("type"))
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, rng: random.Random, outcome: Outcome,

@@ -61,3 +61,14 @@ def test_any_serving_properties_gives_a_configuration_or_a_configuration_error(l
 @given(st.text(max_size=300))
 def test_any_text_as_serving_properties_gives_a_configuration_or_a_configuration_error(text):
     parse({}, text)
+
+
+def test_a_serving_properties_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    """What the fuzzer found: invalid UTF-8 used to end in a UnicodeDecodeError traceback."""
+    (tmp_path / "serving.properties").write_bytes(b"option.max_tokens=512\noption.model_id=\xed\xa0\x80\n")
+    try:
+        load_configuration(tmp_path, {})
+    except ConfigurationError as error:
+        assert f"{tmp_path / 'serving.properties'}:2" in str(error) and "not UTF-8" in str(error), str(error)
+    else:
+        raise AssertionError("accepted a file that is not UTF-8")
