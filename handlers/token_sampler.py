@@ -167,8 +167,7 @@ class TokenSampler:
         device = raw.device
         table = self._history_table(device)
         penalized = [states[row] for row in rows]
-        for state in penalized:
-            self._sync_history(table, state)
+        self._sync_histories(table, penalized)
         table_rows = torch.tensor([state.history_row for state in penalized], device=device)
         lengths = torch.tensor([len(state.history) for state in penalized], device=device)
         prompt_lengths = torch.tensor([state.prompt_length for state in penalized], device=device)
@@ -202,18 +201,27 @@ class TokenSampler:
         return self._histories
 
     @staticmethod
-    def _sync_history(table: _HistoryTable, state: SequenceSampling) -> None:
-        """Copy the tokens of `state.history` not yet in its device row (the prompt once, then one a step)."""
-        if state.history_row is None:
-            if not table.free:
-                raise RuntimeError("no free penalty-history row (more penalised requests than max_sequences)")
-            state.history_row = table.free.pop()
-            state.history_synced = 0
-        new = state.history[state.history_synced:]
-        if new:
-            start = state.history_synced
-            table.ids[state.history_row, start:start + len(new)] = torch.tensor(new, dtype=torch.long)
+    def _sync_histories(table: _HistoryTable, states: list[SequenceSampling]) -> None:
+        """Copy the tokens of each state's history not yet in its device row (the prompt once, then one a
+        step) with one indexed write for the whole batch."""
+        rows: list[int] = []
+        columns: list[int] = []
+        tokens: list[int] = []
+        for state in states:
+            if state.history_row is None:
+                if not table.free:
+                    raise RuntimeError("no free penalty-history row (more penalised requests than max_sequences)")
+                state.history_row = table.free.pop()
+                state.history_synced = 0
+            new = state.history[state.history_synced:]
+            rows += [state.history_row] * len(new)
+            columns += range(state.history_synced, len(state.history))
+            tokens += new
             state.history_synced = len(state.history)
+        if tokens:
+            device = table.ids.device
+            table.ids[torch.tensor(rows, device=device), torch.tensor(columns, device=device)] = \
+                torch.tensor(tokens, dtype=torch.long, device=device)
 
     # ---- the draw -----------------------------------------------------------------------------------
     def _draw(self, scores: torch.Tensor, states: list[SequenceSampling], rows_of_states: list[int],

@@ -10,10 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from handlers.engine import FinishReason, GenerationRequest, InvalidRequest, SamplingParams
-from handlers.kv_blocks import BlockAllocator, KVBudget
-from handlers.model_runner import ModelRunner
-from handlers.paged_kv_cache import PagedKVCache, attention_window
-from handlers.rolling_batch import RollingBatchEngine
+from tests.support.engines import make_engine as build_engine
 
 VOCAB = 96
 
@@ -40,17 +37,8 @@ def model():
     return LlamaForCausalLM(config).eval()
 
 
-def make_engine(model, max_batch=4, prefill=64, max_total=256, eos=(), kv_tokens=4096, batching=None,
-                tokenizer=None):
-    """The engine as the AutoTP loader builds it, over a paged cache of `kv_tokens` positions."""
-    budget = KVBudget(block_size=16, num_blocks=kv_tokens // 16, bytes_per_token=1, basis="test")
-    window, layer_types = attention_window(model.config)
-    cache = PagedKVCache(model.config.num_hidden_layers, num_blocks=budget.num_blocks, block_size=16,
-                         max_sequences=max(max_batch, batching.batch_size if batching else 0), max_length=max_total,
-                         device="cpu", sliding_window=window, layer_types=layer_types)
-    return RollingBatchEngine(ModelRunner(model, cache), tokenizer or CharTokenizer(), allocator=BlockAllocator(budget),
-                              max_batch=max_batch, max_prefill_tokens=prefill, max_total_tokens=max_total,
-                              eos_token_ids=eos, batching=batching)
+def make_engine(model, tokenizer=None, **options):
+    return build_engine(model, tokenizer or CharTokenizer(), **options)
 
 
 def request(rid, prompt, **params):
@@ -427,3 +415,30 @@ def test_dynamic_batch_starts_after_the_delay_with_fewer_requests(model):
     engine.add_request(request("a", prompts(1)[0], max_new_tokens=2))
     _time.sleep(0.06)
     assert any(o.request_id == "a" for o in engine.step())
+
+
+def test_after_an_out_of_memory_step_cancelling_frees_everything_and_serving_goes_on(model):
+    """What the engine loop does on EngineOutOfMemory: cancel the affected requests. Every state (queued,
+    prefilling, running) must cancel cleanly and give its blocks back."""
+    from handlers.engine import EngineOutOfMemory
+
+    engine = make_engine(model, max_batch=2, prefill=8, kv_tokens=256)
+    engine.add_request(request("running", [1, 2, 3], max_new_tokens=20))
+    engine.step()
+    engine.add_request(request("prefilling", list(range(30)), max_new_tokens=5))
+    engine.add_request(request("queued", [4, 5], max_new_tokens=5))
+    original = engine.runner.decode
+
+    def failing(*args):
+        raise EngineOutOfMemory("out of device memory (test)")
+
+    engine.runner.decode = failing
+    with pytest.raises(EngineOutOfMemory):
+        engine.step()
+    for request_id in ("running", "prefilling", "queued"):
+        final = engine.cancel(request_id)
+        assert final is not None and final.finish_reason is FinishReason.CANCELLED
+    assert not engine.has_unfinished() and engine.stats().kv_cache_tokens == 0
+    engine.runner.decode = original
+    engine.add_request(request("after", [6, 7, 8], max_new_tokens=4))
+    assert run(engine)[0]["after"] == alone(model, [6, 7, 8], max_new_tokens=4)

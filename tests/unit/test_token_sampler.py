@@ -17,6 +17,11 @@ from transformers.generation.logits_process import (
 from handlers.engine import SamplingParams
 from handlers.token_sampler import CPU_TOP_P_CANDIDATES, SequenceSampling, TokenSampler
 
+# The same tests on the GPU (the sampler runs on the logits' device); skipped, and reported so, without one.
+DEVICES = [pytest.param("cpu"),
+           pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="needs a CUDA GPU")])]
+
 
 def state(prompt, generated=(), **params):
     s = SequenceSampling.create(SamplingParams(**params), list(prompt))
@@ -43,7 +48,8 @@ def hf_processed(logits_row, s: SequenceSampling):
     return scores[0]
 
 
-def test_penalties_match_transformers_and_openai_definitions_row_by_row():
+@pytest.mark.parametrize("device", DEVICES)
+def test_penalties_match_transformers_and_openai_definitions_row_by_row(device):
     torch.manual_seed(0)
     logits = torch.randn(4, 50) * 3
     states = [
@@ -53,13 +59,14 @@ def test_penalties_match_transformers_and_openai_definitions_row_by_row():
         state([9, 9], [3]),  # no penalty: untouched
     ]
     sampler = TokenSampler(max_sequences=8, max_length=64)
-    processed = sampler._penalize(logits, states)
+    processed = sampler._penalize(logits.to(device), states).cpu()
     for row, s in enumerate(states):
         torch.testing.assert_close(processed[row], hf_processed(logits[row], s), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("vocab", [24, 4 * CPU_TOP_P_CANDIDATES])  # the second takes the full-vocabulary path
-def test_draws_follow_transformers_distribution_per_row(vocab):
+def test_draws_follow_transformers_distribution_per_row(vocab, device):
     """Rows with different temperature/top-k/top-p in one batch: every draw lies in the set HF's warpers
     keep, and the empirical frequencies match HF's probabilities."""
     torch.manual_seed(1)
@@ -73,7 +80,7 @@ def test_draws_follow_transformers_distribution_per_row(vocab):
     sampler = TokenSampler(max_sequences=8, max_length=16)
     # one batch of 4 x draws rows: row r of the logits, with its parameters, under `draws` different seeds
     states = [state([0], seed=seed, **params[row]) for row in range(len(params)) for seed in range(draws)]
-    choices = sampler.sample(base.repeat_interleave(draws, dim=0), states)
+    choices = sampler.sample(base.repeat_interleave(draws, dim=0).to(device), states)
     for index, choice in enumerate(choices):
         assert choice.error is None
         counts[index // draws][choice.token_id] += 1
@@ -93,9 +100,10 @@ def test_draws_follow_transformers_distribution_per_row(vocab):
             assert abs(empirical[head].sum().item() - reference[head].sum().item()) < 0.04, f"row {row}"
 
 
-def test_same_seed_same_tokens_whatever_the_batch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_seed_same_tokens_whatever_the_batch(device):
     torch.manual_seed(2)
-    logits = torch.randn(3, 40)
+    logits = torch.randn(3, 40, device=device)
     params = dict(do_sample=True, temperature=1.0, top_p=0.9, seed=42)
     sampler = TokenSampler(max_sequences=8, max_length=64)
 
@@ -115,8 +123,9 @@ def test_same_seed_same_tokens_whatever_the_batch():
     assert [sampler.sample(logits[:1], [other])[0].token_id for _ in range(10)] != run([0])
 
 
-def test_non_finite_row_fails_alone_and_tiny_temperature_is_greedy():
-    logits = torch.randn(3, 30)
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_row_fails_alone_and_tiny_temperature_is_greedy(device):
+    logits = torch.randn(3, 30, device=device)
     logits[1] = float("nan")
     states = [state([0], do_sample=True, seed=1), state([0], do_sample=True, seed=2),
               state([0], do_sample=True, temperature=1e-300, seed=3)]
