@@ -71,12 +71,8 @@ def resolve_model(model_id: str | None, *, model_dir: Path, revision: str | None
     if not model_id:
         if (Path(model_dir) / "config.json").is_file():
             return ResolvedModel(Path(model_dir), "local", f"model directory {model_dir}")
-<<<<<<< HEAD
         _require_unconfigured(Path(model_dir), cache_dir)
-        return _embedded(cache_dir, config_only, progress)
-=======
         return _embedded(cache_dir, config_only, progress, report)
->>>>>>> main
     if model_id.startswith("s3://"):
         return _from_s3(model_id, cache_dir, config_only, progress, report)
     local = Path(model_id).expanduser().absolute()
