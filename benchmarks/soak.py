@@ -302,11 +302,14 @@ FAULT_TESTS = ["tests/integration/test_server_faults.py", "tests/integration/tes
 
 
 def run_fault_tests() -> dict:
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *FAULT_TESTS]
+    command = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *FAULT_TESTS]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
-    tail = [line for line in result.stdout.splitlines() if line.strip()][-1:] or ["(no output)"]
-    return {"command": "python -m pytest -q " + " ".join(FAULT_TESTS), "summary": tail[0], "returncode": result.returncode}
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    failed = [line for line in lines if line.startswith("FAILED ")]  # with -rf: the test and its first error line
+    summary = "\n".join(failed + (lines[-1:] or ["(no output)"]))
+    return {"command": "python -m pytest -q -rf " + " ".join(FAULT_TESTS), "summary": summary,
+            "returncode": result.returncode}
 
 
 def main() -> int:
