@@ -25,7 +25,8 @@ from entrypoint.http.access_log import AccessRecord, RequestObserver
 from entrypoint.http.client_connection import read_body
 from entrypoint.http.errors import ErrorFamily, ModelNotFound
 from entrypoint.http.generation import answer, respond
-from entrypoint.http.lmi_protocol import Accumulator, build_response, load_json_object, parse_lmi
+from entrypoint.http.lmi_protocol import Accumulator, LmiRequest, build_response, parse_lmi, truncate
+from entrypoint.http.validation import load_json_object
 from entrypoint.http.state import ServerState
 from entrypoint.http.streaming import StreamEncoder, choose_format
 from entrypoint.http.tokenization import PromptTokenizer
@@ -56,14 +57,14 @@ class Predictor:
         data = load_json_object(await read_body(request, self.properties.max_request_size))
         if "messages" in data and self.chat is not None:  # LMI served OpenAI chat bodies on /invocations too
             return await self.chat(request, record, data)
-        lmi, params = parse_lmi(data)
+        lmi, params = parse_lmi(data, getattr(self.observer, "ignored_fields", None))
         fmt = choose_format(lmi.stream, request.headers.get("accept"), self.properties.output_formatter)
-        if fmt.streaming and lmi.is_batch:
-            raise InvalidRequest(f"streaming ({fmt.value}) needs one string in inputs, got a list of "
-                                 f"{len(lmi.inputs)}; send one request per input or set \"stream\": false",
-                                 "inputs")
+        if fmt.streaming and len(lmi.prompts) > 1:  # a one-element list streams like its string (LMI clients send it)
+            raise InvalidRequest(f"streaming ({fmt.value}) takes one input, got a list of {len(lmi.prompts)}; one "
+                                 "token stream cannot tell the inputs apart: send one request per input or set "
+                                 "\"stream\": false", "inputs")
         loop = self.state.require_loop()
-        requests = await self._requests(loop.engine, record, lmi.prompts, params)
+        requests = await self._requests(loop.engine, record, lmi, params)
         streams = loop.streams(requests)  # QueueFull / EngineUnavailable raise here, before any output
         record.admit(requests)
         results = [Accumulator(request.prompt, params) for request in requests]
@@ -72,11 +73,12 @@ class Predictor:
                              build=lambda: build_response(results, lmi.is_batch),
                              headers={"X-Request-Id": record.request_id})
 
-    async def _requests(self, engine: Engine, record: AccessRecord, prompts: list[str],
+    async def _requests(self, engine: Engine, record: AccessRecord, lmi: LmiRequest,
                         params: SamplingParams) -> list[GenerationRequest]:
         requests = []
+        prompts = lmi.prompts
         for index, prompt in enumerate(prompts):
-            ids = await self.tokenizer.encode(engine, prompt)
+            ids = truncate(lmi, await self.tokenizer.encode(engine, prompt))
             request_id = record.request_id if len(prompts) == 1 else f"{record.request_id}-{index}"
             requests.append(GenerationRequest(request_id, prompt, ids, params))
         for index, generation in enumerate(requests):

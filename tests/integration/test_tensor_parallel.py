@@ -122,7 +122,7 @@ def test_killing_a_rank_fails_the_request_and_the_server_exits_non_zero(embedded
     finally:
         server.stop()
     assert result["status"] == 424, result
-    assert "rank 1" in result["body"]["error"]["message"] and "died" in result["body"]["error"]["message"]
+    assert "rank 1" in result["body"]["message"] and "died" in result["body"]["message"]
     assert all(code != 200 for seconds, code in pings if seconds >= 1.0), pings  # unhealthy (503), then gone
     assert code != 0
     _, alive = psutil.wait_procs(ranks, timeout=45)

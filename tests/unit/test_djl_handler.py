@@ -1,4 +1,4 @@
-"""`handlers.deepspeed.handle()` driven the way DJL Serving's Python engine drives it, on the fake engine:
+"""`entrypoint.djl_handler.handle()` driven the way DJL Serving's Python engine drives it, on the fake engine:
 an empty initialization call with the model's properties, single requests, batches laid out as DJL's Java
 side lays them out (`batch_NNN.` prefixes), and the answers compared with what /invocations returns."""
 
@@ -18,8 +18,8 @@ from entrypoint.http.app import create_app
 from entrypoint.http.state import ServerState
 from handlers.serving_properties import ServingProperties
 from entrypoint.property_sources import COMPAT_ENV, LMI_ENV
-from handlers import deepspeed
-from handlers.djl_io import Input, Output, PairList, encode_batch, encode_json, split_batch_output
+from entrypoint import djl_handler as deepspeed
+from entrypoint.djl_io import Input, Output, PairList, encode_batch, encode_json, split_batch_output
 from handlers.engine_loop import EngineLoop
 from tests.support.fake_engine import FakeEngine, expected_text
 
@@ -85,7 +85,7 @@ def test_initialization_call_configures_and_builds_the_engine_once(djl):
     assert len(djl.built) == 1 and djl.progress == ["loading fake weights"]
     configuration, engine = djl.built[0]
     properties = configuration.properties
-    assert properties.model_id == "org/fake-model" and properties.entry_point == "handlers.deepspeed"
+    assert properties.model_id == "org/fake-model" and properties.entry_point == "entrypoint.djl_handler"
     assert properties.max_rolling_batch_size == 8 and properties.tensor_parallel_degree == 1
     assert configuration.model_dir == djl.model_dir
     assert str(configuration.source_of("model_id")) == "DJL properties"
@@ -109,7 +109,7 @@ def test_bad_initialization_names_the_key_and_stays_uninitialized(djl):
     assert "max_rolling_batch_size = 'lots' (from DJL properties): expected a whole number" in message
     assert "max_new_token (from DJL properties): unknown key" in message
     body = output.get_as_json()
-    assert body == {"error": {"message": message, "type": "ConfigurationError", "code": 400}}
+    assert body == {"error": message, "message": message, "type": "ConfigurationError", "code": 400}
     assert djl.built == [] and not deepspeed._service.initialized
 
     # A request before a successful initialization gets that failure; its headers configure nothing.
@@ -135,7 +135,7 @@ def test_engine_load_failure_is_an_error_output(djl):
     deepspeed.set_engine_factory(failing)
     output = djl.initialize()
     assert output.get_code() == 500 and "no weights here" in output.get_message()
-    assert output.get_as_json()["error"]["type"] == "ModelLoadingFailed"
+    assert output.get_as_json()["type"] == "ModelLoadingFailed"
     assert not deepspeed._service.initialized
 
 
@@ -173,7 +173,7 @@ def test_single_bad_request_is_its_status(djl):
     djl.initialize()
     output = deepspeed.handle(request({"inputs": "hello", "parameters": {"top_p": 0}}))
     assert output.get_code() == 400
-    error = output.get_as_json()["error"]
+    error = output.get_as_json()
     assert error["type"] == "InvalidRequest" and "parameters.top_p = 0 is out of range" in error["message"]
     assert output.get_message() == error["message"]
 
@@ -181,7 +181,7 @@ def test_single_bad_request_is_its_status(djl):
 def test_stream_is_refused(djl):
     djl.initialize()
     output = deepspeed.handle(request({"inputs": "hello", "stream": True}))
-    assert output.get_code() == 400 and "stream" in output.get_as_json()["error"]["message"]
+    assert output.get_code() == 400 and "stream" in output.get_as_json()["message"]
 
 
 # ---- batches --------------------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def test_batch_with_a_bad_middle_item(djl, bad):
     first, middle, last = split_batch_output(output, 3)
     assert first.get_code() == 200 and first.get_as_json() == {"generated_text": expected_text(6)}
     assert middle.get_code() == 400
-    error = middle.get_as_json()["error"]
+    error = middle.get_as_json()
     assert error["type"] == "InvalidRequest" and error["code"] == 400 and fragment in error["message"]
     assert last.get_code() == 200
     answer = last.get_as_json()
@@ -225,8 +225,9 @@ def test_batch_item_failing_in_the_engine_fails_alone(djl):
     good, failed = split_batch_output(output, 2)
     assert good.get_code() == 200 and good.get_as_json() == {"generated_text": expected_text(3)}
     assert failed.get_code() == 424
-    assert failed.get_as_json()["error"] == {"message": "fake engine failed this request", "type": "GenerationError",
-                                             "code": 424}
+    assert failed.get_as_json() == {"error": "fake engine failed this request", "message": "fake engine failed this request",
+                                    "type": "GenerationError", "code": 424, "generated_text": None,
+                                    "details": {"finish_reason": "error", "generated_tokens": None, "inputs": None}}
 
 
 def test_batch_of_one_and_list_inputs(djl):

@@ -1,7 +1,15 @@
 """`handle(inputs)`, the entry point DJL Serving's Python engine calls, as `djl_python.deepspeed` had it.
 
-With `option.entryPoint=handlers.deepspeed` (or LMI's `djl_python.deepspeed`, which names the same
-handler), DJL Serving can drive this container's engines the way it drove LMI's DeepSpeed handler:
+With `option.entryPoint=entrypoint.djl_handler`, DJL Serving can drive this container's engines the way it
+drove LMI's DeepSpeed handler. This module is an edge of the project like the HTTP server (DJL enters our
+code here), so it lives in `entrypoint/`: `handlers/` never imports `entrypoint/`. Our own configuration
+also accepts LMI's name `djl_python.deepspeed` and the earlier `handlers.deepspeed` for option.entryPoint
+and reads them as this module; DJL itself imports the name literally, from its own copy of djl_python
+first, so inside DJL Serving the option must name this module.
+
+* Output classes: DJL's Python engine refuses any output that is not its own `djl_python.outputs.Output`
+  ("Invalid output type"), so when `djl_python` is importable every `Output` returned is djl_python's;
+  otherwise it is `entrypoint.djl_io.Output`, the compatible class this project ships (`output_class`).
 
 * The first call initializes. Its `Input` is empty and its properties are serving.properties' options
   without the `option.` prefix plus keys DJL adds (`model_dir`, `device_id`, ...). They become one
@@ -38,8 +46,8 @@ from typing import Any, Callable, Mapping
 
 from entrypoint.configuration import Configuration, ConfigurationError, load_configuration_from_properties
 from entrypoint.http.errors import INTERNAL, PredictTimeout, error_body, exception_for_output, make_body, row_for
-from entrypoint.http.lmi_protocol import Accumulator, LmiRequest, build_response, parse_request
-from handlers.djl_io import Input, Output
+from entrypoint.http.lmi_protocol import Accumulator, LmiRequest, build_response, parse_request, truncate
+from entrypoint.djl_io import Input, Output
 from handlers.engine import Engine, GenerationRequest, InvalidRequest, SamplingParams
 from handlers.engine_loop import EngineLoop
 
@@ -54,18 +62,29 @@ GENERATE_GRACE_SECONDS = 60.0
 JSON = "application/json"
 
 
+def output_class() -> type:
+    """djl_python's `Output` when importable (DJL's engine loop checks `isinstance(outputs, Output)` against
+    it, python_sync_engine.py), else ours, which has the same constructor and writers."""
+    try:
+        from djl_python.outputs import Output as DjlOutput
+    except ImportError:
+        return Output
+    return DjlOutput
+
+
 def default_engine_factory(configuration: Configuration, progress: Callable[[str], None]) -> Engine:
     from entrypoint.engine_factory import build_engine  # heavy (torch, deepspeed): only when initializing
 
     return build_engine(configuration, progress)
 
 
-def make_requests(engine: Engine, prompts: list[str], params: SamplingParams,
+def make_requests(engine: Engine, lmi: LmiRequest, params: SamplingParams,
                   request_id: str) -> list[GenerationRequest]:
     """Tokenize and validate one LMI request's prompts, as /invocations does (an input of a list is named by
     its index in the message). Raises `InvalidRequest`."""
+    prompts = lmi.prompts
     requests = [GenerationRequest(request_id if len(prompts) == 1 else f"{request_id}-{index}", prompt,
-                                  list(engine.tokenizer.encode(prompt)), params)
+                                  truncate(lmi, list(engine.tokenizer.encode(prompt))), params)
                 for index, prompt in enumerate(prompts)]
     for index, generation in enumerate(requests):
         try:
@@ -163,9 +182,9 @@ class DeepSpeedService:
         answers = [item.answer() for item in items]
         if not inputs.is_batch():
             status, body = answers[0]
-            output = Output(status, "OK" if status == 200 else body["error"]["message"])
+            output = output_class()(status, "OK" if status == 200 else _message(body))
             return output.add_property("Content-Type", JSON).add_as_json(body)
-        output = Output().add_property("Content-Type", JSON)
+        output = output_class()().add_property("Content-Type", JSON)
         for index, (status, body) in enumerate(answers):
             output.add_as_json(body, key="data", batch_index=index)
             output.add_property(f"batch_{index}_Content-Type", JSON)
@@ -179,7 +198,7 @@ class DeepSpeedService:
             if lmi.stream:
                 raise InvalidRequest("stream: true is not served through DJL's handle() (no token stream); "
                                      "send \"stream\": false or use the HTTP server's /invocations", "stream")
-            requests = make_requests(engine, lmi.prompts, params, f"djl-{uuid.uuid4().hex}")
+            requests = make_requests(engine, lmi, params, f"djl-{uuid.uuid4().hex}")
         except Exception as exc:  # noqa: BLE001 - InvalidRequest (400), or anything else (500), for this item
             return _Item(error=exc)
         return _Item(lmi, requests, [Accumulator(r.prompt, params) for r in requests])
@@ -206,9 +225,14 @@ class DeepSpeedService:
             item.error = failure
 
 
+def _message(body: dict[str, Any]) -> str:
+    """The error message of an LMI error body, for DJL's log line (Output.message)."""
+    return str(body.get("message") or body.get("error"))
+
+
 def _failure(status: int, error_type: str, message: str) -> Output:
     """An initialization failure: the message goes to DJL's log (Output.message) and the body."""
-    return Output(status, message).add_property("Content-Type", JSON).add_as_json(
+    return output_class()(status, message).add_property("Content-Type", JSON).add_as_json(
         make_body(status, error_type, message))
 
 
