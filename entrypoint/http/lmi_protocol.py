@@ -109,7 +109,7 @@ class LmiParameters(BaseModel):
                     or (self.top_k or 0) > 0)
 
     def sampling_params(self) -> SamplingParams:
-        values = {key: value for key, value in self.model_dump(exclude_none=True).items() if key in self.model_fields}
+        values = {key: value for key, value in self.model_dump(exclude_none=True).items() if key in type(self).model_fields}
         for lmi_name, name in SYNONYMS:
             if lmi_name in values and name in values:
                 raise InvalidRequest(f"parameters.{lmi_name} and parameters.{name} mean the same; send only one",

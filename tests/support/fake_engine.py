@@ -171,7 +171,7 @@ class FakeEngine(Engine):
         n = len(active.generated)
         if params.max_new_tokens == 0:
             return self._out(active, None, FinishReason.LENGTH)
-        seed = (params.seed or 0) if params.do_sample else 0
+        seed = (params.seed or 0) if not params.greedy else 0
         if self.eos_at is not None and n + 1 >= self.eos_at and not params.ignore_eos:
             token = Token(EOS_ID, "", -0.01, special=True)
             active.generated.append(EOS_ID)
