@@ -5,6 +5,8 @@ side lays them out (`batch_NNN.` prefixes), and the answers compared with what /
 from __future__ import annotations
 
 import asyncio
+import sys
+import types
 import json
 import os
 from pathlib import Path
@@ -316,3 +318,82 @@ def test_output_keys_properties_and_error():
     assert failed.get_as_json() == {"code": 503, "message": "unavailable", "error": "boom"}
     assert json.loads(str(failed))["code"] == 503
     assert Output().set_code(204).set_message("No content").get_code() == 204
+
+
+# ---- inside DJL Serving: djl_python's own classes ----------------------------------------------------------------
+class DjlPythonOutput:
+    """A stand-in for `djl_python.outputs.Output`, written from its interface (constructor, add_property, add,
+    add_as_json with key and batch_index; JSON indented by 2 as djl_python writes it): another class than ours,
+    as DJL's is."""
+
+    def __init__(self, code: int = 200, message: str = "OK"):
+        self.code, self.message, self.properties, self.content = code, message, {}, PairList()
+
+    def add_property(self, key: str, val: str) -> "DjlPythonOutput":
+        self.properties[key] = val
+        return self
+
+    def add(self, value: Any, key: str | None = None, batch_index: int | None = None) -> "DjlPythonOutput":
+        if batch_index is not None:
+            key = f"batch_{batch_index}.{'' if key is None else key}"
+        data = value.encode() if isinstance(value, str) else value if isinstance(value, (bytes, bytearray)) \
+            else json.dumps(value, indent=2).encode()
+        self.content.add(key, bytearray(data))
+        return self
+
+    def add_as_json(self, val: Any, key: str | None = None, batch_index: int | None = None) -> "DjlPythonOutput":
+        return self.add(json.dumps(val, indent=2).encode(), key=key, batch_index=batch_index)
+
+    def error(self, error: str, code: int = 424, message: str = "invoke handler failure") -> "DjlPythonOutput":
+        self.code, self.message = code, message
+        return self.add_as_json({"code": code, "message": message, "error": error})
+
+
+def djl_engine_loop(handler, inputs: Input, output_class: type) -> Any:
+    """DJL's Python engine loop (djl_python/python_sync_engine.py) around one call: what it does with the
+    answer of `handle` before it goes back to the Java side."""
+    outputs = handler(inputs)
+    if outputs is None:
+        return output_class(code=204, message="No content")
+    if not isinstance(outputs, output_class):
+        return output_class().error(f"Invalid output type: {type(outputs)}")
+    return outputs
+
+
+@pytest.fixture
+def djl_python(monkeypatch: pytest.MonkeyPatch):
+    """`djl_python` importable, as inside DJL Serving."""
+    package = types.ModuleType("djl_python")
+    package.__path__ = []  # a package
+    outputs = types.ModuleType("djl_python.outputs")
+    outputs.Output = DjlPythonOutput
+    package.outputs = outputs
+    monkeypatch.setitem(sys.modules, "djl_python", package)
+    monkeypatch.setitem(sys.modules, "djl_python.outputs", outputs)
+    return DjlPythonOutput
+
+
+def test_inside_djl_serving_handle_answers_with_djl_pythons_output(djl, djl_python):
+    assert djl_engine_loop(deepspeed.handle, Input(djl.init_properties()), djl_python).code == 204
+    single = djl_engine_loop(deepspeed.handle, request({"inputs": "hi", "parameters": {"max_new_tokens": 3}}),
+                             djl_python)
+    assert single.code == 200 and json.loads(bytes(single.content.get("data") or single.content.value_at(0))) == {
+        "generated_text": expected_text(3)}
+    bad = djl_engine_loop(deepspeed.handle, request({"inputs": 5}), djl_python)
+    assert bad.code == 400 and "inputs = 5" in json.loads(bytes(bad.content.value_at(0)))["error"]
+    answer = djl_engine_loop(deepspeed.handle, batch({"inputs": "a", "parameters": {"max_new_tokens": 2}},
+                                                     {"inputs": "b", "parameters": {"max_new_tokens": 1}}), djl_python)
+    assert isinstance(answer, DjlPythonOutput) and answer.content.get_keys() == ["batch_0.data", "batch_1.data"]
+    assert json.loads(bytes(answer.content.value_at(1))) == {"generated_text": expected_text(1)}
+
+
+def test_a_failed_initialization_inside_djl_serving_is_djl_pythons_output(djl, djl_python):
+    answer = djl_engine_loop(deepspeed.handle, Input(djl.init_properties(max_rolling_batch_size="lots")), djl_python)
+    assert isinstance(answer, DjlPythonOutput) and answer.code == 400
+
+
+def test_without_djl_python_handle_answers_with_our_compatible_output(djl):
+    assert "djl_python" not in sys.modules
+    djl.initialize()
+    answer = djl_engine_loop(deepspeed.handle, request({"inputs": "hi", "parameters": {"max_new_tokens": 2}}), Output)
+    assert answer.get_code() == 200 and answer.get_as_json() == {"generated_text": expected_text(2)}
