@@ -76,16 +76,17 @@ class OpenAIApi:
 
     # ---- the two generation endpoints ---------------------------------------------------------------
     async def chat(self, request: Request, record: AccessRecord, data: dict[str, Any], *,
-                   check_model: bool) -> Response:
+                   check_model: bool, jsonlines: bool = False) -> Response:
         """A chat completion for a parsed body; failures raise (the caller renders them in its family).
-        /invocations passes check_model=False: its model is the one served, whatever the body names."""
+        /invocations passes check_model=False: its model is the one served, whatever the body names; and
+        jsonlines=True for LMI's jsonlines_chat stream format (chunks as JSON lines, no [DONE])."""
         chat = parse_chat(data, getattr(self.observer, "ignored_fields", None))
         if check_model:
             self._check_model(chat.model)
         messages = chat.chat_messages()
         loop = self.state.require_loop()
         prompt, ids = await self.tokenizer.chat(loop.engine, messages)
-        return await self._generate(request, record, loop, chat, [(prompt, ids)], chat.completion_limit)
+        return await self._generate(request, record, loop, chat, [(prompt, ids)], chat.completion_limit, jsonlines)
 
     async def _completions(self, request: Request, record: AccessRecord) -> Response:
         data = load_json_object(await read_body(request, self.properties.max_request_size),
@@ -106,7 +107,7 @@ class OpenAIApi:
 
     async def _generate(self, request: Request, record: AccessRecord, loop: EngineLoop,
                         parsed: CompletionRequest | ChatCompletionRequest, prompts: list[tuple[str, list[int]]],
-                        max_tokens: int | None) -> Response:
+                        max_tokens: int | None, jsonlines: bool = False) -> Response:
         chat = isinstance(parsed, ChatCompletionRequest)
         engine = loop.engine
         n = parsed.sequences_per_prompt  # best_of generates more than it returns
@@ -134,7 +135,7 @@ class OpenAIApi:
             prompt_tokens=sum(len(ids) for _, ids in prompts), logprobs=parsed.wants_logprobs,
             echo=bool(getattr(parsed, "echo", False)), choices_per_prompt=parsed.choices_per_prompt,
             sequences_per_prompt=n)
-        encoder = CompletionStreamEncoder(completion, parsed.include_usage) if parsed.stream else None
+        encoder = CompletionStreamEncoder(completion, parsed.include_usage, jsonlines) if parsed.stream else None
         return await respond(request, streams, record, results=results, build=completion.body, encoder=encoder,
                              headers={"X-Request-Id": record.request_id})
 

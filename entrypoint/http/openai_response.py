@@ -4,7 +4,8 @@ Streams follow OpenAI's framing: `data: {chunk}` events and a last `data: [DONE]
 chunk carries `"role": "assistant"`; the chunk of a choice's last output carries its finish_reason. With
 `stream_options.include_usage` every chunk has `"usage": null` and one more chunk before [DONE] has empty
 choices and the usage. A failure after the headers went out is sent as `data: {"error": {...}}` (OpenAI's
-error shape), then [DONE], so clients end their read loop normally.
+error shape), then [DONE], so clients end their read loop normally. LMI's jsonlines_chat format (a chat body
+on /invocations streamed as JSON lines) carries the same chunks one per line, without [DONE].
 
 best_of: `results` hold every generated sequence (`sequences_per_prompt` per prompt); the body returns the
 `choices_per_prompt` of each prompt with the highest mean log-probability per token, best first.
@@ -87,9 +88,9 @@ class Completion:
 class CompletionStreamEncoder:
     """A `generation.ChunkEncoder` for one `Completion`, as OpenAI's chunks."""
 
-    media_type = "text/event-stream"
-
-    def __init__(self, completion: Completion, include_usage: bool):
+    def __init__(self, completion: Completion, include_usage: bool, jsonlines: bool = False):
+        self.jsonlines = jsonlines
+        self.media_type = "application/jsonlines" if jsonlines else "text/event-stream"
         self.completion = completion
         self.results = completion.results
         self.include_usage = include_usage
@@ -129,11 +130,17 @@ class CompletionStreamEncoder:
 
     def error(self, exc: BaseException) -> list[bytes]:
         self.failure = exc
-        return [_event(error_body(exc, ErrorFamily.OPENAI)), DONE]
+        return [self._frame(error_body(exc, ErrorFamily.OPENAI)), *self._done()]
 
     def end(self) -> list[bytes]:
         chunks = [self._chunk([], usage=self.completion.usage())] if self.include_usage else []
-        return chunks + [DONE]
+        return chunks + self._done()
+
+    def _done(self) -> list[bytes]:
+        return [] if self.jsonlines else [DONE]
+
+    def _frame(self, obj: dict[str, Any]) -> bytes:
+        return (json.dumps(obj, ensure_ascii=False) + "\n").encode() if self.jsonlines else _event(obj)
 
     def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
         c = self.completion
@@ -141,7 +148,7 @@ class CompletionStreamEncoder:
                                  "created": c.created, "model": c.model, "choices": choices}
         if self.include_usage:
             chunk["usage"] = usage
-        return _event(chunk)
+        return self._frame(chunk)
 
 
 def finish_reason(reason: FinishReason | None) -> str | None:

@@ -33,8 +33,8 @@ from entrypoint.http.tokenization import PromptTokenizer
 from handlers.serving_properties import ServingProperties
 from handlers.engine import Engine, GenerationRequest, InvalidRequest, SamplingParams
 
-#: answers a chat body (`{"messages": [...]}`) posted to /invocations: (request, record, parsed body)
-ChatHandler = Callable[[Request, AccessRecord, dict[str, Any]], Awaitable[Response]]
+#: answers a chat body (`{"messages": [...]}`) posted to /invocations: (request, record, parsed body, jsonlines=)
+ChatHandler = Callable[..., Awaitable[Response]]
 
 
 class Predictor:
@@ -56,7 +56,13 @@ class Predictor:
                                 f"{self.state.model_name!r}")
         data = load_json_object(await read_body(request, self.properties.max_request_size))
         if "messages" in data and self.chat is not None:  # LMI served OpenAI chat bodies on /invocations too
-            return await self.chat(request, record, data)
+            # Streamed as OpenAI's SSE chunks (LMI's sse_chat, what its vLLM front end sends), or as LMI's
+            # jsonlines_chat when the client or the deployment asks for JSON lines.
+            accept = (request.headers.get("accept") or "").lower()
+            jsonlines = any(kind in accept for kind in ("application/jsonlines", "application/x-ndjson",
+                                                        "application/jsonl")) \
+                or (self.properties.output_formatter.value == "jsonlines" and "text/event-stream" not in accept)
+            return await self.chat(request, record, data, jsonlines=jsonlines)
         lmi, params = parse_lmi(data, getattr(self.observer, "ignored_fields", None))
         fmt = choose_format(lmi.stream, request.headers.get("accept"), self.properties.output_formatter)
         if fmt.streaming and len(lmi.prompts) > 1:  # a one-element list streams like its string (LMI clients send it)

@@ -4,6 +4,7 @@ item 9), on the fake engine: what benchmark clients and evaluation harnesses sen
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import pytest
@@ -98,3 +99,24 @@ def test_best_of_returns_the_n_sequences_with_the_highest_mean_log_probability(s
     assert [c["index"] for c in body["choices"]] == [0, 1]
     assert len(served.engine.requests) == 3
     assert body["usage"]["completion_tokens"] == 12  # every generated token, as OpenAI bills best_of
+
+
+@pytest.mark.parametrize("headers, properties, jsonlines", [
+    ({}, {}, False), ({"Accept": "application/jsonlines"}, {}, True), ({}, {"output_formatter": "jsonlines"}, True),
+])
+def test_a_chat_body_on_invocations_streams_as_sse_chat_or_lmis_jsonlines_chat(serve, headers, properties, jsonlines):
+    served = serve(**properties)
+    response = served.post("/invocations", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                                            "stream": True}, headers=headers)
+    assert response.status_code == 200
+    if jsonlines:
+        assert response.headers["content-type"].startswith("application/jsonlines")
+        chunks = [json.loads(line) for line in response.text.splitlines() if line]
+    else:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [event[len("data: "):] for event in response.text.split("\n\n") if event]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(event) for event in events[:-1]]
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    assert "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks) == expected_text(3)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
