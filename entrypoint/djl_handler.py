@@ -46,7 +46,8 @@ from typing import Any, Callable, Mapping
 
 from entrypoint.configuration import Configuration, ConfigurationError, load_configuration_from_properties
 from entrypoint.http.errors import INTERNAL, PredictTimeout, error_body, exception_for_output, make_body, row_for
-from entrypoint.http.lmi_protocol import Accumulator, LmiRequest, build_response, parse_request, truncate
+from entrypoint.http.lmi_protocol import (Accumulator, LmiRequest, build_response, parse_request, sequence_params,
+                                          truncate)
 from entrypoint.djl_io import Input, Output
 from handlers.engine import Engine, GenerationRequest, InvalidRequest, SamplingParams
 from handlers.engine_loop import EngineLoop
@@ -82,16 +83,19 @@ def make_requests(engine: Engine, lmi: LmiRequest, params: SamplingParams,
                   request_id: str) -> list[GenerationRequest]:
     """Tokenize and validate one LMI request's prompts, as /invocations does (an input of a list is named by
     its index in the message). Raises `InvalidRequest`."""
-    prompts = lmi.prompts
-    requests = [GenerationRequest(request_id if len(prompts) == 1 else f"{request_id}-{index}", prompt,
-                                  truncate(lmi, list(engine.tokenizer.encode(prompt))), params)
-                for index, prompt in enumerate(prompts)]
+    prompts, every = lmi.prompts, sequence_params(params, lmi.sequences[1])
+    requests = []
+    for index, prompt in enumerate(prompts):
+        ids = truncate(lmi, list(engine.tokenizer.encode(prompt)))
+        requests += [GenerationRequest(request_id if len(prompts) * len(every) == 1
+                                       else f"{request_id}-{index * len(every) + number}", prompt, ids, sequence)
+                     for number, sequence in enumerate(every)]
     for index, generation in enumerate(requests):
         try:
             engine.validate(generation)
         except InvalidRequest as exc:
-            if len(requests) > 1:
-                raise InvalidRequest(f"inputs[{index}]: {exc}", exc.field) from None
+            if len(prompts) > 1:
+                raise InvalidRequest(f"inputs[{index // len(every)}]: {exc}", exc.field) from None
             raise
     return requests
 
@@ -116,7 +120,7 @@ class _Item:
                 logger.error("unexpected error", exc_info=self.error)
             return row.status, error_body(self.error)
         assert self.lmi is not None
-        return 200, build_response(self.results, self.lmi.is_batch)
+        return 200, build_response(self.results, self.lmi)
 
 
 class DeepSpeedService:
@@ -201,7 +205,7 @@ class DeepSpeedService:
             requests = make_requests(engine, lmi, params, f"djl-{uuid.uuid4().hex}")
         except Exception as exc:  # noqa: BLE001 - InvalidRequest (400), or anything else (500), for this item
             return _Item(error=exc)
-        return _Item(lmi, requests, [Accumulator(r.prompt, params) for r in requests])
+        return _Item(lmi, requests, [Accumulator(r.prompt, r.params) for r in requests])
 
     def _generate(self, loop: EngineLoop, configuration: Configuration, items: list[_Item]) -> None:
         """Run every valid item's requests together (one rolling batch) and collect their outputs."""

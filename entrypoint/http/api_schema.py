@@ -41,6 +41,17 @@ class LmiToken(_Strict):
     error_msg: str | None = Field(None, description="only on a stream's error line")
 
 
+class LmiSequence(_Strict):
+    """One of the other sequences of n / best_of (LMI's BestOfSequence)."""
+
+    generated_text: str
+    finish_reason: Literal["length", "eos_token", "stop_sequence"] | None
+    generated_tokens: int
+    tokens: list[LmiToken]
+    top_tokens: list[list[LmiToken]] | None = None
+    prefill: list[LmiToken] | None = None
+
+
 class LmiDetails(_Strict):
     finish_reason: Literal["length", "eos_token", "stop_sequence", "error"] | None
     generated_tokens: int | None
@@ -48,6 +59,7 @@ class LmiDetails(_Strict):
     tokens: list[LmiToken] | None = Field(None, description="not streamed: the tokens came line by line")
     top_tokens: list[list[LmiToken]] | None = Field(None, description="with top_n_tokens")
     prefill: list[LmiToken] | None = Field(None, description="with decoder_input_details")
+    best_of_sequences: list[LmiSequence] | None = Field(None, description="with n > 1: the next best sequences")
 
 
 class LmiResponse(_Strict):

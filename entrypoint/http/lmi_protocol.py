@@ -11,7 +11,11 @@ GenerationParameters (`LmiParameters`), turned into the engine's `SamplingParams
   stop / stop_sequences (one of them), stop_token_ids, ignore_eos / ignore_eos_token (one of them)
   details, decoder_input_details (details.prefill), top_n_tokens (or vLLM's name logprobs),
   return_full_text, truncate (keep the last N prompt tokens, TGI's), seed, the penalties
-  n, best_of, num_beams  accepted at 1; more sequences per request are not served on LMI routes (400)
+  n, best_of            best_of (>= n) sequences are generated per input (seed + i with a seed) and ranked by
+                      mean log-probability per token; generated_text is the best, and with more than one
+                      returned (n, which defaults to best_of as in LMI), details.best_of_sequences holds the
+                      next n - 1 (LMI's vLLM schema); not streamed
+  num_beams             1 accepted; beam search is not served (400)
   adapters (top level)   accepted when empty; LoRA adapters are not served (400)
 Unknown fields, top level or in parameters, are accepted and ignored (`validation.IGNORED_FIELDS`); wrong
 types and out-of-range values of known ones are 400s naming the field, the value and what is allowed.
@@ -30,7 +34,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from entrypoint.http.validation import (IGNORED_FIELDS, Bool, Float, Int, load_json_object, stop_sequences,
                                         validation_error)
@@ -49,6 +53,13 @@ class LmiRequest(BaseModel):
     parameters: dict[str, Any] | None = None  # null and {} both mean the defaults
     stream: Bool | None = None
     adapters: Any = None
+    _returned: int = PrivateAttr(1)  # sequences returned per input (n)
+    _generated: int = PrivateAttr(1)  # sequences generated per input (best_of)
+
+    @property
+    def sequences(self) -> tuple[int, int]:
+        """(returned, generated) sequences per input."""
+        return self._returned, self._generated
 
     @property
     def is_batch(self) -> bool:
@@ -108,6 +119,11 @@ class LmiParameters(BaseModel):
         return bool((self.temperature or 0.0) > 0.0 or (self.top_p is not None and self.top_p < 1.0)
                     or (self.top_k or 0) > 0)
 
+    def sequences(self) -> tuple[int, int]:
+        """(returned, generated) per input: n defaults to best_of, as LMI's vLLM handler has it."""
+        returned = self.n or self.best_of or 1
+        return returned, self.best_of or returned
+
     def sampling_params(self) -> SamplingParams:
         values = {key: value for key, value in self.model_dump(exclude_none=True).items() if key in type(self).model_fields}
         for lmi_name, name in SYNONYMS:
@@ -116,12 +132,14 @@ class LmiParameters(BaseModel):
                                      f"parameters.{lmi_name}")
             if lmi_name in values:
                 values[name] = values.pop(lmi_name)
-        for name, what in (("n", "several sequences per request"), ("best_of", "several sequences per request"),
-                           ("num_beams", "beam search")):
-            if values.pop(name, 1) > 1:
-                raise InvalidRequest(f"parameters.{name} = {getattr(self, name)}: {what} is not served on the LMI "
-                                     f"routes; send 1 (or use /v1/completions' n and best_of)", f"parameters.{name}")
-        for name in ("truncate", "decoder_input_details", "do_sample"):
+        if values.pop("num_beams", 1) > 1:
+            raise InvalidRequest(f"parameters.num_beams = {self.num_beams}: beam search is not served; send 1 or "
+                                 "leave it out (n and best_of sample several sequences)", "parameters.num_beams")
+        returned, generated = self.sequences()
+        if generated < returned:
+            raise InvalidRequest(f"parameters.best_of = {self.best_of} must be at least parameters.n = {self.n}: "
+                                 "best_of sequences are generated and the n best returned", "parameters.best_of")
+        for name in ("truncate", "decoder_input_details", "do_sample", "n", "best_of"):
             values.pop(name, None)
         values["do_sample"] = self.sampling()
         values["top_k"] = max(values.get("top_k", 0), 0)
@@ -153,7 +171,18 @@ def parse_lmi(data: dict[str, Any], count: Any = None) -> tuple[LmiRequest, Samp
         raise validation_error(exc, "parameters.", LmiParameters, ()) from None
     ignored = [*(request.model_extra or {}), *(f"parameters.{name}" for name in parameters.model_extra or {})]
     IGNORED_FIELDS.note("lmi", ignored, count)
-    return request, parameters.sampling_params()
+    params = parameters.sampling_params()
+    request._returned, request._generated = parameters.sequences()
+    return request, params
+
+
+def sequence_params(params: SamplingParams, generated: int) -> list[SamplingParams]:
+    """The parameters of each of an input's `generated` sequences: with a seed, sequence i uses seed + i (so
+    each is what the same request with that seed alone gives), as the OpenAI routes do for n."""
+    if generated == 1:
+        return [params]
+    return [params if params.seed is None else params.model_copy(update={"seed": (params.seed + i) % 2**63})
+            for i in range(generated)]
 
 
 def truncate(request: LmiRequest, ids: list[int]) -> list[int]:
@@ -272,7 +301,18 @@ class Accumulator:
         return body
 
 
-def build_response(results: list[Accumulator], batch: bool) -> Any:
-    """`{"generated_text": ...}` for a string input, `[{...}, ...]` for a list input."""
-    bodies = [result.response() for result in results]
-    return bodies if batch else bodies[0]
+def build_response(results: list[Accumulator], request: LmiRequest) -> Any:
+    """`{"generated_text": ...}` for a string input, `[{...}, ...]` for a list input; `results` hold each
+    input's generated sequences in turn."""
+    returned, generated = request.sequences
+    bodies = []
+    for start in range(0, len(results), generated):
+        ranked = sorted(results[start:start + generated], key=lambda result: result.mean_log_prob, reverse=True)
+        body = ranked[0].response()
+        if returned > 1:  # LMI's best_of response (output_formatter._json_output_formatter_best_of): details always
+            body["details"] = {**ranked[0].details(), "best_of_sequences": [
+                {**other.details(), "generated_text": other.generated_text} for other in ranked[1:returned]]}
+            for other in body["details"]["best_of_sequences"]:
+                other.pop("inputs")
+        bodies.append(body)
+    return bodies if request.is_batch else bodies[0]

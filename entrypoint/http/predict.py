@@ -25,7 +25,8 @@ from entrypoint.http.access_log import AccessRecord, RequestObserver
 from entrypoint.http.client_connection import read_body
 from entrypoint.http.errors import ErrorFamily, ModelNotFound
 from entrypoint.http.generation import answer, respond
-from entrypoint.http.lmi_protocol import Accumulator, LmiRequest, build_response, parse_lmi, truncate
+from entrypoint.http.lmi_protocol import (Accumulator, LmiRequest, build_response, parse_lmi, sequence_params,
+                                          truncate)
 from entrypoint.http.validation import load_json_object
 from entrypoint.http.state import ServerState
 from entrypoint.http.streaming import StreamEncoder, choose_format
@@ -69,29 +70,35 @@ class Predictor:
             raise InvalidRequest(f"streaming ({fmt.value}) takes one input, got a list of {len(lmi.prompts)}; one "
                                  "token stream cannot tell the inputs apart: send one request per input or set "
                                  "\"stream\": false", "inputs")
+        if fmt.streaming and lmi.sequences[1] > 1:
+            raise InvalidRequest("parameters.n and best_of above 1 are not streamed (the best sequence is known only at "
+                                 "the end, as in LMI); set \"stream\": false", "parameters.best_of")
         loop = self.state.require_loop()
         requests = await self._requests(loop.engine, record, lmi, params)
         streams = loop.streams(requests)  # QueueFull / EngineUnavailable raise here, before any output
         record.admit(requests)
-        results = [Accumulator(request.prompt, params) for request in requests]
+        results = [Accumulator(request.prompt, request.params) for request in requests]
         encoder = StreamEncoder(fmt, results[0]) if fmt.streaming else None
         return await respond(request, streams, record, results=results, encoder=encoder,
-                             build=lambda: build_response(results, lmi.is_batch),
+                             build=lambda: build_response(results, lmi),
                              headers={"X-Request-Id": record.request_id})
 
     async def _requests(self, engine: Engine, record: AccessRecord, lmi: LmiRequest,
                         params: SamplingParams) -> list[GenerationRequest]:
         requests = []
         prompts = lmi.prompts
+        every = sequence_params(params, lmi.sequences[1])  # n / best_of: several sequences per input
         for index, prompt in enumerate(prompts):
             ids = truncate(lmi, await self.tokenizer.encode(engine, prompt))
-            request_id = record.request_id if len(prompts) == 1 else f"{record.request_id}-{index}"
-            requests.append(GenerationRequest(request_id, prompt, ids, params))
+            for number, sequence in enumerate(every):
+                request_id = record.request_id if len(prompts) * len(every) == 1 \
+                    else f"{record.request_id}-{index * len(every) + number}"
+                requests.append(GenerationRequest(request_id, prompt, ids, sequence))
         for index, generation in enumerate(requests):
             try:
                 engine.validate(generation)
             except InvalidRequest as exc:
-                if len(requests) > 1:  # say which input of the list is the problem
-                    raise InvalidRequest(f"inputs[{index}]: {exc}", exc.field) from None
+                if len(prompts) > 1:  # say which input of the list is the problem
+                    raise InvalidRequest(f"inputs[{index // len(every)}]: {exc}", exc.field) from None
                 raise
         return requests

@@ -81,7 +81,8 @@ def test_the_ignored_field_log_remembers_a_bounded_number_of_names():
     ({"inputs": "hi", "parameters": {"stop": "a", "stop_sequences": ["b"]}},
      ["parameters.stop and parameters.stop_sequences mean the same"]),
     ({"inputs": "hi", "parameters": {"stop": 5}}, ["parameters.stop = 5"]),
-    ({"inputs": "hi", "parameters": {"n": 2}}, ["parameters.n = 2", "not served"]),
+    ({"inputs": "hi", "parameters": {"n": 3, "best_of": 2}}, ["parameters.best_of = 2", "at least parameters.n"]),
+    ({"inputs": "hi", "stream": True, "parameters": {"n": 2}}, ["not streamed"]),
     ({"inputs": "hi", "parameters": {"num_beams": 4}}, ["parameters.num_beams = 4", "beam search"]),
     ({"inputs": "hi", "adapters": ["my-lora"]}, ["adapters", "not served"]),
     ({"inputs": "hi", "parameters": []}, ["parameters", "JSON object"]),
@@ -213,3 +214,28 @@ def test_a_failure_in_the_middle_of_a_stream_is_recognised_by_lmi_clients(serve,
     assert last["details"]["finish_reason"] == "error" and last["code"] == 424 and "crashed" in last["error"]
     if not sse:
         assert lmi_client_sees_a_failure(response)
+
+
+class LaterLettersLikelier(FakeEngine):
+    """Log-probabilities grow with the letter, so sequences of different seeds rank differently."""
+
+    def _out(self, active, token, reason):  # type: ignore[override]
+        if token is not None:
+            token = Token(token.id, token.text, -1.0 + (token.id - ord("a")) * 0.0384, token.special, token.top_tokens)
+        return super()._out(active, token, reason)
+
+
+def test_n_and_best_of_return_the_best_sequence_and_the_next_ones_as_lmi(serve):
+    served = serve(LaterLettersLikelier())
+    body = served.post({"inputs": "hi", "parameters": {"max_new_tokens": 3, "do_sample": True, "seed": 1,
+                                                        "best_of": 3, "n": 2}}).json()
+    # seeds 1, 2, 3 start at b, c, d: d... is the likeliest, c... next
+    assert body["generated_text"] == expected_text(3, seed=3)
+    others = body["details"]["best_of_sequences"]
+    assert [other["generated_text"] for other in others] == [expected_text(3, seed=2)]
+    assert others[0]["finish_reason"] == "length" and len(others[0]["tokens"]) == 3
+    assert len(served.engine.added) == 3
+    listed = served.post({"inputs": ["x", "y"], "parameters": {"max_new_tokens": 2, "do_sample": True, "seed": 0,
+                                                                "best_of": 2, "n": 1}}).json()
+    assert [item["generated_text"] for item in listed] == [expected_text(2, seed=1)] * 2
+    assert all("details" not in item for item in listed)  # one returned: the plain response

@@ -64,6 +64,9 @@ def test_lmi_responses_match_the_documented_models(served):
     assert details["details"]["prefill"] and details["details"]["top_tokens"]
     valid(schema.LmiResponse, details)
     valid(list[schema.LmiResponse], s.post({"inputs": ["a", "b"], "parameters": {"max_new_tokens": 2}}).json())
+    best_of = s.post({"inputs": "a", "parameters": {"max_new_tokens": 2, "n": 2, "top_n_tokens": 1}}).json()
+    assert best_of["details"]["best_of_sequences"]
+    valid(schema.LmiResponse, best_of)
     for line in json_lines(s.post({"inputs": "hi", "stream": True, "parameters": {"details": True}})):
         valid(schema.LmiStreamLine, line)
     valid(schema.LmiError, s.post({"inputs": 5}).json())
