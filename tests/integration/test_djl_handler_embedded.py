@@ -64,8 +64,8 @@ def test_batch_of_two_answers_and_matches_each_request_alone(handler):
     single, batched = alone[1].get_as_json(), colors.get_as_json()
     assert single["generated_text"] == batched["generated_text"]
     assert {**single["details"], "tokens": None} == {**batched["details"], "tokens": None}
-    assert [(t["id"], t["text"], t["special"]) for t in single["details"]["tokens"]] == \
-        [(t["id"], t["text"], t["special"]) for t in batched["details"]["tokens"]]
+    assert [(t["id"], t["text"], t.get("special_token", False)) for t in single["details"]["tokens"]] == \
+        [(t["id"], t["text"], t.get("special_token", False)) for t in batched["details"]["tokens"]]
     assert [t["log_prob"] for t in single["details"]["tokens"]] == \
         pytest.approx([t["log_prob"] for t in batched["details"]["tokens"]], abs=1e-3)
 
