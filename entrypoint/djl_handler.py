@@ -46,8 +46,7 @@ from typing import Any, Callable, Mapping
 
 from entrypoint.configuration import Configuration, ConfigurationError, load_configuration_from_properties
 from entrypoint.http.errors import INTERNAL, PredictTimeout, error_body, exception_for_output, make_body, row_for
-from entrypoint.http.lmi_protocol import (Accumulator, LmiRequest, build_response, parse_request, sequence_params,
-                                          truncate)
+from entrypoint.http.lmi_protocol import Accumulator, LmiRequest, build_response, generation_requests, parse_request
 from entrypoint.djl_io import Input, Output
 from handlers.engine import Engine, GenerationRequest, InvalidRequest, SamplingParams
 from handlers.engine_loop import EngineLoop
@@ -81,23 +80,10 @@ def default_engine_factory(configuration: Configuration, progress: Callable[[str
 
 def make_requests(engine: Engine, lmi: LmiRequest, params: SamplingParams,
                   request_id: str) -> list[GenerationRequest]:
-    """Tokenize and validate one LMI request's prompts, as /invocations does (an input of a list is named by
-    its index in the message). Raises `InvalidRequest`."""
-    prompts, every = lmi.prompts, sequence_params(params, lmi.sequences[1])
-    requests = []
-    for index, prompt in enumerate(prompts):
-        ids = truncate(lmi, list(engine.tokenizer.encode(prompt)))
-        requests += [GenerationRequest(request_id if len(prompts) * len(every) == 1
-                                       else f"{request_id}-{index * len(every) + number}", prompt, ids, sequence)
-                     for number, sequence in enumerate(every)]
-    for index, generation in enumerate(requests):
-        try:
-            engine.validate(generation)
-        except InvalidRequest as exc:
-            if len(prompts) > 1:
-                raise InvalidRequest(f"inputs[{index // len(every)}]: {exc}", exc.field) from None
-            raise
-    return requests
+    """Tokenize one LMI request's prompts and build its engine requests as /invocations does. Raises
+    `InvalidRequest`."""
+    return generation_requests(engine, lmi, params, [list(engine.tokenizer.encode(p)) for p in lmi.prompts],
+                               request_id)
 
 
 @dataclass

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from entrypoint.http.validation import (IGNORED_FIELDS, Bool, Float, Int, load_json_object, stop_sequences,
                                         validation_error)
-from handlers.engine import FinishReason, InvalidRequest, RequestOutput, SamplingParams, Token
+from handlers.engine import FinishReason, GenerationRequest, InvalidRequest, RequestOutput, SamplingParams, Token
 
 #: LMI's default max_new_tokens (GenerationParameters in lmi_input_output_schema.md)
 LMI_DEFAULT_MAX_NEW_TOKENS = 30
@@ -183,6 +183,29 @@ def sequence_params(params: SamplingParams, generated: int) -> list[SamplingPara
         return [params]
     return [params if params.seed is None else params.model_copy(update={"seed": (params.seed + i) % 2**63})
             for i in range(generated)]
+
+
+def generation_requests(engine: Any, request: LmiRequest, params: SamplingParams, prompt_ids: list[list[int]],
+                        request_id: str) -> list[GenerationRequest]:
+    """The engine requests of an LMI request whose prompts are tokenized (`prompt_ids`, one list per input):
+    truncated, one per sequence of n / best_of, each checked against the engine's limits (an input of a list
+    is named by its index). Shared by /invocations and the DJL handler. Raises `InvalidRequest`."""
+    every = sequence_params(params, request.sequences[1])
+    prompts = request.prompts
+    requests = []
+    for index, (prompt, ids) in enumerate(zip(prompts, prompt_ids)):
+        ids = truncate(request, ids)
+        for number, sequence in enumerate(every):
+            generation_id = request_id if len(prompts) * len(every) == 1 else f"{request_id}-{index * len(every) + number}"
+            requests.append(GenerationRequest(generation_id, prompt, ids, sequence))
+    for index, generation in enumerate(requests):
+        try:
+            engine.validate(generation)
+        except InvalidRequest as exc:
+            if len(prompts) > 1:  # say which input of the list is the problem
+                raise InvalidRequest(f"inputs[{index // len(every)}]: {exc}", exc.field) from None
+            raise
+    return requests
 
 
 def truncate(request: LmiRequest, ids: list[int]) -> list[int]:

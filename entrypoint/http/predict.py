@@ -16,7 +16,7 @@ the outputs, and cancelling on disconnect, is `generation.respond`'s, shared wit
 from __future__ import annotations
 
 import uuid
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -25,8 +25,7 @@ from entrypoint.http.access_log import AccessRecord, RequestObserver
 from entrypoint.http.client_connection import read_body
 from entrypoint.http.errors import ErrorFamily, ModelNotFound
 from entrypoint.http.generation import answer, respond
-from entrypoint.http.lmi_protocol import (Accumulator, LmiRequest, build_response, parse_lmi, sequence_params,
-                                          truncate)
+from entrypoint.http.lmi_protocol import Accumulator, LmiRequest, build_response, generation_requests, parse_lmi
 from entrypoint.http.validation import load_json_object
 from entrypoint.http.state import ServerState
 from entrypoint.http.streaming import StreamEncoder, choose_format
@@ -85,20 +84,5 @@ class Predictor:
 
     async def _requests(self, engine: Engine, record: AccessRecord, lmi: LmiRequest,
                         params: SamplingParams) -> list[GenerationRequest]:
-        requests = []
-        prompts = lmi.prompts
-        every = sequence_params(params, lmi.sequences[1])  # n / best_of: several sequences per input
-        for index, prompt in enumerate(prompts):
-            ids = truncate(lmi, await self.tokenizer.encode(engine, prompt))
-            for number, sequence in enumerate(every):
-                request_id = record.request_id if len(prompts) * len(every) == 1 \
-                    else f"{record.request_id}-{index * len(every) + number}"
-                requests.append(GenerationRequest(request_id, prompt, ids, sequence))
-        for index, generation in enumerate(requests):
-            try:
-                engine.validate(generation)
-            except InvalidRequest as exc:
-                if len(prompts) > 1:  # say which input of the list is the problem
-                    raise InvalidRequest(f"inputs[{index // len(every)}]: {exc}", exc.field) from None
-                raise
-        return requests
+        prompt_ids = [await self.tokenizer.encode(engine, prompt) for prompt in lmi.prompts]
+        return generation_requests(engine, lmi, params, prompt_ids, record.request_id)
