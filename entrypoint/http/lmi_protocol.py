@@ -15,7 +15,7 @@ GenerationParameters (`LmiParameters`), turned into the engine's `SamplingParams
                       mean log-probability per token; generated_text is the best, and with more than one
                       returned (n, which defaults to best_of as in LMI), details.best_of_sequences holds the
                       next n - 1 (LMI's vLLM schema); not streamed
-  num_beams             1 accepted; beam search is not served (400)
+  num_beams             1 accepted; beam search is not served (400 above 1)
   adapters (top level)   accepted when empty; LoRA adapters are not served (400)
 Unknown fields, top level or in parameters, are accepted and ignored (`validation.IGNORED_FIELDS`); wrong
 types and out-of-range values of known ones are 400s naming the field, the value and what is allowed.
@@ -32,16 +32,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from entrypoint.http.validation import (IGNORED_FIELDS, Bool, Float, Int, load_json_object, stop_sequences,
+from entrypoint.http.validation import (IGNORED_FIELDS, Bool, StrictModel, Text, TokenId, load_json_object, stop_sequences,
                                         validation_error)
 from handlers.engine import FinishReason, GenerationRequest, InvalidRequest, RequestOutput, SamplingParams, Token
 
 #: LMI's default max_new_tokens (GenerationParameters in lmi_input_output_schema.md)
 LMI_DEFAULT_MAX_NEW_TOKENS = 30
+#: most sequences per input (n, best_of), OpenAI's bound for n
+MAX_SEQUENCES = 128
 #: parameters that mean the same thing: (LMI/vLLM name, the name used here)
 SYNONYMS = (("stop", "stop_sequences"), ("ignore_eos_token", "ignore_eos"), ("logprobs", "top_n_tokens"))
 
@@ -49,7 +51,7 @@ SYNONYMS = (("stop", "stop_sequences"), ("ignore_eos_token", "ignore_eos"), ("lo
 class LmiRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # unknown top-level fields are ignored
 
-    inputs: str | list[str]
+    inputs: Text | Annotated[list[Text], Field(min_length=1)]  # an empty prompt has nothing to continue
     parameters: dict[str, Any] | None = None  # null and {} both mean the defaults
     stream: Bool | None = None
     adapters: Any = None
@@ -71,46 +73,41 @@ class LmiRequest(BaseModel):
         return list(self.inputs) if isinstance(self.inputs, list) else [self.inputs]
 
 
-class LmiParameters(BaseModel):
+class LmiParameters(StrictModel):
     """LMI's GenerationParameters as this server takes them (see the module docstring)."""
 
-    model_config = ConfigDict(extra="allow")  # unknown parameters are ignored
+    # Unknown parameters are ignored; the document says that synonyms exclude each other.
+    model_config = ConfigDict(extra="allow", json_schema_extra={
+        "not": {"anyOf": [{"required": [lmi_name, name]} for lmi_name, name in SYNONYMS]}})
 
-    max_new_tokens: Int = Field(LMI_DEFAULT_MAX_NEW_TOKENS, ge=0)
+    max_new_tokens: int = Field(LMI_DEFAULT_MAX_NEW_TOKENS, ge=0)
     do_sample: Bool | None = None
-    temperature: Float | None = Field(None, ge=0.0, le=100.0)
-    top_k: Int | None = Field(None, ge=-1)
-    top_p: Float | None = Field(None, gt=0.0, le=1.0)
-    seed: Int | None = Field(None, ge=0, le=2**63 - 1)
-    repetition_penalty: Float | None = Field(None, gt=0.0, le=10.0)
-    presence_penalty: Float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: Float | None = Field(None, ge=-2.0, le=2.0)
-    stop_sequences: str | list[str] | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[Int] | None = None
+    temperature: float | None = Field(None, ge=0.0, le=100.0)
+    top_k: int | None = Field(None, ge=-1)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    stop_sequences: Text | list[Text] | None = None
+    stop: Text | list[Text] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: Bool | None = None
     ignore_eos_token: Bool | None = None
     details: Bool | None = None
     decoder_input_details: Bool | None = None
     return_full_text: Bool | None = None
-    top_n_tokens: Int | None = Field(None, ge=0, le=20)
-    logprobs: Int | None = Field(None, ge=0, le=20)
-    truncate: Int | None = Field(None, ge=1)
-    n: Int | None = Field(None, ge=1)
-    best_of: Int | None = Field(None, ge=1)
-    num_beams: Int | None = Field(None, ge=1)
+    top_n_tokens: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    truncate: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1, le=MAX_SEQUENCES)
+    best_of: int | None = Field(None, ge=1, le=MAX_SEQUENCES)
+    num_beams: int | None = Field(None, ge=1, le=1, description="beam search is not served")
 
     @field_validator("stop_sequences", "stop", mode="before")
     @classmethod
     def _stops(cls, value: Any) -> Any:
         return stop_sequences(value)
-
-    @field_validator("stop_token_ids")
-    @classmethod
-    def _token_ids(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and any(item < 0 for item in value):
-            raise ValueError("token ids are >= 0")
-        return value
 
     def sampling(self) -> bool:
         """Whether to sample: do_sample when given, else inferred from the sampling parameters (LMI 0.32+)."""
@@ -132,9 +129,7 @@ class LmiParameters(BaseModel):
                                      f"parameters.{lmi_name}")
             if lmi_name in values:
                 values[name] = values.pop(lmi_name)
-        if values.pop("num_beams", 1) > 1:
-            raise InvalidRequest(f"parameters.num_beams = {self.num_beams}: beam search is not served; send 1 or "
-                                 "leave it out (n and best_of sample several sequences)", "parameters.num_beams")
+        values.pop("num_beams", None)  # 1 (the schema allows nothing else)
         returned, generated = self.sequences()
         if generated < returned:
             raise InvalidRequest(f"parameters.best_of = {self.best_of} must be at least parameters.n = {self.n}: "

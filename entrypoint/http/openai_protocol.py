@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from entrypoint.http.validation import IGNORED_FIELDS, Bool, Float, Int, stop_sequences, validation_error
+from entrypoint.http.validation import IGNORED_FIELDS, Bool, StrictModel, Text, stop_sequences, validation_error
 from handlers.engine import InvalidRequest, SamplingParams
 
 #: most choices per request; OpenAI documents the same bound for n
@@ -51,26 +51,26 @@ class StreamOptions(BaseModel):
     include_obfuscation: Bool | None = None  # OpenAI pads chunks against side channels; nothing to hide here
 
 
-class _OpenAIRequest(BaseModel):
+class _OpenAIRequest(StrictModel):
     """The parameters both endpoints share."""
 
     model_config = ConfigDict(extra="allow")  # unknown fields are ignored (and counted)
 
     model: str | None = None  # OpenAI requires it; absent means the served model
-    max_tokens: Int | None = Field(None, ge=1)
-    temperature: Float | None = Field(None, ge=0.0, le=2.0)
-    top_p: Float | None = Field(None, ge=0.0, le=1.0)
-    n: Int | None = Field(None, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
-    seed: Int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    presence_penalty: Float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: Float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, Float] | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
     stream: Bool | None = None
     stream_options: StreamOptions | None = None
     # vLLM's extensions
-    top_k: Int | None = Field(None, ge=-1)  # -1 or 0: no top-k
-    repetition_penalty: Float | None = Field(None, gt=0.0, le=10.0)
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: no top-k
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     ignore_eos: Bool | None = None
     use_beam_search: Bool | None = None  # benchmark clients send false; true is refused (no beam search)
 
@@ -145,12 +145,25 @@ class _OpenAIRequest(BaseModel):
             raise validation_error(exc, "", SamplingParams) from None
 
 
+#: JSON schemas of the fields checked by hand (for the OpenAPI document; `prompts` and `chat_messages` check them)
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+PROMPT_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1},
+                           {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                           _TOKEN_IDS, {"type": "array", "minItems": 1, "items": _TOKEN_IDS}]}
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+MESSAGES_SCHEMA = {"type": "array", "minItems": 1, "items": {
+    "type": "object", "required": ["role", "content"], "additionalProperties": False,
+    "properties": {"role": {"enum": list(ROLES)}, "name": {"type": "string"},
+                   "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}}}}
+
+
 class CompletionRequest(_OpenAIRequest):
-    prompt: Any  # str | list[str] | list[int] | list[list[int]], checked in `prompts`
-    max_tokens: Int | None = Field(None, ge=0)  # 0: score the prompt only (echo + logprobs)
-    logprobs: Int | None = Field(None, ge=0, le=5)
+    prompt: Any = Field(json_schema_extra=PROMPT_SCHEMA)  # checked in `prompts`
+    max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt only (echo + logprobs)
+    logprobs: int | None = Field(None, ge=0, le=5)
     echo: Bool | None = None
-    best_of: Int | None = Field(None, ge=1, le=MAX_N)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
 
     @property
     def wants_logprobs(self) -> bool:
@@ -177,18 +190,18 @@ class CompletionRequest(_OpenAIRequest):
             if all(isinstance(item, str) for item in prompt):
                 return list(prompt)
             if all(_is_token_id(item) for item in prompt):
-                return [list(prompt)]
+                return [[int(item) for item in prompt]]
             if all(isinstance(item, list) and item and all(_is_token_id(i) for i in item) for item in prompt):
-                return [list(item) for item in prompt]
+                return [[int(i) for i in item] for item in prompt]
         raise InvalidRequest("prompt must be a string, a non-empty list of strings, a list of token ids, or a list "
                              "of lists of token ids", "prompt")
 
 
 class ChatCompletionRequest(_OpenAIRequest):
-    messages: Any  # checked in `chat_messages`
-    max_completion_tokens: Int | None = Field(None, ge=1)
+    messages: Any = Field(json_schema_extra=MESSAGES_SCHEMA)  # checked in `chat_messages`
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: Bool | None = None
-    top_logprobs: Int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
 
     @field_validator("response_format")
@@ -299,4 +312,6 @@ def _content(where: str, content: Any) -> str:
 
 
 def _is_token_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A non-negative integer; 7.0 counts, as JSON Schema's "integer" (the document's) has it."""
+    integral = isinstance(value, int) or isinstance(value, float) and value.is_integer()
+    return integral and not isinstance(value, bool) and value >= 0

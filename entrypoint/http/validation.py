@@ -2,7 +2,8 @@
 client sent that this server does not know, and turning pydantic errors into messages that name the field.
 
 Strict types (the README promises strict validation, and the intent of `"stream": "yes"` or
-`"max_new_tokens": true` is ambiguous): booleans must be JSON true/false, and numbers must not be booleans.
+`"max_new_tokens": true` is ambiguous): booleans must be JSON true/false (`Bool`), and numbers must not be
+booleans (`StrictModel`).
 Numeric strings ("30") stay accepted where a number is expected, as LMI's vLLM front end (a lax pydantic
 model) accepts them.
 
@@ -16,27 +17,52 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import types
+import typing
 from typing import Annotated, Any, Iterable
 
-from pydantic import BaseModel, BeforeValidator, StrictBool, ValidationError
+from pydantic import BaseModel, Field, StrictBool, StringConstraints, ValidationError, ValidationInfo, field_validator
 
 from handlers.engine import InvalidRequest, SamplingParams
 
 logger = logging.getLogger("lmi.http")
 
 
-def _not_a_boolean(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("expected a number, got a boolean")
-    return value
-
-
-#: an integer that is not a JSON boolean (pydantic's lax int takes true as 1)
-Int = Annotated[int, BeforeValidator(_not_a_boolean)]
-#: a number that is not a JSON boolean
-Float = Annotated[float, BeforeValidator(_not_a_boolean)]
 #: JSON true or false only (pydantic's lax bool takes "yes", "on", 1)
 Bool = StrictBool
+#: a non-empty string (a stop sequence)
+Text = Annotated[str, StringConstraints(min_length=1)]
+#: a token id
+TokenId = Annotated[int, Field(ge=0)]
+
+
+def _base(annotation: Any) -> Any:
+    return typing.get_args(annotation)[0] if typing.get_origin(annotation) is Annotated else annotation
+
+
+def _numeric(annotation: Any) -> tuple[bool, bool]:
+    """(a number, a list of numbers) for a field's annotation (int, float, optional or not)."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    number = any(arg in (int, float) for arg in args)
+    listed = any(typing.get_origin(arg) is list and _base(typing.get_args(arg)[0]) in (int, float) for arg in args)
+    return number, listed
+
+
+class StrictModel(BaseModel):
+    """Refuses JSON booleans where numbers go (pydantic's lax int takes true as 1), keeping plain `int` and
+    `float` annotations so the JSON schema states their ranges."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None:
+            number, listed = _numeric(field.annotation)
+            if number and isinstance(value, bool) or listed and isinstance(value, list) \
+                    and any(isinstance(item, bool) for item in value):
+                raise ValueError("expected a number, got a boolean")
+        return value
 
 
 def stop_sequences(value: Any, limit: int | None = None) -> Any:
@@ -119,7 +145,9 @@ def validation_error(error: ValidationError, prefix: str, model: type[BaseModel]
     """One `InvalidRequest` for a pydantic error: each bad field with the value sent and what is allowed;
     its `field` is the first bad field."""
     messages: dict[str, str] = {}  # one message per field (a union like `inputs` reports each member)
-    for detail in error.errors():
+    # Of a union's member errors, "empty" says the most (`inputs = []` is a list, only too short).
+    details = sorted(error.errors(), key=lambda detail: detail.get("type") not in ("too_short", "string_too_short"))
+    for detail in details:
         loc = [str(part) for part in detail["loc"]]
         name = loc[0] if loc else "?"
         shown = prefix + name if loc else prefix.rstrip(".")
@@ -137,10 +165,13 @@ def _describe(shown: str, name: str, detail: dict[str, Any], model: type[BaseMod
         return f"{shown}: unknown {'parameter' if model is SamplingParams else 'field'}; allowed are {allowed}"
     if kind == "missing":
         return f"{shown}: required field is missing"
+    if kind in ("string_too_short", "too_short"):
+        return f"{sent}: must not be an empty {'string' if kind == 'string_too_short' else 'list'}"
     if name == "inputs":
         return f"{sent}: expected a string or a list of strings"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        return f"{sent} is out of range: must be {_bounds(info)}"
+        why = f" ({info.description})" if info is not None and info.description else ""
+        return f"{sent} is out of range: must be {_bounds(info)}{why}"
     if kind.startswith("int_"):
         return f"{sent}: expected an integer{_in(info)}"
     if kind.startswith("float_"):

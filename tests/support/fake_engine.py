@@ -41,6 +41,9 @@ class CharTokenizer:
 
     eos_token_id = EOS_ID
 
+    def __len__(self) -> int:  # the vocabulary: every code point
+        return 0x110000
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(ch) for ch in text]
 

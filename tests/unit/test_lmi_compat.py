@@ -83,7 +83,8 @@ def test_the_ignored_field_log_remembers_a_bounded_number_of_names():
     ({"inputs": "hi", "parameters": {"stop": 5}}, ["parameters.stop = 5"]),
     ({"inputs": "hi", "parameters": {"n": 3, "best_of": 2}}, ["parameters.best_of = 2", "at least parameters.n"]),
     ({"inputs": "hi", "stream": True, "parameters": {"n": 2}}, ["not streamed"]),
-    ({"inputs": "hi", "parameters": {"num_beams": 4}}, ["parameters.num_beams = 4", "beam search"]),
+    ({"inputs": "hi", "parameters": {"num_beams": 4}}, ["parameters.num_beams = 4", "<= 1", "beam search"]),
+    ({"inputs": "hi", "parameters": {"n": 1000}}, ["parameters.n = 1000", "<= 128"]),
     ({"inputs": "hi", "adapters": ["my-lora"]}, ["adapters", "not served"]),
     ({"inputs": "hi", "parameters": []}, ["parameters", "JSON object"]),
 ])
