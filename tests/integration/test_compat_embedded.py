@@ -1,6 +1,6 @@
 """Drop-in compatibility end to end: the real server on the embedded SmolLM2-135M-Instruct (the session's,
-tests/integration/conftest.py) with what LMI and OpenAI clients send. The prompt log-probability tests need
-the engine's prompt_logprobs (issue 10's engine side) and are marked xfail(strict) until it lands."""
+tests/integration/conftest.py) with what LMI and OpenAI clients send, prompt log-probabilities included
+(the engine's prompt_logprobs and max_new_tokens 0)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import pytest
 pytestmark = pytest.mark.slow
 
 PROMPT = "The capital of France is"
-NEEDS_PROMPT_LOGPROBS = pytest.mark.xfail(strict=True, reason="needs engine prompt logprobs")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +73,6 @@ def test_openapi_document_is_served(url):
     assert "/invocations" in document["paths"] and "/v1/chat/completions" in document["paths"]
 
 
-@NEEDS_PROMPT_LOGPROBS
 def test_decoder_input_details_return_the_prompts_log_probabilities(url, tokenizer):
     body = post(url, "/invocations", {"inputs": PROMPT, "parameters": {"max_new_tokens": 2, "details": True,
                                                                        "decoder_input_details": True}}).json()
@@ -83,7 +81,6 @@ def test_decoder_input_details_return_the_prompts_log_probabilities(url, tokeniz
     assert prefill[0]["log_prob"] is None and all(token["log_prob"] <= 0 for token in prefill[1:])
 
 
-@NEEDS_PROMPT_LOGPROBS
 def test_echo_and_max_tokens_0_score_the_prompt_as_evaluation_harnesses_do(url, tokenizer):
     body = post(url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1}).json()
     choice = body["choices"][0]
