@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see RESULTS.md): install the carried wheels, then run the parts asked for.
 #   usage: bash benchmarks/gpu_session.sh WHEELS_DIR TOKENIZER_DIR OUT_DIR PART...
-# parts: tests (tests/gpu), core (engine core on a Llama-2-7B-shaped random model: 128/128 greedy and sampled
-# at 1 and 32 clients, then 64 clients x 3,500-token prompts x 500 new tokens), tp (degree 1 vs 2).
+# parts: tests (tests/gpu), core (engine core on a Llama-2-7B-shaped random model: 64 clients x 3,500-token
+# prompts x 500 new tokens, sampled), core128 (128/128 greedy and sampled at 1 and 32 clients), tp (degree 1 vs 2).
 set -uo pipefail
 WHEELS=$1 TOKENIZER=$2 OUT=$3; shift 3
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -22,12 +22,14 @@ make_random_llama7b(Path('$MODEL'), Path('$TOKENIZER'))" 2>&1 | tee -a "$OUT/cor
 for part in "$@"; do
   case $part in
     tests) python3 -m pytest -q -rs tests/gpu tests/unit/test_token_sampler.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.txt" ;;
-    core)
+    core128)
       make_model
       python3 benchmarks/serving_benchmark.py --start-server --model-dir $MODEL --skip-baseline --port 8091 \
           --prompt-tokens 128 --max-tokens 128 --concurrency 32 --repetitions 2 --sampling greedy sampled \
           --server-env OPTION_DTYPE=fp16 --log-file "$OUT/core.jsonl" 2>&1 | tee -a "$OUT/core.txt"
-      cp /tmp/serving-benchmark-server.log "$OUT/core-server-128.log"
+      cp /tmp/serving-benchmark-server.log "$OUT/core-server-128.log" ;;
+    core)
+      make_model
       python3 benchmarks/serving_benchmark.py --start-server --model-dir $MODEL --skip-baseline --port 8092 \
           --prompt-tokens 3500 --max-tokens 500 --concurrency 64 --repetitions 1 --sequential-requests 1 \
           --sampling sampled --server-env OPTION_DTYPE=fp16 OPTION_MAX_ROLLING_BATCH_SIZE=64 \

@@ -18,7 +18,7 @@ first, so inside DJL Serving the option must name this module.
   `EngineLoop`. A bad configuration answers code 400 with the message naming each key, and the handler
   stays uninitialized (the next initialization call tries again).
 * An empty input answers None (DJL turns that into 204), as djl_python.deepspeed did.
-* A request, or a batch of them (see `handlers.djl_io`), carries LMI's body
+* A request, or a batch of them (see `entrypoint.djl_io`), carries LMI's body
   `{"inputs": str | [str], "parameters": {...}}` and gets exactly what /invocations answers for it:
   `{"generated_text": ...}` (+ `details`), or a list for list inputs, or the error body
   `{"error": {"message", "type", "code"}}` with the same status. Both paths use the same parser, response
