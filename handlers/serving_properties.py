@@ -157,7 +157,7 @@ class ServingProperties(BaseModel):
     triangular_masking: bool = Field(True, description="Causal (triangular) attention; always on for the causal language models served here, so false is refused.")
     return_tuple: bool = Field(True, description="DeepSpeed kernel-injected layers return tuples (init_inference return_tuple); always on (the engines need it), so false is refused.")
     engine: DjlEngine = Field(DjlEngine.DEEPSPEED, description="serving.properties' top-level engine= (DeepSpeed, Python or MPI, as LMI wrote it); ranks follow tensor_parallel_degree in every case.")
-    entry_point: str = Field("handlers.deepspeed", description="Handler module DJL Serving calls (option.entryPoint); djl_python.deepspeed is accepted as its LMI name.")
+    entry_point: str = Field("entrypoint.djl_handler", description="Handler module DJL Serving calls (option.entryPoint); LMI's djl_python.deepspeed and the earlier handlers.deepspeed are accepted as names of it.")
 
     # ---- output and server --------------------------------------------------------------------------
     output_formatter: OutputFormatter = Field(OutputFormatter.JSON, description="Default response format of /invocations: json, jsonlines (streamed tokens) or sse (server-sent events).")
@@ -247,9 +247,10 @@ class ServingProperties(BaseModel):
     @classmethod
     def _entry_point(cls, v: Any) -> Any:
         text = str(v).strip()
-        if text in ("djl_python.deepspeed", "handlers.deepspeed", "deepspeed"):
-            return "handlers.deepspeed"
-        raise ValueError("allowed values are handlers.deepspeed (djl_python.deepspeed is accepted as its LMI name)")
+        if text in ("entrypoint.djl_handler", "djl_python.deepspeed", "handlers.deepspeed", "deepspeed"):
+            return "entrypoint.djl_handler"
+        raise ValueError("allowed values are entrypoint.djl_handler (LMI's djl_python.deepspeed and handlers.deepspeed "
+                         "are accepted as names of it)")
 
     @field_validator("smoothquant_alpha")
     @classmethod

@@ -151,9 +151,9 @@ def test_top_level_engine_key(tmp_path):
 
 def test_lmi_entry_point_is_accepted(tmp_path):
     configuration = load(tmp_path, "engine=DeepSpeed\noption.entryPoint=djl_python.deepspeed\n")
-    assert configuration.properties.entry_point == "handlers.deepspeed"
+    assert configuration.properties.entry_point == "entrypoint.djl_handler"
     assert configuration.source_of("entry_point").key == "option.entryPoint"
-    assert load(tmp_path, None, OPTION_ENTRYPOINT="djl_python.deepspeed").properties.entry_point == "handlers.deepspeed"
+    assert load(tmp_path, None, OPTION_ENTRYPOINT="djl_python.deepspeed").properties.entry_point == "entrypoint.djl_handler"
 
 
 def test_top_level_job_queue_size_and_camel_case_keys(tmp_path):
@@ -243,7 +243,7 @@ INVALID = [
     ("triangular_masking", "2", "expected true or false"),
     ("return_tuple", "nope", "expected true or false"),
     ("engine", "vllm", "allowed values are deepspeed, python, mpi"),
-    ("entry_point", "my.handler", "allowed values are handlers.deepspeed"),
+    ("entry_point", "my.handler", "allowed values are entrypoint.djl_handler"),
     ("output_formatter", "xml", "allowed values are json, jsonlines, sse"),
     ("port", "0", "out of range (>= 1 and <= 65535)"),
     ("port", "70000", "out of range (>= 1 and <= 65535)"),
