@@ -1,0 +1,77 @@
+"""SmoothQuant calibration: per-channel activation abs-max at every smoothed norm, over calibration text.
+
+The model runs forward (no KV cache) over token windows of the calibration text, batch by batch under a
+tqdm progress bar; a forward hook on each smoothed norm records max |output| per channel, which is the
+input range of the linear layers it feeds. The hooks also keep the first `sample_tokens` rows of each
+norm's output for the alpha search (`quantization.alpha_search`), which needs real activations.
+
+Under tensor parallelism every rank runs the same windows in lockstep (the model's all-reduces need it);
+the norms are replicated, so every rank records the same ranges.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from quantization.smoothing import BoundGroup
+
+logger = logging.getLogger(__name__)
+
+WINDOWS = 16  # calibration windows (SmoothQuant's authors used 512 x 512 tokens of the Pile; the ranges settle far sooner,
+# and on a 2-core CPU each window of the embedded model costs seconds)
+WINDOW_TOKENS = 256
+BATCH = 4
+SAMPLE_TOKENS = 256  # activation rows kept per group for the alpha search
+
+
+@dataclass
+class Calibration:
+    act_absmax: dict[str, torch.Tensor]  # group key -> float32 [in]
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)  # group key -> [<= SAMPLE_TOKENS, in]
+    tokens: int = 0
+
+
+@torch.no_grad()
+def calibrate(model: Any, groups: list[BoundGroup], windows: torch.Tensor, show_progress: bool = True,
+              sample_tokens: int = SAMPLE_TOKENS) -> Calibration:
+    from tqdm import tqdm
+
+    result = Calibration({})
+    # Take sample rows spread over the windows (a few per window), not all from the first one.
+    per_window = max(1, sample_tokens // max(1, windows.shape[0]))
+
+    def hook_for(group: BoundGroup):
+        def hook(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            rows = hidden.detach().reshape(-1, hidden.shape[-1]).float()
+            current = rows.abs().amax(dim=0)
+            previous = result.act_absmax.get(group.key)
+            result.act_absmax[group.key] = current if previous is None else torch.maximum(previous, current)
+            taken = hidden.detach().float()[:, -per_window:].reshape(-1, hidden.shape[-1]).cpu()
+            kept = result.samples.get(group.key)
+            if kept is None or kept.shape[0] < sample_tokens:
+                joined = taken if kept is None else torch.cat([kept, taken])
+                result.samples[group.key] = joined[:sample_tokens]
+        return hook
+
+    handles = [group.norm.register_forward_hook(hook_for(group)) for group in groups]
+    device = next(model.parameters()).device
+    try:
+        for start in tqdm(range(0, windows.shape[0], BATCH), desc="SmoothQuant calibration", unit="batch",
+                          disable=not show_progress):
+            batch = windows[start:start + BATCH].to(device)
+            model(input_ids=batch, use_cache=False)
+            result.tokens += batch.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+    result.act_absmax = {key: value.cpu() for key, value in result.act_absmax.items()}
+    missing = [group.key for group in groups if group.key not in result.act_absmax]
+    if missing:
+        raise RuntimeError(f"calibration saw no output from the norms {', '.join(missing[:4])}: the model's forward "
+                           "does not call them (its module layout differs from the smoothing map)")
+    return result
