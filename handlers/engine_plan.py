@@ -362,6 +362,11 @@ def _check_quantize(properties: ServingProperties, quant: QuantizationSupport | 
                     model_config: Mapping[str, Any], device: Device, problems: list[PlanProblem]) -> None:
     if quant is None:
         return
+    data = properties.smoothquant_calibration_data
+    if data is not None and not os.path.isfile(os.path.expanduser(data)):
+        problems.append(PlanProblem("smoothquant_calibration_data", data,
+                                    f"no such file (relative paths start at {os.getcwd()}); give a UTF-8 text file, "
+                                    "or unset it to calibrate on Python's pydoc_data topics"))
     if device.kind not in quant.devices:
         problems.append(PlanProblem("quantize", properties.quantize,
                                     f"needs a GPU and none is visible: {quant.device_reason}"))

@@ -41,8 +41,9 @@ def calibrate(model: Any, groups: list[BoundGroup], windows: torch.Tensor, show_
     from tqdm import tqdm
 
     result = Calibration({})
-    # Take sample rows spread over the windows (a few per window), not all from the first one.
-    per_window = max(1, sample_tokens // max(1, windows.shape[0]))
+    # Keep sample rows spread over every batch, not all from the first one.
+    batches = -(-windows.shape[0] // BATCH)
+    per_call = max(1, -(-sample_tokens // batches))
 
     def hook_for(group: BoundGroup):
         def hook(_module, _inputs, output):
@@ -51,7 +52,9 @@ def calibrate(model: Any, groups: list[BoundGroup], windows: torch.Tensor, show_
             current = rows.abs().amax(dim=0)
             previous = result.act_absmax.get(group.key)
             result.act_absmax[group.key] = current if previous is None else torch.maximum(previous, current)
-            taken = hidden.detach().float()[:, -per_window:].reshape(-1, hidden.shape[-1]).cpu()
+            # (some models, e.g. OPT, hand their norms tokens already flattened to [tokens, hidden])
+            picks = torch.linspace(0, rows.shape[0] - 1, min(per_call, rows.shape[0]), device=rows.device).long()
+            taken = rows[picks].cpu()
             kept = result.samples.get(group.key)
             if kept is None or kept.shape[0] < sample_tokens:
                 joined = taken if kept is None else torch.cat([kept, taken])

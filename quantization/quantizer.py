@@ -40,6 +40,11 @@ class QuantizationResult:
     calibration: str | None = None  # "calibrated (N tokens, S s)" or "reused <file>"
     calibration_file: str | None = None
 
+    @property
+    def ratio(self) -> float:
+        """Bytes of the int8 weights and their scales over the same weights' bytes in fp16."""
+        return self.int8_bytes / self.fp16_bytes if self.fp16_bytes else 0.0
+
 
 def quantize_loaded_model(module: Any, properties: Any, plan: Any, model_path: str, tokenizer: Any,
                           progress: Callable[[str], None]) -> QuantizationResult | None:
@@ -90,7 +95,7 @@ def _smooth(module: Any, result: QuantizationResult, *, tokenizer: Any, model_pa
     from quantization.smoothing import bind_groups, smooth
 
     config = module.config.to_dict()
-    model_type = config.get("model_type")
+    model_type = getattr(module.config, "model_type", None) or config.get("model_type")
     family = family_for(model_type)
     if family is None:
         raise ValueError(f"quantize=smoothquant: model_type {model_type} has no norm -> linear map; supported: "
