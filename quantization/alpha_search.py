@@ -7,7 +7,8 @@ activations, per-channel int8 weights, as `quantization.int8` computes them), an
 is averaged over the groups. The alpha with the smallest mean error wins. This is the layer-wise criterion
 of the automatic alpha tuning in Intel Neural Compressor's SmoothQuant and of AWQ's scale search, applied
 with one alpha for the whole model (LMI's smoothquant_alpha is one number). The authors' hand-picked values
-(0.5 for OPT/BLOOM, 0.8 for LLaMA, 0.85 for Llama-2/3) all lie on the grid.
+(0.5 for OPT/BLOOM, 0.8 for LLaMA, 0.85 for Llama-2/3) all lie on the grid, which is kept short because
+each point costs a pass over every group's weights.
 
 It needs no extra forward passes and no copy of the model: only each group's weights (already in memory)
 and the few hundred activation rows the calibration kept. Under tensor parallelism each rank holds its own
@@ -20,18 +21,13 @@ import logging
 
 import torch
 
-from quantization.int8 import dequantize_rows, quantize_rows
+from quantization.int8 import quantize_weight, w8a8_linear
 from quantization.int8_linear import input_dim
 from quantization.smoothing import BoundGroup, all_reduce_sum, smoothing_factors, weight_absmax
 
 logger = logging.getLogger(__name__)
 
-CANDIDATES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9)
-
-
-def _fake_quant_rows(x: torch.Tensor) -> torch.Tensor:
-    q, scale = quantize_rows(x)
-    return dequantize_rows(q, scale)
+CANDIDATES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.85)
 
 
 @torch.no_grad()
@@ -48,7 +44,8 @@ def search_alpha(groups: list[BoundGroup], act_absmax: dict[str, torch.Tensor], 
         numerators, denominator = [], exact.pow(2).sum().double()
         for alpha in candidates:
             factors = smoothing_factors(act_absmax[group.key], w_max, alpha)
-            approx = _fake_quant_rows(x / factors) @ _fake_quant_rows(weight * factors).t()
+            # the serving arithmetic itself (int8 matmul through _int_mm where it runs)
+            approx = w8a8_linear(x / factors, *quantize_weight(weight * factors))
             numerators.append((approx - exact).pow(2).sum().double())
         reduced = all_reduce_sum(torch.stack(numerators + [denominator]))
         totals += reduced[:-1] / reduced[-1].clamp(min=1e-30)

@@ -1,9 +1,10 @@
-"""SmoothQuant calibration: per-channel activation abs-max at every smoothed norm, over calibration text.
+"""SmoothQuant calibration: per-channel activation abs-max at every smoothed group's input, over calibration text.
 
 The model runs forward (no KV cache) over token windows of the calibration text, batch by batch under a
-tqdm progress bar; a forward hook on each smoothed norm records max |output| per channel, which is the
-input range of the linear layers it feeds. The hooks also keep the first `sample_tokens` rows of each
-norm's output for the alpha search (`quantization.alpha_search`), which needs real activations.
+tqdm progress bar; a forward pre-hook on the first linear layer of each group records max |input| per
+channel (for a norm group, the norm's output). The hooks also keep a few hundred rows of each group's
+input, spread over the batches, for the alpha search (`quantization.alpha_search`), which needs real
+activations.
 
 Under tensor parallelism every rank runs the same windows in lockstep (the model's all-reduces need it);
 the norms are replicated, so every rank records the same ranges.
@@ -25,7 +26,7 @@ WINDOWS = 16  # calibration windows (SmoothQuant's authors used 512 x 512 tokens
 # and on a 2-core CPU each window of the embedded model costs seconds)
 WINDOW_TOKENS = 256
 BATCH = 4
-SAMPLE_TOKENS = 256  # activation rows kept per group for the alpha search
+SAMPLE_TOKENS = 128  # activation rows kept per group for the alpha search
 
 
 @dataclass
@@ -46,13 +47,13 @@ def calibrate(model: Any, groups: list[BoundGroup], windows: torch.Tensor, show_
     per_call = max(1, -(-sample_tokens // batches))
 
     def hook_for(group: BoundGroup):
-        def hook(_module, _inputs, output):
-            hidden = output[0] if isinstance(output, tuple) else output
+        def hook(_module, inputs):
+            hidden = inputs[0]
             rows = hidden.detach().reshape(-1, hidden.shape[-1]).float()
             current = rows.abs().amax(dim=0)
             previous = result.act_absmax.get(group.key)
             result.act_absmax[group.key] = current if previous is None else torch.maximum(previous, current)
-            # (some models, e.g. OPT, hand their norms tokens already flattened to [tokens, hidden])
+            # (some models, e.g. OPT, hand their linear layers tokens already flattened to [tokens, hidden])
             picks = torch.linspace(0, rows.shape[0] - 1, min(per_call, rows.shape[0]), device=rows.device).long()
             taken = rows[picks].cpu()
             kept = result.samples.get(group.key)
@@ -61,7 +62,9 @@ def calibrate(model: Any, groups: list[BoundGroup], windows: torch.Tensor, show_
                 result.samples[group.key] = joined[:sample_tokens]
         return hook
 
-    handles = [group.norm.register_forward_hook(hook_for(group)) for group in groups]
+    # The first linear layer's input: for a norm group that is the norm's output, for a gated MLP's
+    # up -> down group the down projection's input.
+    handles = [group.linears[0].register_forward_pre_hook(hook_for(group)) for group in groups]
     device = next(model.parameters()).device
     try:
         for start in tqdm(range(0, windows.shape[0], BATCH), desc="SmoothQuant calibration", unit="batch",
@@ -75,6 +78,6 @@ def calibrate(model: Any, groups: list[BoundGroup], windows: torch.Tensor, show_
     result.act_absmax = {key: value.cpu() for key, value in result.act_absmax.items()}
     missing = [group.key for group in groups if group.key not in result.act_absmax]
     if missing:
-        raise RuntimeError(f"calibration saw no output from the norms {', '.join(missing[:4])}: the model's forward "
+        raise RuntimeError(f"calibration saw no input to the groups {', '.join(missing[:4])}: the model's forward "
                            "does not call them (its module layout differs from the smoothing map)")
     return result

@@ -9,7 +9,7 @@ scale together). The others (attention output, MLP down projection) are quantize
 
 | family (model_type) | norm (per decoder layer) -> linears it feeds | quantized unsmoothed |
 |---|---|---|
-| Llama-like (llama, mistral, qwen2): RMSNorm weight | input_layernorm -> self_attn.q_proj, k_proj, v_proj; post_attention_layernorm -> mlp.gate_proj, up_proj | self_attn.o_proj, mlp.down_proj |
+| Llama-like (llama, mistral, qwen2): RMSNorm weight | input_layernorm -> self_attn.q_proj, k_proj, v_proj; post_attention_layernorm -> mlp.gate_proj, up_proj; and mlp.up_proj's output rows -> mlp.down_proj (SwiGLU: down_proj's input is silu(gate) * up, so scaling up's output channel j scales input j; the largest activation outliers of Llama models sit there). Not under tensor parallelism, where down_proj's input is sharded across ranks: there down_proj is quantized unsmoothed | self_attn.o_proj |
 | OPT (opt): LayerNorm weight+bias | self_attn_layer_norm -> self_attn.q_proj, k_proj, v_proj; final_layer_norm -> fc1 | self_attn.out_proj, fc2 |
 | GPT-2 (gpt2): LayerNorm | ln_1 -> attn.c_attn (fused QKV, Conv1D); ln_2 -> mlp.c_fc (Conv1D) | attn.c_proj, mlp.c_proj |
 | GPT-J (gptj): LayerNorm | ln_1 -> attn.q_proj, k_proj, v_proj AND mlp.fc_in (parallel attention/MLP share one norm, so one s for all four) | attn.out_proj, mlp.fc_out |
@@ -35,10 +35,15 @@ from typing import Any, Callable, Mapping
 
 @dataclass(frozen=True)
 class SmoothGroup:
-    """One norm and the linear layers it feeds, as module paths relative to a decoder layer."""
+    """One norm and the linear layers it feeds, as module paths relative to a decoder layer.
+
+    `source_is_linear`: the factor goes into a linear layer's output rows instead of a norm (the up
+    projection of a gated MLP, whose output multiplies the gate's elementwise and so scales channel by
+    channel into the down projection's input)."""
 
     norm: str
     linears: tuple[str, ...]
+    source_is_linear: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,8 +96,9 @@ def _falcon_refuse(config: Mapping[str, Any]) -> str | None:
 _LLAMA = Family(
     "Llama-like", ("llama", "mistral", "qwen2"), "model.layers",
     _fixed(SmoothGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-           SmoothGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
-    ("self_attn.o_proj", "mlp.down_proj"))
+           SmoothGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+           SmoothGroup("mlp.up_proj", ("mlp.down_proj",), source_is_linear=True)),
+    ("self_attn.o_proj",))
 
 FAMILIES: tuple[Family, ...] = (
     _LLAMA,

@@ -104,6 +104,9 @@ def _smooth(module: Any, result: QuantizationResult, *, tokenizer: Any, model_pa
     if refusal:
         raise ValueError(f"quantize=smoothquant: {refusal}; use quantize=dynamic_int8")
     groups = bind_groups(module, family, config)
+    if _world_size() > 1:
+        # quantization/families.py: a linear source's channels are sharded across ranks here
+        groups = [group for group in groups if not group.source_is_linear]
 
     file = None
     if cache_dir is not None and model_path is not None:
@@ -147,6 +150,11 @@ def _smooth(module: Any, result: QuantizationResult, *, tokenizer: Any, model_pa
     logger.info("%s; %s", message, result.calibration)
     progress(message)
     smooth(groups, act_absmax, chosen)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _is_rank_zero() -> bool:

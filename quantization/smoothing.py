@@ -8,7 +8,9 @@ norm's weight (and bias) is divided by s and every weight column multiplied by s
 model's function unchanged (tests/unit/test_smoothing.py checks it per family). The clamps follow the
 authors' reference code (github.com/mit-han-lab/smoothquant, smoothquant/smooth.py).
 
-Under tensor parallelism the norms are replicated and the fed linear layers are column-parallel (sharded
+A gated MLP's up projection can carry the factors for the down projection instead of a norm (see
+quantization/families.py); that group is left out under tensor parallelism, where the down projection's
+input is sharded. Under tensor parallelism the norms are replicated and the fed linear layers are column-parallel (sharded
 along their outputs, whole along their inputs), so each rank folds the same s into its norm copy and its
 own weight rows; the weight maximum is taken across ranks (`all_reduce_max`) so every rank computes the
 same s.
@@ -33,9 +35,10 @@ class BoundGroup:
     """A SmoothGroup of one decoder layer, with its modules."""
 
     key: str  # "<layer index>.<norm path>", the calibration record's key
-    norm: nn.Module
+    norm: nn.Module  # the norm (or, with source_is_linear, the linear layer) the factors are folded into
     linears: tuple[nn.Module, ...]
     linear_names: tuple[str, ...]  # full module names
+    source_is_linear: bool = False
 
 
 def bind_groups(model: nn.Module, family: Family, config: Mapping[str, Any]) -> list[BoundGroup]:
@@ -57,7 +60,8 @@ def _bind(layer: nn.Module, index: int, group: SmoothGroup, prefix: str) -> Boun
                          "module names differ from transformers' for this family") from None
     if getattr(norm, "weight", None) is None:
         raise ValueError(f"{prefix}.{group.norm} ({type(norm).__name__}) has no weight to fold the factors into")
-    return BoundGroup(f"{index}.{group.norm}", norm, linears, tuple(f"{prefix}.{name}" for name in group.linears))
+    return BoundGroup(f"{index}.{group.norm}", norm, linears, tuple(f"{prefix}.{name}" for name in group.linears),
+                      group.source_is_linear)
 
 
 def weight_absmax(group: BoundGroup) -> torch.Tensor:
@@ -75,16 +79,22 @@ def smoothing_factors(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: f
 @torch.no_grad()
 def fold(group: BoundGroup, factors: torch.Tensor) -> None:
     """Divide the norm's output channels by `factors` and scale the linear layers' input columns by them."""
-    norm = group.norm
-    norm.weight.copy_((norm.weight.float() / factors.to(norm.weight.device)).to(norm.weight.dtype))
-    if getattr(norm, "bias", None) is not None:
-        norm.bias.copy_((norm.bias.float() / factors.to(norm.bias.device)).to(norm.bias.dtype))
+    source = group.norm
+    if group.source_is_linear:  # a linear layer's output channels: its weight's rows along the output dim
+        _scale_along(source.weight, 1 - input_dim(source), 1.0 / factors)
+    else:
+        _scale_along(source.weight, 0, 1.0 / factors)
+    if getattr(source, "bias", None) is not None:
+        _scale_along(source.bias, 0, 1.0 / factors)
     for linear in group.linears:
-        dim = input_dim(linear)
-        shape = [1, 1]
-        shape[dim] = -1
-        weight = linear.weight
-        weight.copy_((weight.float() * factors.to(weight.device).view(shape)).to(weight.dtype))
+        _scale_along(linear.weight, input_dim(linear), factors)
+
+
+def _scale_along(tensor: torch.Tensor, dim: int, factors: torch.Tensor) -> None:
+    """tensor *= factors along `dim`, computed in float32 and stored back in the tensor's dtype."""
+    shape = [1] * tensor.dim()
+    shape[dim] = -1
+    tensor.copy_((tensor.float() * factors.to(tensor.device).view(shape)).to(tensor.dtype))
 
 
 def smooth(groups: list[BoundGroup], act_absmax: Mapping[str, torch.Tensor], alpha: float) -> None:

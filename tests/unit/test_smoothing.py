@@ -73,17 +73,20 @@ def test_smoothing_with_calibrated_ranges_leaves_the_float_model_unchanged(name)
     windows = torch.randint(3, VOCAB, (3, 12))
     calibration = calibrate(model, groups, windows, show_progress=False, sample_tokens=16)
     assert set(calibration.act_absmax) == {group.key for group in groups}
-    assert all(value.shape == (64,) and (value > 0).all() for value in calibration.act_absmax.values())
-    assert all(sample.shape[1] == 64 and 0 < sample.shape[0] <= 16 for sample in calibration.samples.values())
+    for group in groups:  # one range per input channel of the group's linear layers
+        width = group.linears[0].weight.shape[1 if type(group.linears[0]).__name__ != "Conv1D" else 0]
+        assert calibration.act_absmax[group.key].shape == (width,) and (calibration.act_absmax[group.key] > 0).all()
+        assert calibration.samples[group.key].shape[1] == width and 0 < calibration.samples[group.key].shape[0] <= 16
 
     probe = torch.randint(3, VOCAB, (2, 10))
     with torch.no_grad():
         before = model(input_ids=probe).logits
-    norm_before = groups[0].norm.weight.detach().clone()
+    sources_before = [group.norm.weight.detach().clone() for group in groups]
     smooth(groups, calibration.act_absmax, alpha=0.5)
     with torch.no_grad():
         after = model(input_ids=probe).logits
-    assert not torch.allclose(groups[0].norm.weight, norm_before)  # the factors were really folded in
+    # the factors were really folded into every source (norm, or a gated MLP's up projection)
+    assert not any(torch.allclose(group.norm.weight, before) for group, before in zip(groups, sources_before))
     assert torch.allclose(after, before, rtol=1e-4, atol=1e-4), (after - before).abs().max()
 
     # after smoothing, each norm's output range is max|X|^(1-alpha) * max|W|^alpha per channel (eq. 4)
