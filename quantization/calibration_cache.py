@@ -4,7 +4,8 @@ One file per (model, settings): `<cache dir>/smoothquant/<key>.pt`, where the ke
 everything the result depends on: the model (its directory, config.json and the name, size and mtime of
 every weight file, so a replaced checkpoint misses the cache), the activation dtype, the calibration text
 (the file's path and contents hash, or the default corpus with the Python version that ships it), the
-window count and length, the smoothquant_alpha setting and a format version. The file holds the
+window count and length, the smoothquant_alpha setting, the smoothed groups (fewer under tensor
+parallelism) and a format version. The file holds the
 per-channel activation abs-max of every smoothed norm, the alpha used and, when it was searched, the
 search's errors. It is written to a temporary file and renamed, so a reader never sees half a file.
 """

@@ -112,7 +112,9 @@ def _smooth(module: Any, result: QuantizationResult, *, tokenizer: Any, model_pa
     if cache_dir is not None and model_path is not None:
         settings = {"model": cache.model_fingerprint(model_path), "dtype": str(next(module.parameters()).dtype),
                     "calibration": cache.calibration_source_fingerprint(calibration_data),
-                    "windows": WINDOWS, "window_tokens": WINDOW_TOKENS, "alpha": alpha}
+                    "windows": WINDOWS, "window_tokens": WINDOW_TOKENS, "alpha": alpha,
+                    # under tensor parallelism some groups are left out (see above), so the record differs
+                    "groups": [group.key for group in groups]}
         file = cache.cache_file(cache_dir, cache.cache_key(settings))
     # Every tensor-parallel rank must make the same choice (a calibration is forward passes in lockstep),
     # so rank 0 looks and tells the others.
