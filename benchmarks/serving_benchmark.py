@@ -6,6 +6,10 @@ device). Typical use on a CPU machine, starting the server on the embedded model
 
     python benchmarks/serving_benchmark.py --start-server --concurrency 32 --prompt-tokens 64 --max-tokens 64
 
+`--sampling greedy sampled` measures both workloads in the same run (sampled: temperature 0.8, top_p 0.95,
+repetition penalty 1.1, a seed per request) and reports their ratio; `--server-env OPTION_X=...` configures
+the server it starts. Errors are counted per request (overload runs report them instead of stopping).
+
 or against a server that is already up: `--url http://127.0.0.1:8080`. Results are appended as one JSON
 line per run to --log-file and printed as a table; copy them into RESULTS.md with the command line.
 """
@@ -81,38 +85,51 @@ def hf_baseline(model_path: str, prompts: list[str], max_tokens: int, static_bat
 
 
 # ---- the server under load ------------------------------------------------------------------------------
-async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
-    body = {"inputs": prompt, "stream": True,
-            "parameters": {"max_new_tokens": max_tokens, "ignore_eos": True, "do_sample": False}}
+#: the sampled workload of the engine-core issue: what a chat client with a seed sends
+SAMPLED = {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.1}
+
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int,
+                      sampling: str = "greedy", seed: int = 0) -> dict:
+    parameters = {"max_new_tokens": max_tokens, "ignore_eos": True, "do_sample": False}
+    if sampling == "sampled":
+        parameters.update(SAMPLED, seed=seed)
+    body = {"inputs": prompt, "stream": True, "parameters": parameters}
     started = time.perf_counter()
     stamps: list[float] = []
-    async with client.stream("POST", f"{url}/invocations", json=body,
-                             headers={"Accept": "application/jsonlines"}) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
-        async for line in response.aiter_lines():
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if "error" in record:
-                raise RuntimeError(record["error"])
-            if record.get("token") is not None:
-                stamps.append(time.perf_counter())
+    error = None
+    try:
+        async with client.stream("POST", f"{url}/invocations", json=body,
+                                 headers={"Accept": "application/jsonlines"}) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+            async for line in response.aiter_lines():
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if "error" in record:
+                    raise RuntimeError(str(record["error"])[:300])
+                if record.get("token") is not None:
+                    stamps.append(time.perf_counter())
+    except (RuntimeError, httpx.HTTPError) as failure:  # counted, not fatal: overload runs report them
+        error = f"{type(failure).__name__}: {failure}"
     ended = time.perf_counter()
     return {"ttft": stamps[0] - started if stamps else float("nan"),
-            "itl": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": len(stamps), "latency": ended - started}
+            "itl": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": len(stamps), "latency": ended - started,
+            "error": error}
 
 
-async def load_test(url: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict:
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for prompt in prompts:
-        queue.put_nowait(prompt)
+async def load_test(url: str, prompts: list[str], max_tokens: int, concurrency: int, sampling: str = "greedy") -> dict:
+    queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+    for index, prompt in enumerate(prompts):
+        queue.put_nowait((index, prompt))
     records: list[dict] = []
     limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits) as client:
         async def worker() -> None:
             while not queue.empty():
-                records.append(await one_request(client, url, queue.get_nowait(), max_tokens))
+                index, prompt = queue.get_nowait()
+                records.append(await one_request(client, url, prompt, max_tokens, sampling, seed=index))
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -120,7 +137,9 @@ async def load_test(url: str, prompts: list[str], max_tokens: int, concurrency: 
     tokens = sum(r["tokens"] for r in records)
     itl = [gap for r in records for gap in r["itl"]]
     ttft = [r["ttft"] for r in records]
-    return {"requests": len(records), "output_tokens": tokens, "seconds": elapsed,
+    errors = [r["error"] for r in records if r["error"]]
+    return {"requests": len(records), "errors": len(errors), "first_errors": errors[:3],
+            "output_tokens": tokens, "seconds": elapsed, "sampling": sampling,
             "server_tok_s": tokens / elapsed,
             "ttft_p50_ms": 1000 * percentile(ttft, 50), "ttft_p99_ms": 1000 * percentile(ttft, 99),
             "itl_p50_ms": 1000 * percentile(itl, 50), "itl_p99_ms": 1000 * percentile(itl, 99)}
@@ -166,6 +185,13 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="device of the HF baseline (cpu or cuda)")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--log-file", default="benchmarks/results.jsonl")
+    parser.add_argument("--sampling", nargs="+", choices=["greedy", "sampled"], default=["greedy"],
+                        help="workloads measured one after another in this run; sampled: do_sample, temperature 0.8, "
+                             "top_p 0.95, repetition_penalty 1.1, a seed per request")
+    parser.add_argument("--server-env", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra environment for the started server (OPTION_DTYPE=fp16, ...)")
+    parser.add_argument("--sequential-requests", type=int, default=4,
+                        help="requests sent one at a time after each concurrent run (the batch-1 figure)")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -186,18 +212,28 @@ def main() -> int:
         result.update(hf_baseline(model_path, prompts, args.max_tokens, args.concurrency, args.device))
 
     url = args.url or f"http://127.0.0.1:{args.port}"
-    process = start_server(args.model_dir, args.port, {}) if (args.start_server or args.url is None) else None
+    server_env = dict(item.split("=", 1) for item in args.server_env)
+    process = start_server(args.model_dir, args.port, server_env) if (args.start_server or args.url is None) else None
     try:
         wait_ready(url, process)
         asyncio.run(load_test(url, prompts[:4], args.max_tokens, 4))  # warm-up
-        result.update(asyncio.run(load_test(url, prompts, args.max_tokens, args.concurrency)))
-        result.update({f"server_batch1_{k}": v for k, v in
-                       asyncio.run(load_test(url, prompts[:4], args.max_tokens, 1)).items()
-                       if k in ("server_tok_s", "ttft_p50_ms", "itl_p50_ms")})
+        for mode in args.sampling:
+            prefix = "" if mode == args.sampling[0] else f"{mode}_"
+            result.update({f"{prefix}{k}": v for k, v in
+                           asyncio.run(load_test(url, prompts, args.max_tokens, args.concurrency, mode)).items()})
+            result.update({f"{prefix}server_batch1_{k}": v for k, v in
+                           asyncio.run(load_test(url, prompts[:args.sequential_requests], args.max_tokens, 1,
+                                                 mode)).items()
+                           if k in ("server_tok_s", "ttft_p50_ms", "itl_p50_ms", "errors")})
+        result.update(_kv_metrics(url))
     finally:
         if process is not None:
             process.terminate()
             process.wait(timeout=60)
+    for mode in args.sampling[1:]:
+        result[f"{mode}_vs_{args.sampling[0]}"] = result[f"{mode}_server_tok_s"] / result["server_tok_s"]
+        result[f"{mode}_vs_its_batch1"] = (result[f"{mode}_server_tok_s"]
+                                           / result[f"{mode}_server_batch1_server_tok_s"])
     if "hf_batch1_tok_s" in result:
         result["ratio_vs_hf_batch1"] = result["server_tok_s"] / result["hf_batch1_tok_s"]
         static = next(v for k, v in result.items() if k.startswith("hf_static_batch"))
@@ -210,6 +246,16 @@ def main() -> int:
         shown = f"{value:.2f}" if isinstance(value, float) else value
         print(f"{key:<{width}}  {shown}")
     return 0
+
+
+def _kv_metrics(url: str) -> dict[str, float]:
+    """The server's KV capacity (sized by its memory budget) from /metrics."""
+    found = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        for name in ("lmi_kv_cache_capacity_tokens", "lmi_kv_cache_used_tokens"):
+            if line.startswith(name + " "):
+                found[name] = float(line.split()[1])
+    return found
 
 
 def _versions() -> dict[str, str]:

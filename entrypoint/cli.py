@@ -211,7 +211,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean "the user's configuration or model is wrong" (exit 2, no traceback)."""
     from handlers.engine_plan import PlanError
 
-    errors: tuple[type[BaseException], ...] = (ConfigurationError, PlanError)
+    from handlers.checkpoint_files import CheckpointError
+
+    errors: tuple[type[BaseException], ...] = (ConfigurationError, PlanError, CheckpointError)
     try:
         from entrypoint.model_resolution import ModelResolutionError
     except ImportError:  # a broken model_resolution must not turn a configuration error into a traceback

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from pydantic import ValidationError
 
 from entrypoint import property_sources
-from handlers.serving_properties import CrossFieldError, ServingProperties, describe_value
+from handlers.serving_properties import CrossFieldError, RollingBatch, ServingProperties, describe_value
 from entrypoint.property_sources import DEFAULT_SOURCE, Source
 
 DEFAULT_MODEL_DIR = Path("/opt/ml/model")  # where SageMaker mounts the model artifacts
@@ -117,6 +117,14 @@ def _validated(raw_values: list[property_sources.RawValue], unknown: list[proper
     if problems:
         raise ConfigurationError(problems)
     assert properties is not None
+    if properties.rolling_batch is not RollingBatch.DISABLE:
+        # LMI files often carry DJL's dynamic-batching keys next to the rolling batch; say they do nothing.
+        notes += [f"{sources[name]}: {sources[name].key} is ignored: it configures dynamic batching, which runs only "
+                  "with rolling_batch=disable (the rolling batch uses max_rolling_batch_size)"
+                  for name in ("batch_size", "max_batch_delay")
+                  if name in sources and getattr(properties, name) != ServingProperties.model_fields[name].default]
+        properties = properties.model_copy(update={name: ServingProperties.model_fields[name].default
+                                                   for name in ("batch_size", "max_batch_delay")})
     return Configuration(properties=properties, sources=sources, model_dir=model_dir, notes=notes)
 
 

@@ -82,7 +82,8 @@ KEY_ALIASES: dict[str, str] = {
 }
 
 # Top-level (non-`option.`) keys of serving.properties.
-TOP_LEVEL_KEYS: dict[str, str] = {"engine": "engine", "job_queue_size": "job_queue_size"}
+TOP_LEVEL_KEYS: dict[str, str] = {"engine": "engine", "job_queue_size": "job_queue_size", "batch_size": "batch_size",
+                                  "max_batch_delay": "max_batch_delay"}
 
 # DJL Serving worker-pool keys that mean nothing to this single-model server; accepted with a note so that
 # an LMI serving.properties keeps working, never silently.
@@ -91,8 +92,6 @@ IGNORED_DJL_KEYS: dict[str, str] = {
     "maxworkers": "one worker process group serves the model",
     "gpu.minworkers": "one worker process group serves the model",
     "gpu.maxworkers": "one worker process group serves the model",
-    "batch_size": "the rolling batch replaces DJL's dynamic batching (see option.max_rolling_batch_size)",
-    "max_batch_delay": "the rolling batch replaces DJL's dynamic batching",
     "max_idle_time": "workers are not scaled down",
     "load_on_devices": "tensor_parallel_degree decides the devices",
     "required_memory_mb": "memory is not reserved per worker",

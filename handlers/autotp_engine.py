@@ -13,15 +13,17 @@ from typing import Any, Callable
 logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: token positions per KV block (vLLM's default for its paged attention)
+KV_BLOCK_SIZE = 16
 
 
 def load_autotp_engine(properties: Any, plan: Any, model_path: str, progress: Callable[[str], None],
                        description: str = "") -> Any:
     """Load weights, wrap them with DeepSpeed AutoTP and return a `RollingBatchEngine` (on rank 0 when
     tensor-parallel: its runner then drives the other ranks, see `handlers.tensor_parallel`)."""
-    from handlers.rolling_batch import RollingBatchEngine
-
+    from handlers.kv_blocks import BlockAllocator
     from handlers.memory_probe import PeakMemory
+    from handlers.rolling_batch import DynamicBatching, RollingBatchEngine
 
     started = time.monotonic()
     memory = PeakMemory()
@@ -34,12 +36,17 @@ def load_autotp_engine(properties: Any, plan: Any, model_path: str, progress: Ca
     module = model.module
     load_seconds = time.monotonic() - started
     progress(f"model ready in {load_seconds:.1f} s")
+    batching = None
+    if not getattr(plan, "rolling_batch", True):
+        batching = DynamicBatching(properties.batch_size, properties.max_batch_delay / 1000.0)
     return RollingBatchEngine(
         runner, model.tokenizer,
-        max_batch=properties.max_rolling_batch_size,
+        allocator=BlockAllocator(model.budget),
+        max_batch=model.max_sequences,
         max_prefill_tokens=properties.max_rolling_batch_prefill_tokens,
         max_total_tokens=model.max_total_tokens,
         eos_token_ids=_eos_token_ids(module, model.tokenizer),
+        batching=batching,
         name="autotp",
         summary={
             "model": description or model_path,
@@ -48,7 +55,7 @@ def load_autotp_engine(properties: Any, plan: Any, model_path: str, progress: Ca
             "device": str(model.runner.device),
             "tensor_parallel_degree": plan.tensor_parallel_degree,
             "weights_bytes_this_rank": sum(p.numel() * p.element_size() for p in module.parameters()),
-            "kv_bytes_per_token": _kv_bytes_per_token(module.config, model.dtype),
+            "kv_bytes_per_token": model.budget.bytes_per_token,
             "load_seconds": round(load_seconds, 2),
             **memory_summary,
             "reason": getattr(plan, "reason", ""),
@@ -63,6 +70,8 @@ class AutoTPModel:
     runner: Any  # ModelRunner over this rank's shard
     max_total_tokens: int
     dtype: Any
+    budget: Any  # handlers.kv_blocks.KVBudget: the KV cache's size, the same on every rank
+    max_sequences: int  # requests in the batch at once (sequence slots of the block table)
     control_group: Any = None  # set when tensor-parallel: the gloo group commands travel on
 
 
@@ -73,11 +82,16 @@ def load_autotp_model(properties: Any, plan: Any, model_path: str, progress: Cal
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from handlers.model_runner import ModelRunner
     from quantization.quantizer import quantize_loaded_model
 
     dtype = getattr(torch, TORCH_DTYPES[plan.dtype])
     degree = plan.tensor_parallel_degree
+    if properties.checkpoint is not None:
+        from pathlib import Path
+
+        from handlers.checkpoint_files import checkpoint_view
+        model_path = str(checkpoint_view(Path(model_path), properties.checkpoint))
+        progress(f"checkpoint={properties.checkpoint}: loading its weights ({model_path} links them)")
     progress(f"loading tokenizer from {model_path}")
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=properties.trust_remote_code)
     control_group = None
@@ -107,9 +121,59 @@ def load_autotp_model(properties: Any, plan: Any, model_path: str, progress: Cal
     device = next(module.parameters()).device
     context = getattr(module.config, "max_position_embeddings", None) or properties.max_tokens
     max_total_tokens = min(properties.max_tokens, context)
-    runner = ModelRunner(module, max_batch=properties.max_rolling_batch_size, max_length=max_total_tokens,
-                         device=device)
-    return AutoTPModel(module, tokenizer, runner, max_total_tokens, dtype, control_group)
+    rolling = getattr(plan, "rolling_batch", True)
+    max_sequences = properties.max_rolling_batch_size if rolling else properties.batch_size
+    runner, budget = _runner_within_budget(module, properties, device, max_sequences, max_total_tokens, control_group)
+    progress(f"KV cache: {budget.tokens} tokens in {budget.num_blocks} blocks of {budget.block_size} "
+             f"({budget.bytes / 2**30:.2f} GiB; {budget.basis})")
+    return AutoTPModel(module, tokenizer, runner, max_total_tokens, dtype, budget, max_sequences, control_group)
+
+
+def _runner_within_budget(module: Any, properties: Any, device: Any, max_sequences: int, max_total_tokens: int,
+                          control_group: Any) -> tuple[Any, Any]:
+    """Measure what one token's K/V takes on this rank and what the largest step needs, size the KV cache
+    from the memory budget (`handlers.kv_blocks`), and return a runner over a cache of that size."""
+    import torch
+
+    from handlers.kv_blocks import KVBudget, available_kv_bytes, size_kv_budget
+    from handlers.model_runner import ModelRunner
+    from handlers.paged_kv_cache import PagedKVCache, attention_window
+
+    window, layer_types = attention_window(module.config)
+
+    def cache_of(num_blocks: int) -> PagedKVCache:
+        return PagedKVCache(module.config.num_hidden_layers, num_blocks=num_blocks, block_size=KV_BLOCK_SIZE,
+                            max_sequences=max_sequences, max_length=max_total_tokens, device=device,
+                            sliding_window=window, layer_types=layer_types)
+
+    # A cache with no blocks of its own: every position maps to the scratch block, so the probe's writes
+    # and gathers have their real shapes at almost no memory cost.
+    probe_runner = ModelRunner(module, cache_of(0), device)
+    largest_prefill = min(properties.max_rolling_batch_prefill_tokens, max_total_tokens)
+    on_gpu = device.type == "cuda"
+
+    def probe() -> None:
+        probe_runner.prefill([0], [[0] * (largest_prefill if on_gpu else 1)], [0])
+        rows = max_sequences if on_gpu else 1
+        probe_runner.decode(list(range(rows)), [0] * rows, [max_total_tokens - 1 if on_gpu else 1] * rows)
+
+    available, basis = available_kv_bytes(device, gpu_memory_utilization=properties.gpu_memory_utilization,
+                                          cpu_kv_cache_bytes=properties.cpu_kv_cache_bytes, probe=probe)
+    # K and V of one position in every layer of this rank (heads are per rank under tensor parallelism)
+    per_token = sum((layer.keys[0].numel() + layer.values[0].numel()) * layer.keys.element_size()
+                    for layer in probe_runner.cache.layers if layer.is_initialized)
+    budget = size_kv_budget(available_bytes=available, bytes_per_token=per_token, block_size=KV_BLOCK_SIZE,
+                            basis=basis)
+    del probe_runner
+    if control_group is not None:
+        # Every rank must hold the same blocks (rank 0 allocates for all): take the smallest budget.
+        import torch.distributed as dist
+        blocks = torch.tensor([budget.num_blocks], dtype=torch.long)
+        dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=control_group)
+        budget = KVBudget(budget.block_size, int(blocks.item()), budget.bytes_per_token, budget.basis)
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return ModelRunner(module, cache_of(budget.num_blocks), device), budget
 
 
 def _eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -123,9 +187,3 @@ def _eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return ids
-
-
-def _kv_bytes_per_token(config: Any, dtype: Any) -> int:
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * heads * head_dim * dtype.itemsize

@@ -120,8 +120,9 @@ class EngineHealth:
 class EngineStats:
     running: int = 0  # requests in the running batch
     waiting: int = 0  # requests admitted but not yet (fully) prefilled
-    kv_cache_usage: float = 0.0  # fraction of the KV cache in use, 0..1
-    kv_cache_tokens: int = 0
+    kv_cache_usage: float = 0.0  # fraction of the KV cache's blocks reserved by admitted requests, 0..1
+    kv_cache_tokens: int = 0  # token positions reserved by admitted requests
+    kv_cache_capacity_tokens: int = 0  # token positions the KV cache holds in all
 
 
 class InvalidRequest(ValueError):

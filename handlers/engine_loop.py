@@ -95,6 +95,8 @@ class LoopStats:
     kv_cache_usage: float
     steps: int  # engine steps taken since start
     healthy: bool
+    kv_cache_tokens: int = 0  # reserved by admitted requests
+    kv_cache_capacity_tokens: int = 0
 
 
 @dataclass
@@ -273,7 +275,9 @@ class EngineLoop:
         engine_stats = self._engine_stats
         return LoopStats(admitted=admitted, pending=pending, active=len(self._active), running=engine_stats.running,
                          waiting=engine_stats.waiting, kv_cache_usage=engine_stats.kv_cache_usage,
-                         steps=self._steps, healthy=self.health().healthy)
+                         steps=self._steps, healthy=self.health().healthy,
+                         kv_cache_tokens=engine_stats.kv_cache_tokens,
+                         kv_cache_capacity_tokens=engine_stats.kv_cache_capacity_tokens)
 
     def _check_accepting(self) -> None:  # caller holds _cond
         if self._failure is not None:

@@ -412,8 +412,9 @@ def _choose(mode: RollingBatch, device: Device, blockers: Mapping[str, str | Non
     with_batching = [name for name in feasible if ENGINES[name].continuous_batching]
     if mode is RollingBatch.DISABLE:
         chosen, rolling = feasible[0], False
-        notes.append("rolling_batch=disable: requests are batched statically; a batch runs to completion before the "
-                     "next one is admitted")
+        notes.append("rolling_batch=disable: dynamic batching as DJL Serving did it: requests that arrive within "
+                     "max_batch_delay of the first form one batch of at most batch_size, which runs to completion "
+                     "before the next one forms (each request still finishes and streams on its own)")
     elif with_batching:
         chosen, rolling = with_batching[0], True
     elif mode is RollingBatch.AUTO:
@@ -453,7 +454,7 @@ def _reason(engine: str, arch: ArchitecturePolicy, device: Device, rolling: bool
     else:
         lead = f"the best engine on {where} that can serve this configuration (see ruled out)"
     batching = ("continuous batching on: " + spec.batching_reason) if rolling else \
-        f"static batches (rolling_batch={mode.value})"
+        f"dynamic batches (rolling_batch={mode.value}: batch_size, max_batch_delay)"
     return f"{spec.summary}; {lead}; {arch.model_type}: {arch.engines[engine].reason}; {batching}"
 
 

@@ -135,9 +135,9 @@ class ServingProperties(BaseModel):
     task: Task = Field(Task.TEXT_GENERATION, description="Task of the model; only text-generation (causal language models) is served.")
     trust_remote_code: bool = Field(False, description="Allow the model directory's own Python code (config/model classes) to run.")
     dtype: DType = Field(DType.AUTO, description="Weight and activation dtype: auto (fp32 on CPU; the checkpoint's fp16/bf16 on GPU), fp32, fp16 or bf16.")
-    low_cpu_mem_usage: bool = Field(True, description="Load weights shard by shard instead of building the model twice in host memory.")
-    checkpoint: str | None = Field(None, description="DeepSpeed checkpoint description (JSON file in the model directory) to load pre-sharded weights from; needs an explicit dtype.")
-    training_mp_size: int = Field(1, ge=1, description="Tensor-parallel degree the checkpoint was saved with (DeepSpeed init_inference training_mp_size); >1 needs checkpoint.")
+    low_cpu_mem_usage: bool = Field(True, description="Load weights without building the model twice in host memory; always on (transformers 5 and the sharded loader have no other mode), so false is refused.")
+    checkpoint: str | None = Field(None, description="Weights to load instead of the model directory's own, by file name in the model directory: a .safetensors file, or a DeepSpeed checkpoint JSON ({\"type\": \"ds_model\", \"checkpoints\": [safetensors files]}); config and tokenizer still come from the directory.")
+    training_mp_size: int = Field(1, ge=1, le=1, description="Tensor-parallel degree the checkpoint was saved with; only 1 (a full checkpoint: every rank loads its own slices of it).")
 
     # ---- engine -------------------------------------------------------------------------------------
     tensor_parallel_degree: Union[int, Literal["max"]] = Field(
@@ -147,12 +147,16 @@ class ServingProperties(BaseModel):
     max_rolling_batch_size: int = Field(32, ge=1, le=4096, description="Most requests decoded together in one engine step.")
     max_rolling_batch_prefill_tokens: int = Field(4096, ge=1, description="Most prompt tokens prefilled in one engine step; longer prompts are prefilled in chunks over several steps.")
     max_tokens: int = Field(4096, ge=1, description="Most tokens (prompt + generated) of one request; capped by the model's context length.")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Share of each GPU's memory the server may use in all: weights, the largest step's activations (measured at start-up) and, with the rest, the KV cache.")
+    cpu_kv_cache_bytes: int = Field(2 * 2**30, ge=2**20, description="Bytes of host memory for the KV cache on a CPU (per rank).")
+    batch_size: int = Field(1, ge=1, le=4096, description="With rolling_batch=disable: most requests in one dynamic batch (DJL Serving's batch_size; also the top-level batch_size=).")
+    max_batch_delay: int = Field(100, ge=0, le=60000, description="With rolling_batch=disable: milliseconds the first request of a batch waits for batch-mates (DJL Serving's max_batch_delay; also top-level).")
     quantize: Quantize | None = Field(None, description="W8A8 quantization of the linear layers (int8 weights per channel, activations per token at run time): smoothquant (after SmoothQuant calibration and smoothing) or dynamic_int8 (no smoothing).")
     smoothquant_alpha: float | None = Field(None, description="SmoothQuant migration strength alpha in [0, 1]; unset: chosen by a search on the calibration data (logged); only with quantize=smoothquant.")
     smoothquant_calibration_data: str | None = Field(None, description="UTF-8 text file SmoothQuant calibrates on; unset: the calibration half of Python's pydoc_data topics. Calibrations are saved under model_cache_dir and reused.")
     enable_cuda_graph: bool = Field(False, description="Capture CUDA graphs for decoding (DeepSpeed kernel injection on GPU only).")
-    triangular_masking: bool = Field(True, description="Use a causal (triangular) attention mask in DeepSpeed kernel injection.")
-    return_tuple: bool = Field(True, description="DeepSpeed kernel-injected layers return tuples (init_inference return_tuple).")
+    triangular_masking: bool = Field(True, description="Causal (triangular) attention; always on for the causal language models served here, so false is refused.")
+    return_tuple: bool = Field(True, description="DeepSpeed kernel-injected layers return tuples (init_inference return_tuple); always on (the engines need it), so false is refused.")
     engine: DjlEngine = Field(DjlEngine.DEEPSPEED, description="serving.properties' top-level engine= (DeepSpeed, Python or MPI, as LMI wrote it); ranks follow tensor_parallel_degree in every case.")
     entry_point: str = Field("handlers.deepspeed", description="Handler module DJL Serving calls (option.entryPoint); djl_python.deepspeed is accepted as its LMI name.")
 
@@ -202,6 +206,18 @@ class ServingProperties(BaseModel):
     @classmethod
     def _bools(cls, v: Any) -> Any:
         return _parse_bool(v)
+
+    @field_validator("low_cpu_mem_usage", "triangular_masking", "return_tuple")
+    @classmethod
+    def _always_on(cls, v: bool, info: Any) -> bool:
+        if v is False:
+            reasons = {
+                "low_cpu_mem_usage": "transformers 5 and the sharded loader always load without a second copy of the model",
+                "triangular_masking": "the served models are causal language models: a non-causal mask would give wrong text",
+                "return_tuple": "the engines rely on DeepSpeed's tuple outputs",
+            }
+            raise ValueError(f"false is not supported: {reasons[info.field_name]}; remove the setting")
+        return v
 
     @field_validator("model_id", "revision", "checkpoint", "smoothquant_alpha", "smoothquant_calibration_data",
                      "model_cache_dir", mode="before")
@@ -254,14 +270,6 @@ class ServingProperties(BaseModel):
             problems.append((("smoothquant_calibration_data", "quantize"),
                              f"smoothquant_calibration_data={self.smoothquant_calibration_data} only applies with "
                              f"quantize=smoothquant, but quantize={_show(self.quantize)}"))
-        if self.checkpoint is not None and self.dtype is DType.AUTO:
-            problems.append((("checkpoint", "dtype"),
-                             f"checkpoint={self.checkpoint} is loaded by DeepSpeed without a model config to read the dtype from, "
-                             "so dtype must be set explicitly (fp16, bf16 or fp32), but dtype=auto"))
-        if self.training_mp_size > 1 and self.checkpoint is None:
-            problems.append((("training_mp_size", "checkpoint"),
-                             f"training_mp_size={self.training_mp_size} describes a pre-sharded DeepSpeed checkpoint, "
-                             "but checkpoint is unset"))
         if problems:
             raise CrossFieldError(problems)
         return self

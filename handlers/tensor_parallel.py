@@ -166,7 +166,7 @@ class TensorParallelRunner:
     def __init__(self, runner: Any, control_group: Any):
         self.runner = runner
         self.cache = runner.cache
-        self.staging_row = runner.staging_row
+        self.device = runner.device
         self._group = control_group
         self._peers = _exchange_pids(control_group)[1:]
 
@@ -186,21 +186,17 @@ class TensorParallelRunner:
 
         threading.Thread(target=check, name="rank-watchdog", daemon=True).start()
 
-    def prefill(self, row: int, token_ids: list[int], start: int) -> Any:
-        self._send(("prefill", row, token_ids, start))
-        return self.runner.prefill(row, token_ids, start)
+    def assign(self, sequence: int, blocks: list[int]) -> None:
+        self._send(("assign", sequence, blocks))
+        self.runner.assign(sequence, blocks)
 
-    def prefill_many(self, row_start: int, prompts: list[list[int]]) -> Any:
-        self._send(("prefill_many", row_start, prompts))
-        return self.runner.prefill_many(row_start, prompts)
+    def prefill(self, sequences: list[int], chunks: list[list[int]], starts: list[int], all_logits: bool = False) -> Any:
+        self._send(("prefill", sequences, chunks, starts, all_logits))
+        return self.runner.prefill(sequences, chunks, starts, all_logits)
 
-    def decode(self, token_ids: list[int], positions: list[int]) -> Any:
-        self._send(("decode", token_ids, positions))
-        return self.runner.decode(token_ids, positions)
-
-    def move_row(self, source: int, target: int, length: int) -> None:
-        self._send(("move_row", source, target, length))
-        self.runner.move_row(source, target, length)
+    def decode(self, sequences: list[int], token_ids: list[int], positions: list[int]) -> Any:
+        self._send(("decode", sequences, token_ids, positions))
+        return self.runner.decode(sequences, token_ids, positions)
 
     def heartbeat(self) -> None:
         """Raises when a rank is gone (its end of the control group is closed)."""
@@ -222,8 +218,7 @@ def worker_loop(runner: Any, control_group: Any) -> None:
     import torch.distributed as dist
 
     _exchange_pids(control_group)
-    operations = {"prefill": runner.prefill, "prefill_many": runner.prefill_many, "decode": runner.decode, "move_row": runner.move_row,
-                  "ping": lambda: None}
+    operations = {"assign": runner.assign, "prefill": runner.prefill, "decode": runner.decode, "ping": lambda: None}
     while True:
         box = [None]
         dist.broadcast_object_list(box, src=0, group=control_group)

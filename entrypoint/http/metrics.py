@@ -17,7 +17,9 @@ Two kinds of numbers:
       lmi_num_requests_running                the engine's running batch
       lmi_num_requests_waiting                admitted, not yet running: queued for the engine + prefilling
       lmi_num_requests_active                 admitted and not finished (what job_queue_size limits)
-      lmi_kv_cache_usage_perc                 fraction of the KV cache in use, 0..1
+      lmi_kv_cache_usage_perc                 fraction of the KV cache's blocks reserved, 0..1
+      lmi_kv_cache_used_tokens                token positions reserved by admitted requests
+      lmi_kv_cache_capacity_tokens            token positions the KV cache holds
       lmi_engine_steps_total                  engine steps taken
       lmi_engine_healthy                      1 while the engine can serve
       lmi_model_load_seconds                  from server start to model ready (absent while loading)
@@ -110,8 +112,12 @@ class EngineCollector(Collector):
                     stats.pending + stats.waiting if stats else 0)
         yield gauge("lmi_num_requests_active", "Admitted requests not finished yet (limited by job_queue_size).",
                     stats.admitted if stats else 0)
-        yield gauge("lmi_kv_cache_usage_perc", "Fraction of the KV cache in use (0..1).",
+        yield gauge("lmi_kv_cache_usage_perc", "Fraction of the KV cache's blocks reserved by admitted requests (0..1).",
                     stats.kv_cache_usage if stats else 0.0)
+        yield gauge("lmi_kv_cache_used_tokens", "Token positions of the KV cache reserved by admitted requests.",
+                    stats.kv_cache_tokens if stats else 0)
+        yield gauge("lmi_kv_cache_capacity_tokens", "Token positions the KV cache holds (sized at start-up from the "
+                    "memory budget).", stats.kv_cache_capacity_tokens if stats else 0)
         yield CounterMetricFamily("lmi_engine_steps", "Engine steps taken.", value=stats.steps if stats else 0)
         yield gauge("lmi_engine_healthy", "1 while the engine can serve requests.",
                     1 if stats is not None and stats.healthy else 0)

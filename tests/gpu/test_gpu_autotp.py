@@ -30,17 +30,19 @@ def tiny_llama(seed: int = 0, dtype=None):
 
 class NumberTokenizer:
     eos_token_id = None
+    all_special_ids: list[int] = []
+
+    def __len__(self):
+        return 512
 
     def decode(self, ids, skip_special_tokens=True):
         return " ".join(str(i) for i in ids)
 
 
-def engine_for(model, max_batch=8):
-    from handlers.model_runner import ModelRunner
-    from handlers.rolling_batch import RollingBatchEngine
-    runner = ModelRunner(model, max_batch=max_batch, max_length=1024, device="cuda")
-    return RollingBatchEngine(runner, NumberTokenizer(), max_batch=max_batch, max_prefill_tokens=256,
-                              max_total_tokens=1024, eos_token_ids=())
+def engine_for(model, max_batch=8, kv_tokens=16384, prefill=256):
+    from tests.support.engines import make_engine
+    return make_engine(model, NumberTokenizer(), max_batch=max_batch, prefill=prefill, max_total=1024,
+                       kv_tokens=kv_tokens, device="cuda")
 
 
 def run(engine, requests):

@@ -215,8 +215,13 @@ INVALID = [
     ("dtype", "int8", "set quantize=dynamic_int8"),
     ("trust_remote_code", "maybe", "expected true or false"),
     ("low_cpu_mem_usage", "sometimes", "expected true or false"),
-    ("training_mp_size", "0", "out of range (>= 1)"),
-    ("training_mp_size", "two", "expected a whole number (>= 1)"),
+    ("training_mp_size", "0", "out of range (>= 1 and <= 1)"),
+    ("training_mp_size", "two", "expected a whole number (>= 1 and <= 1)"),
+    ("gpu_memory_utilization", "0", "out of range (> 0.0 and <= 1.0)"),
+    ("gpu_memory_utilization", "1.5", "out of range (> 0.0 and <= 1.0)"),
+    ("cpu_kv_cache_bytes", "1000", "out of range (>= 1048576)"),
+    ("batch_size", "0", "out of range (>= 1 and <= 4096)"),
+    ("max_batch_delay", "-5", "out of range (>= 0 and <= 60000)"),
     ("tensor_parallel_degree", "0", "expected a positive integer or max"),
     ("tensor_parallel_degree", "-2", "expected a positive integer or max"),
     ("tensor_parallel_degree", "1.5", "expected a positive integer or max"),
@@ -349,19 +354,10 @@ def test_smoothquant_calibration_data_without_smoothquant(tmp_path):
     assert "smoothquant_calibration_data=/data/calib.txt" in message and "quantize=dynamic_int8" in message
 
 
-def test_checkpoint_without_dtype(tmp_path):
-    message = str(error_of(tmp_path, "option.checkpoint=ds_inference_config.json\n"))
-    assert "checkpoint=ds_inference_config.json" in message
-    assert "dtype=auto" in message
-    assert "dtype must be set explicitly" in message
-    assert load(tmp_path, "option.checkpoint=ds.json\noption.dtype=fp16\n").properties.checkpoint == "ds.json"
-
-
-def test_training_mp_size_without_checkpoint(tmp_path):
+def test_presharded_checkpoints_are_refused(tmp_path):
     message = str(error_of(tmp_path, None, OPTION_TRAINING_MP_SIZE="2"))
-    assert "training_mp_size=2" in message
-    assert "checkpoint is unset" in message
-    assert "environment variable OPTION_TRAINING_MP_SIZE" in message
+    assert "OPTION_TRAINING_MP_SIZE" in message and "'2'" in message
+    assert load(tmp_path, "option.checkpoint=ds.json\n").properties.checkpoint == "ds.json"
 
 
 # ---- several problems at once -------------------------------------------------------------------------
@@ -377,8 +373,21 @@ def test_all_field_problems_are_reported_together(tmp_path):
 
 
 def test_all_cross_field_problems_are_reported_together(tmp_path):
-    error = error_of(tmp_path, "option.smoothquant_calibration_data=c.txt\noption.training_mp_size=4\n")
+    error = error_of(tmp_path, "option.smoothquant_calibration_data=c.txt\noption.smoothquant_alpha=0.5\n")
     assert len(error.problems) == 2
     message = str(error)
     assert "smoothquant_calibration_data=c.txt" in message
-    assert "training_mp_size=4" in message
+    assert "smoothquant_alpha=0.5" in message
+
+
+def test_dynamic_batching_keys_apply_with_rolling_batch_disabled(tmp_path):
+    configuration = load(tmp_path, "engine=DeepSpeed\nbatch_size=4\nmax_batch_delay=20\noption.rolling_batch=disable\n")
+    assert configuration.properties.batch_size == 4 and configuration.properties.max_batch_delay == 20
+    assert configuration.notes == []
+
+
+@pytest.mark.parametrize("key", ["low_cpu_mem_usage", "triangular_masking", "return_tuple"])
+def test_always_on_settings_refuse_false_saying_why(tmp_path, key):
+    with pytest.raises(ConfigurationError) as error:
+        load(tmp_path, f"option.{key}=false\n")
+    assert key in str(error.value) and "not supported" in str(error.value)
