@@ -19,6 +19,7 @@ within 3% of fp32 and better than naive W8A8; int8 weights <= 55% of fp16) and t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -126,13 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {', '.join(unknown)}; allowed: {', '.join(VARIANTS)}")
-    model_dir = args.model_dir
-    if model_dir is None:
-        from quantization.calibration_cache import default_cache_dir
-        from entrypoint.embedded_model import ensure_embedded_model
-        model_dir = ensure_embedded_model(default_cache_dir())
-    report = {"command": "python -m quantization.evaluate " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "model": str(model_dir), **_environment(), **evaluate(model_dir, args.windows, args.window_tokens, variants)}
+    # stdout carries the JSON object alone: libraries' log lines (DeepSpeed logs to stdout, binding the stream
+    # when it is first imported, which happens inside this block) go to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        model_dir = args.model_dir
+        if model_dir is None:
+            from quantization.calibration_cache import default_cache_dir
+            from entrypoint.embedded_model import ensure_embedded_model
+            model_dir = ensure_embedded_model(default_cache_dir())
+        report = {"command": "python -m quantization.evaluate " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "model": str(model_dir), **_environment(),
+                  **evaluate(model_dir, args.windows, args.window_tokens, variants)}
     print(json.dumps(report, indent=2))
     return 0
 
