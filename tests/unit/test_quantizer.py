@@ -27,7 +27,7 @@ def tokenizer():
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(pydoc_topics("calibration")[:10], trainers.BpeTrainer(vocab_size=300,
+    tok.train_from_iterator(pydoc_topics("calibration")[:3], trainers.BpeTrainer(vocab_size=300,
                                                                                   special_tokens=["<unk>", "<eos>"]))
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
 
