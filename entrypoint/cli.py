@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from entrypoint.configuration import DEFAULT_MODEL_DIR, Configuration, ConfigurationError, load_configuration
+from entrypoint.log_filters import quiet_third_party
 
 EXIT_USER_ERROR = 2  # the status argparse uses for bad arguments; a bad configuration is the same kind of mistake
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -71,8 +72,8 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def configure_logging(level: int = logging.INFO, rank_prefix: str = "") -> None:
-    """Log to stderr with time, level and logger name (and the rank, for tensor-parallel ranks); once per
-    process (every command calls it)."""
+    """Log to stderr with time, level and logger name (and the rank, for tensor-parallel ranks), without the
+    third-party lines that say nothing to a user (`log_filters`); once per process (every command calls it)."""
     root = logging.getLogger()
     if any(getattr(handler, "_lmi_cli", False) for handler in root.handlers):
         return
@@ -81,6 +82,7 @@ def configure_logging(level: int = logging.INFO, rank_prefix: str = "") -> None:
     handler._lmi_cli = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
+    quiet_third_party()
 
 
 # ---- serve --------------------------------------------------------------------------------------------
@@ -101,8 +103,9 @@ def _serve(args: argparse.Namespace) -> int:
     except user_errors() as error:
         return report_user_error(error, configuration)
     plan = report["plan"]
-    log.info("plan: engine %s, tensor parallel %s, dtype %s, model %s", plan["engine"],
-             plan["tensor_parallel_degree"], plan["dtype"], report["model"]["description"])
+    log.info("plan: engine %s on %s, tensor parallel %s, dtype %s, model %s", plan["engine"],
+             _device_text(plan["device"]), plan["tensor_parallel_degree"], plan["dtype"],
+             report["model"]["description"])
     if plan["tensor_parallel_degree"] > 1:
         from entrypoint.rank_launcher import exec_ranks
         exec_ranks(args.model_dir, plan["tensor_parallel_degree"])  # does not return
@@ -190,7 +193,7 @@ def render_report(report: dict[str, Any]) -> str:
     out.append("")
     out.append("Engine plan")
     out += _fields([
-        ("device", f"{device['count']} x {device['name']}" if device["kind"] == "cuda" else f"CPU ({device['name']})"),
+        ("device", _device_text(device)),
         ("engine", plan["engine"]),
         ("why", plan["reason"]),
         ("tensor parallel", str(plan["tensor_parallel_degree"])),
@@ -249,6 +252,10 @@ def _stdout_to_stderr() -> Iterator[None]:
         if saved is not None:
             os.dup2(saved, 1)
             os.close(saved)
+
+
+def _device_text(device: dict[str, Any]) -> str:
+    return f"{device['count']} x {device['name']}" if device["kind"] == "cuda" else f"CPU ({device['name']})"
 
 
 def _fields(rows: list[tuple[str, str]]) -> list[str]:

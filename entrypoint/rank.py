@@ -59,7 +59,7 @@ def serve_worker(configuration: Any) -> int:
     logger.info("rank ready; following rank 0: weights_bytes_this_rank=%d %s",
                 sum(p.numel() * p.element_size() for p in model.module.parameters()),
                 " ".join(f"{key}={value}" for key, value in memory.stop().items()))
-    worker_loop(model.runner, model.control_group)
+    worker_loop(model.runner, model.groups)
     import resource
     logger.info("rank 0 said stop; exiting (peak_rss over the whole run: %.2fGiB)",
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)

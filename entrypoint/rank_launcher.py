@@ -24,10 +24,15 @@ log = logging.getLogger("lmi.ranks")
 
 
 def rank_command(model_dir: Path, degree: int, master_port: int) -> list[str]:
+    return launcher_command("entrypoint.rank", ["--model-dir", str(model_dir)], degree, master_port)
+
+
+def launcher_command(module: str, arguments: list[str], degree: int, master_port: int) -> list[str]:
+    """DeepSpeed's per-node launcher running `python -m module arguments` as `degree` local ranks."""
     world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(degree))}).encode()).decode()
     return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
             "--master_addr=127.0.0.1", f"--master_port={master_port}", "--module", "--no_local_rank",
-            "entrypoint.rank", "--model-dir", str(model_dir)]
+            module, *arguments]
 
 
 def exec_ranks(model_dir: Path, degree: int) -> None:

@@ -30,12 +30,11 @@ def load_autotp_engine(properties: Any, plan: Any, model_path: str, progress: Ca
     model = load_autotp_model(properties, plan, model_path, progress)
     memory_summary = memory.stop()
     runner = model.runner
-    if model.control_group is not None:
+    if model.groups is not None:
         from handlers.tensor_parallel import TensorParallelRunner
-        runner = TensorParallelRunner(runner, model.control_group)
+        runner = TensorParallelRunner(runner, model.groups)
     module = model.module
     load_seconds = time.monotonic() - started
-    progress(f"model ready in {load_seconds:.1f} s")
     batching = None
     if not getattr(plan, "rolling_batch", True):
         batching = DynamicBatching(properties.batch_size, properties.max_batch_delay / 1000.0)
@@ -72,7 +71,7 @@ class AutoTPModel:
     dtype: Any
     budget: Any  # handlers.kv_blocks.KVBudget: the KV cache's size, the same on every rank
     max_sequences: int  # requests in the batch at once (sequence slots of the block table)
-    control_group: Any = None  # set when tensor-parallel: the gloo group commands travel on
+    groups: Any = None  # tensor-parallel only: handlers.tensor_parallel.ProcessGroups (rank, control groups)
 
 
 def load_autotp_model(properties: Any, plan: Any, model_path: str, progress: Callable[[str], None]) -> AutoTPModel:
@@ -94,10 +93,11 @@ def load_autotp_model(properties: Any, plan: Any, model_path: str, progress: Cal
         progress(f"checkpoint={properties.checkpoint}: loading its weights ({model_path} links them)")
     progress(f"loading tokenizer from {model_path}")
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=properties.trust_remote_code)
-    control_group = None
+    groups = None
     if degree > 1:
         from handlers.tensor_parallel import init_distributed, load_sharded_model
-        rank, world, control_group = init_distributed(plan.device.kind)
+        groups = init_distributed(plan.device.kind, startup_timeout=properties.model_loading_timeout)
+        rank, world = groups.rank, groups.world
         if world != degree:
             raise RuntimeError(f"tensor_parallel_degree={degree} but the launcher started {world} ranks")
         if plan.device.kind == "cpu":
@@ -123,14 +123,14 @@ def load_autotp_model(properties: Any, plan: Any, model_path: str, progress: Cal
     max_total_tokens = min(properties.max_tokens, context)
     rolling = getattr(plan, "rolling_batch", True)
     max_sequences = properties.max_rolling_batch_size if rolling else properties.batch_size
-    runner, budget = _runner_within_budget(module, properties, device, max_sequences, max_total_tokens, control_group)
+    runner, budget = _runner_within_budget(module, properties, device, max_sequences, max_total_tokens, groups)
     progress(f"KV cache: {budget.tokens} tokens in {budget.num_blocks} blocks of {budget.block_size} "
              f"({budget.bytes / 2**30:.2f} GiB; {budget.basis})")
-    return AutoTPModel(module, tokenizer, runner, max_total_tokens, dtype, budget, max_sequences, control_group)
+    return AutoTPModel(module, tokenizer, runner, max_total_tokens, dtype, budget, max_sequences, groups)
 
 
 def _runner_within_budget(module: Any, properties: Any, device: Any, max_sequences: int, max_total_tokens: int,
-                          control_group: Any) -> tuple[Any, Any]:
+                          groups: Any) -> tuple[Any, Any]:
     """Measure what one token's K/V takes on this rank and what the largest step needs, size the KV cache
     from the memory budget (`handlers.kv_blocks`), and return a runner over a cache of that size."""
     import torch
@@ -165,11 +165,12 @@ def _runner_within_budget(module: Any, properties: Any, device: Any, max_sequenc
     budget = size_kv_budget(available_bytes=available, bytes_per_token=per_token, block_size=KV_BLOCK_SIZE,
                             basis=basis)
     del probe_runner
-    if control_group is not None:
-        # Every rank must hold the same blocks (rank 0 allocates for all): take the smallest budget.
+    if groups is not None:
+        # Every rank must hold the same blocks (rank 0 allocates for all): take the smallest budget. On the
+        # start-up group: a rank may finish loading long after another.
         import torch.distributed as dist
         blocks = torch.tensor([budget.num_blocks], dtype=torch.long)
-        dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=control_group)
+        dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=groups.startup)
         budget = KVBudget(budget.block_size, int(blocks.item()), budget.bytes_per_token, budget.basis)
     if on_gpu:
         torch.cuda.empty_cache()

@@ -16,7 +16,7 @@ import abc
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -173,6 +173,10 @@ class Engine(abc.ABC):
     def heartbeat(self) -> None:
         """Called while idle every `heartbeat_interval` s; raises when the engine can no longer serve
         (e.g. a tensor-parallel rank died), which fails the engine like a crashed step."""
+
+    def watch(self, abort: Callable[[str], None]) -> None:
+        """Called once when the engine loop starts: an engine with parts outside the loop's thread (tensor-
+        parallel ranks) watches them and calls `abort(reason)` the moment one is lost."""
 
     def stats(self) -> EngineStats:
         return EngineStats()

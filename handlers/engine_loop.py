@@ -143,9 +143,7 @@ class EngineLoop:
         self._thread.start()
         # An engine with parts outside this thread (tensor-parallel ranks) watches them and aborts the
         # loop itself when one dies, even while a step is stuck waiting for it.
-        watch = getattr(self.engine, "watch", None)
-        if callable(watch):
-            watch(self.abort)
+        self.engine.watch(self.abort)
         return self
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -25,6 +25,7 @@ from handlers.engine_policy import (
     PREFERENCE,
     PREFERENCE_REASONS,
     QUANTIZATION,
+    TENSOR_PARALLEL_REFUSED,
     ArchitecturePolicy,
     EngineSpec,
     QuantizationSupport,
@@ -330,7 +331,33 @@ def _resolve_degree(requested: int | str, shape: ModelShape, device: Device,
                                     f"{shown} does not divide the model's {shape.heads} attention heads and "
                                     f"{shape.kv_heads} key/value heads evenly (every rank must hold whole heads); "
                                     f"valid degrees: {', '.join(map(str, valid))}"))
+    if degree > 1:
+        why = TENSOR_PARALLEL_REFUSED.get(shape.model_type or "") or _unshardable_checkpoint(shape)
+        if why is not None:
+            problems.append(PlanProblem("tensor_parallel_degree", requested,
+                                        f"{shown}: {shape.architecture or shape.model_type} cannot be sharded across "
+                                        f"ranks: {why}; use tensor_parallel_degree=1"))
     return degree
+
+
+def _unshardable_checkpoint(shape: ModelShape) -> str | None:
+    """Why each rank cannot read its slices of this architecture's checkpoint, or None. transformers converts
+    some checkpoints on load with transforms that merge or split tensors (stacking MoE experts, splitting a
+    fused projection); a rank reading only its slices cannot apply those (handlers/sharded_checkpoint.py)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    for name in (shape.architecture, shape.model_type):
+        transforms = get_checkpoint_conversion_mapping(name) if name else None
+        if transforms is None:
+            continue
+        merged = [t for t in transforms if not isinstance(t, WeightRenaming)]
+        if merged:
+            return (f"transformers converts its checkpoint on load by merging or splitting tensors "
+                    f"({type(merged[0]).__name__} for {', '.join(merged[0].source_patterns)}), which a rank reading "
+                    "only its own slices of each tensor cannot do")
+        return None
+    return None
 
 
 def _blocker(spec: EngineSpec, arch: ArchitecturePolicy, model_config: Mapping[str, Any],

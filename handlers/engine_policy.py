@@ -190,10 +190,24 @@ _ROWS: tuple[ArchitecturePolicy, ...] = (
     _row("gpt_neox", fastgen=_FASTGEN_NONE,
          kernel_injection=fails("fails with transformers 5.17: missing attribute hidden_size (measured)")),
     _row("bloom", fastgen=_FASTGEN_NONE,
-         kernel_injection=fails("DeepSpeed refuses BLOOM kernel injection above transformers 4.43.4 (measured)")),
+         kernel_injection=fails("DeepSpeed refuses BLOOM kernel injection above transformers 4.43.4 (measured)"),
+         autotp=fails("transformers 5 has no SDPA attention for BLOOM (from_pretrained(attn_implementation='sdpa') "
+                      "raises, measured with 5.24), and the AutoTP engine's paged KV cache passes a boolean 4D "
+                      "attention mask that only SDPA takes")),
 )
 
 ARCHITECTURES: Mapping[str, ArchitecturePolicy] = MappingProxyType({row.model_type: row for row in _ROWS})
+
+# Architectures AutoTP cannot run at tensor_parallel_degree > 1, and why. Measured on CPU with tiny random
+# configs, DeepSpeed 0.19.8 and transformers 5.24 (tests/integration/test_tp_loading.py keeps checking that
+# they still fail sharded; Phi-3, GPT-NeoX, Falcon, Qwen2 and Mistral match degree 1 there).
+TENSOR_PARALLEL_REFUSED: Mapping[str, str] = MappingProxyType({
+    "gpt2": "DeepSpeed 0.19.8's AutoTP refuses GPT-2 by name (module_inject/auto_tp.py AutoTP.supported: "
+            "'AutoTP not supported for model. Please use kernel injection since container policy for model exists')",
+    "bloom": "DeepSpeed 0.19.8 shards BLOOM's ALiBi biases by patching transformer.build_alibi_tensor, which "
+             "transformers 5 no longer has, so each rank adds the biases of all heads to its share of them "
+             "(measured: the forward fails with a shape mismatch); BLOOM also has no SDPA attention in transformers",
+})
 
 # A model_type not in the table: AutoTP needs nothing architecture-specific, so it is served rather than refused.
 _UNKNOWN_ENGINES = MappingProxyType({

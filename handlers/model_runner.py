@@ -14,6 +14,7 @@ import torch
 
 from handlers.engine import EngineOutOfMemory
 from handlers.paged_kv_cache import PagedKVCache
+from handlers.runner import Runner
 
 
 def cache_keyword(model: Any) -> str:
@@ -23,7 +24,7 @@ def cache_keyword(model: Any) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-class ModelRunner:
+class ModelRunner(Runner):
     def __init__(self, model: Any, cache: PagedKVCache, device: torch.device | str = "cpu"):
         """`model` is a transformers causal LM (DeepSpeed's AutoTP shards its linear layers in place, so the
         module keeps its Hugging Face forward signature)."""

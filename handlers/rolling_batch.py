@@ -45,6 +45,7 @@ from handlers.engine import (
     Token,
 )
 from handlers.kv_blocks import BlockAllocator
+from handlers.runner import Runner
 from handlers.token_sampler import Choice, SequenceSampling, TokenSampler
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class _Active:
 
 
 class RollingBatchEngine(Engine):
-    def __init__(self, runner: Any, tokenizer: Any, *, allocator: BlockAllocator, max_batch: int,
+    def __init__(self, runner: Runner, tokenizer: Any, *, allocator: BlockAllocator, max_batch: int,
                  max_prefill_tokens: int, max_total_tokens: int, eos_token_ids: Iterable[int],
                  batching: DynamicBatching | None = None, name: str = "autotp",
                  summary: dict[str, Any] | None = None):
@@ -113,7 +114,7 @@ class RollingBatchEngine(Engine):
         self._by_id: dict[str, _Active] = {}
         self._free_sequences = list(range(self.max_batch - 1, -1, -1))
         # A tensor-parallel runner checks its ranks while idle (see handlers.tensor_parallel).
-        self.heartbeat_interval = getattr(runner, "heartbeat_interval", None)
+        self.heartbeat_interval = runner.heartbeat_interval
 
     # ---- Engine interface ---------------------------------------------------------------------------
     def add_request(self, request: GenerationRequest) -> None:
@@ -163,19 +164,13 @@ class RollingBatchEngine(Engine):
 
     def watch(self, abort: Any) -> None:
         """Hand `abort` to a runner that watches parts outside the engine thread (tensor-parallel ranks)."""
-        watch = getattr(self.runner, "watch", None)
-        if watch is not None:
-            watch(abort)
+        self.runner.watch(abort)
 
     def heartbeat(self) -> None:
-        beat = getattr(self.runner, "heartbeat", None)
-        if beat is not None:
-            beat()
+        self.runner.heartbeat()
 
     def shutdown(self) -> None:
-        stop = getattr(self.runner, "shutdown", None)
-        if stop is not None:
-            stop()
+        self.runner.shutdown()
 
     def stats(self) -> EngineStats:
         budget = self.allocator.budget

@@ -9,16 +9,20 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def embedded_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The embedded SmolLM2-135M-Instruct converted to a Hugging Face model directory, once per session.
+def embedded_model_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a Hugging Face model directory, fetched and converted once per
+    machine (~30 s the first time), not once per session.
 
-    Conversion takes about half a minute; set LMI_TEST_MODEL_CACHE to a directory to keep the converted model
-    across test runs (it is used as the cache_dir of ensure_embedded_model).
+    It lives where the server keeps it, `<cache>/embedded/SmolLM2-135M-Instruct`, in the machine-wide cache
+    the server uses by default (`$LMI_CACHE_DIR`, else `$XDG_CACHE_HOME/lmi-deepspeed`, else
+    `~/.cache/lmi-deepspeed`); LMI_TEST_MODEL_CACHE names another cache directory for the tests. Test
+    sessions started together share one conversion (a file lock; see `ensure_embedded_model`).
     """
     from entrypoint.embedded_model import ensure_embedded_model
+    from entrypoint.model_resolution import default_cache_dir
 
     configured = os.environ.get("LMI_TEST_MODEL_CACHE", "").strip()
-    cache_dir = Path(configured) if configured else tmp_path_factory.mktemp("lmi-model-cache")
+    cache_dir = Path(configured).expanduser() if configured else default_cache_dir()
     return ensure_embedded_model(cache_dir, progress=False)
 
 

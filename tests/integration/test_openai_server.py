@@ -1,12 +1,11 @@
 """The OpenAI API of the real server on the embedded SmolLM2-135M-Instruct, through the official `openai`
-client; /metrics; and cancellation: a client that goes away frees its batch slot within about a second.
+client; /metrics; and cancellation: a client that goes away frees its batch slot at once.
 
 The server is the session's (tests/integration/conftest.py); token counts are compared with the model's own
 tokenizer. CPU decoding is slow here, so generations stay short."""
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -112,10 +111,15 @@ def test_metrics_count_openai_and_lmi_requests(client, url):
 
 
 # ---- cancellation --------------------------------------------------------------------------------------------
-LONG = 480  # tokens (the fixture's max_tokens is 512): seconds of CPU decoding, far more than the test waits
+# A request the client abandoned must stop generating at once, not run to its max_tokens for nobody. What
+# shows it, whatever the machine's load: the tokens it generated before it stopped, far fewer than LONG (a
+# loaded machine decodes more slowly, so it generates even fewer in the same time). How long the server takes
+# to become idle is only waited for, with a bound far above what the behaviour needs.
+LONG = 480  # tokens (the fixture's max_tokens is 512): tens of seconds of CPU decoding
+IDLE_WITHIN = 60.0  # seconds; the wait ends as soon as the server is idle
 
 
-def wait_until_idle(url: str, within: float) -> float:
+def wait_until_idle(url: str, within: float = IDLE_WITHIN) -> float:
     """Seconds until no request is running or admitted; fails after `within` seconds."""
     started = time.monotonic()
     while True:
@@ -127,7 +131,7 @@ def wait_until_idle(url: str, within: float) -> float:
         time.sleep(0.05)
 
 
-def test_a_closed_stream_frees_its_batch_slot_within_a_second(url):
+def test_a_closed_stream_frees_its_batch_slot(url):
     before = metrics(url)
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": LONG, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=60) as client:
@@ -135,32 +139,21 @@ def test_a_closed_stream_frees_its_batch_slot_within_a_second(url):
             events = (line for line in response.iter_lines() if line.startswith("data: "))
             assert [next(events).startswith("data: {") for _ in range(2)] == [True, True]
             assert metrics(url)["lmi_num_requests_running"] == 1
-    wait_until_idle(url, within=1.0)
+    wait_until_idle(url)
     after = metrics(url)
     assert requests_total(after, "/v1/completions", 499) == requests_total(before, "/v1/completions", 499) + 1
     assert after["lmi_generation_tokens_total"] - before["lmi_generation_tokens_total"] < LONG / 4
 
 
-def test_a_client_that_times_out_frees_its_batch_slot_within_a_second(url):
+def test_a_client_that_times_out_frees_its_batch_slot(url):
+    """A non-streaming request whose client gives up after 1 s (its own read timeout) is cancelled."""
     before = metrics(url)
-    failures: list[BaseException] = []
-
-    def impatient() -> None:
-        try:
-            httpx.post(f"{url}/invocations", timeout=1.0,
-                       json={"inputs": "Once upon a time", "parameters": {"max_new_tokens": LONG, "ignore_eos": True}})
-        except BaseException as exc:  # noqa: BLE001 - the timeout is the point
-            failures.append(exc)
-
-    thread = threading.Thread(target=impatient)
-    thread.start()
-    deadline = time.monotonic() + 1.0
-    while metrics(url)["lmi_num_requests_running"] == 0:
-        assert time.monotonic() < deadline, "the request never started running"
-        time.sleep(0.05)
-    thread.join(10)
-    assert len(failures) == 1 and isinstance(failures[0], httpx.ReadTimeout)
-    wait_until_idle(url, within=1.0)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/invocations", timeout=1.0,
+                   json={"inputs": "Once upon a time", "parameters": {"max_new_tokens": LONG, "ignore_eos": True}})
+    wait_until_idle(url)
     after = metrics(url)
     assert requests_total(after, "/invocations", 499) == requests_total(before, "/invocations", 499) + 1
-    assert after["lmi_generation_tokens_total"] - before["lmi_generation_tokens_total"] < LONG / 2
+    # It reached the engine (only admitted requests count prompt tokens), and stopped far short of LONG.
+    assert after["lmi_prompt_tokens_total"] > before["lmi_prompt_tokens_total"]
+    assert after["lmi_generation_tokens_total"] - before["lmi_generation_tokens_total"] < LONG / 4

@@ -86,7 +86,26 @@ def test_ping_answers_503_while_loading_then_200_and_sigterm_exits_0(processes):
     client.join(5)
     assert process.returncode == 0, stderr
     assert len(lines) == 60 and '"generated_text"' in lines[-1]
-    assert "model ready in" in stderr and "request_id=" in stderr
+    assert "request_id=" in stderr
+    # One start-up summary, after the warm-up phase; no other "ready" line.
+    assert "loading: warming up: one 2-token generation" in stderr
+    assert [line.split(" INFO ", 1)[1] for line in stderr.splitlines() if " ready in " in line] == [
+        f"lmi.launch: ready in {line_value(stderr, 'ready in ')} s: serving fake-model on {url}"]
+
+
+def line_value(text: str, after: str) -> str:
+    """The word after `after` in `text` (the first occurrence)."""
+    return text.split(after, 1)[1].split()[0]
+
+
+def test_an_engine_that_cannot_generate_fails_at_start_up_not_on_the_first_request(processes):
+    process, _ = start("--crash-at-step", "1")
+    processes.append(process)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1, stderr
+    failure = next(line for line in stderr.splitlines() if "could not be loaded, exiting" in line)
+    assert "the warm-up generation failed" in failure and "fake engine crashed at step 1" in failure
+    assert " ready in " not in stderr
 
 
 def test_failing_load_exits_non_zero_with_the_reason(processes):

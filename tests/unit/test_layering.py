@@ -1,0 +1,57 @@
+"""The package layering the developers' guide asks for, read from the source (every import, including the
+ones inside functions): `entrypoint/` uses `handlers/`, never the reverse, and the project's modules import
+each other without cycles."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("entrypoint", "handlers", "quantization")
+# The DJL handler (`handlers/deepspeed.py`: DJL Serving loads it by that path) still builds the server's
+# configuration through entrypoint/; moving that out is the DJL-compatibility work, not this layering's.
+DJL_HANDLER = "handlers.deepspeed"
+
+
+def _modules() -> dict[str, set[str]]:
+    """module -> the project modules it imports (anywhere in the file)."""
+    graph: dict[str, set[str]] = {}
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+            imported = set()
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    imported.update(alias.name for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    imported.add(node.module)
+                    imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+            graph[name] = imported
+    return {name: {i for i in imported if i in graph and i != name} for name, imported in graph.items()}
+
+
+def test_handlers_never_import_entrypoint():
+    offenders = {name: sorted(i for i in imported if i.startswith("entrypoint"))
+                 for name, imported in _modules().items() if name.startswith("handlers") and name != DJL_HANDLER}
+    assert {name: found for name, found in offenders.items() if found} == {}
+
+
+def test_no_import_cycles():
+    graph = _modules()
+    cycles = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for target in sorted(graph[name]):
+            if state.get(target) == 1:
+                cycles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, path + [target])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert cycles == []
