@@ -149,6 +149,8 @@ def build_report(configuration: Configuration) -> dict[str, Any]:
     resolved = resolve_model(properties.model_id, model_dir=configuration.model_dir, revision=properties.revision,
                              cache_dir=properties.model_cache_dir, config_only=True, progress=False)
     model_config = read_model_config(resolved)
+    from entrypoint.model_checks import check_model
+    check_model(resolved, model_config, properties.trust_remote_code)  # faults visible without loading
     from entrypoint.engine_factory import ENGINE_BUILDERS, QUANTIZERS
     plan = plan_engine(properties, model_config, detect_device(), available=ENGINE_BUILDERS, quantizers=QUANTIZERS)
     shape = ModelShape.from_config(model_config)

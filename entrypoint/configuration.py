@@ -79,7 +79,16 @@ def load_configuration(model_dir: Path | str | None = None, environ: Mapping[str
     model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
     properties_file = model_dir / PROPERTIES_FILE
 
-    raw_values, unknown, notes = property_sources.collect(properties_file, environ)
+    try:
+        raw_values, unknown, notes = property_sources.collect(properties_file, environ)
+    except UnicodeDecodeError as error:  # found by fuzzing (tests/unit/test_configuration_fuzz.py)
+        line = properties_file.read_bytes()[:error.start].count(b"\n") + 1
+        raise ConfigurationError([Problem(f"{properties_file}:{line}", None, _NO_VALUE,
+                                          f"not UTF-8 text (byte 0x{error.object[error.start]:02x}); save the file "
+                                          f"as UTF-8")]) from None
+    except OSError as error:
+        raise ConfigurationError([Problem(str(properties_file), None, _NO_VALUE,
+                                          f"cannot be read ({error.strerror})")]) from None
     return _validated(raw_values, unknown, notes, model_dir)
 
 

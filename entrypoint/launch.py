@@ -5,11 +5,14 @@ load begins; /ping answers 503 with the load progress until the engine is ready.
 exceeds model_loading_timeout, the error is logged and `serve` returns 1: a container that cannot serve
 should exit so SageMaker replaces it, not answer 503 forever. Once serving, an engine that fails also makes `serve` return 1. SIGTERM (and SIGINT) shut down gracefully:
 uvicorn stops accepting connections and lets running requests finish for up to GRACEFUL_SHUTDOWN_SECONDS,
-then the engine loop finishes whatever is left with "server shutting down" and `serve` returns 0.
+then the engine loop finishes whatever is left with "server shutting down" (a 503 in the documented error
+shape, or an error event ending a stream, each in the access log) and `serve` returns 0, all within
+SageMaker's 30 s between SIGTERM and SIGKILL.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import resource
@@ -23,6 +26,7 @@ import uvicorn
 
 from entrypoint.configuration import Configuration
 from entrypoint.http.app import create_app
+from entrypoint.http.connection_timeouts import timed_protocol
 from entrypoint.http.state import ServerState
 from entrypoint.log_filters import quiet_third_party
 from entrypoint.startup_report import StartupTimeline, render_summary
@@ -35,8 +39,12 @@ logger = logging.getLogger("lmi.launch")
 
 EngineFactory = Callable[[Configuration, Callable[[str], None]], Engine]
 
-#: seconds running requests get to finish after SIGTERM (SageMaker / ECS kill after 30 s by default)
-GRACEFUL_SHUTDOWN_SECONDS = 25.0
+#: seconds running requests get to finish after SIGTERM (SageMaker / ECS kill after 30 s by default); the
+#: requests still running then are ended with "server shutting down" and get their error responses
+GRACEFUL_SHUTDOWN_SECONDS = 20.0
+#: seconds after that for those error responses to be written before uvicorn cancels what is left (which
+#: would answer a bare text/plain 500): 20 + 5 stays inside the 30 s
+SHUTDOWN_WRITE_SECONDS = 5.0
 #: how often the engine's health is checked once serving, and how long error responses get to reach
 #: clients after an engine failure before the process exits
 ENGINE_WATCH_SECONDS = 0.5
@@ -57,10 +65,13 @@ def serve(configuration: Configuration, engine_factory: EngineFactory | None = N
     properties = configuration.properties
     name, aliases = model_name_for(configuration)
     state = ServerState(name, aliases)
-    server = uvicorn.Server(uvicorn.Config(
+    server = _Server(uvicorn.Config(
         create_app(configuration, state), host=host, port=properties.port, log_config=None, access_log=False,
-        timeout_graceful_shutdown=graceful_shutdown_s, timeout_keep_alive=KEEP_ALIVE_SECONDS))
+        http=timed_protocol(properties.request_read_timeout),
+        timeout_graceful_shutdown=graceful_shutdown_s + SHUTDOWN_WRITE_SECONDS, timeout_keep_alive=KEEP_ALIVE_SECONDS),
+        drain_s=graceful_shutdown_s)
     loader = _Loader(configuration, engine_factory or _default_engine_factory, state, server, raise_load_errors)
+    server.end_in_flight = loader.end_in_flight
     threading.Thread(target=loader.run, name="model-loader", daemon=True).start()
     logger.info("starting the HTTP server on %s:%d while model %s loads", host, properties.port, name)
     try:
@@ -71,6 +82,8 @@ def serve(configuration: Configuration, engine_factory: EngineFactory | None = N
         return 1
     finally:
         loader.stopping = True
+        if server.ending is not None:  # the engine is being stopped already: let it finish (ranks included)
+            server.ending.join(SHUTDOWN_WRITE_SECONDS)
         loop = state.loop
         if loop is not None:
             loop.stop()
@@ -81,6 +94,35 @@ def serve(configuration: Configuration, engine_factory: EngineFactory | None = N
     logger.info("shut down (peak_rss over the whole run: %.2fGiB)",
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, whose graceful shutdown (SIGTERM) also ends the work still running after `drain_s`.
+
+    uvicorn alone waits for running requests up to its timeout and then cancels their tasks, which answers
+    the non-streamed ones with a bare text/plain 500 (unlogged) and cuts streams without an error event
+    (issue 11). Here the engine loop is stopped after `drain_s` instead: every request still running gets
+    its "server shutting down" output, so each HTTP handler answers in the documented error shape and logs
+    it, and uvicorn's own timeout (SHUTDOWN_WRITE_SECONDS later) is only a backstop."""
+
+    def __init__(self, config: uvicorn.Config, drain_s: float):
+        super().__init__(config)
+        self.drain_s = drain_s
+        self.end_in_flight: Callable[[], None] = lambda: None
+        self.ending: threading.Thread | None = None  # ends the work left after drain_s; serve() joins it
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        logger.info("shutting down: running requests get %.0f s to finish", self.drain_s)
+        timer = asyncio.get_running_loop().call_later(self.drain_s, self._end_in_flight)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+    def _end_in_flight(self) -> None:
+        # On a thread: stopping the engine loop joins its thread, and the event loop must keep writing.
+        self.ending = threading.Thread(target=self.end_in_flight, name="end-in-flight", daemon=True)
+        self.ending.start()
 
 
 class _Loader:
@@ -160,6 +202,18 @@ class _Loader:
                 self.server.should_exit = True
                 return
             time.sleep(ENGINE_WATCH_SECONDS)
+
+    def end_in_flight(self) -> None:
+        """Shutdown's grace period is over: end every request still running with "server shutting down"."""
+        self.stopping = True  # before the loop turns unhealthy, so _watch does not take it for a failure
+        loop = self.state.loop
+        if loop is None:
+            return
+        running = loop.stats().admitted
+        if running:
+            logger.warning("%d request(s) still running after the shutdown grace period; ending them with "
+                           "\"server shutting down\"", running)
+        loop.stop()
 
     def _progress(self, text: str) -> None:
         """One start-up phase (fetching, converting, loading, warming up): logged, shown on /ping, timed."""

@@ -71,6 +71,7 @@ def resolve_model(model_id: str | None, *, model_dir: Path, revision: str | None
     if not model_id:
         if (Path(model_dir) / "config.json").is_file():
             return ResolvedModel(Path(model_dir), "local", f"model directory {model_dir}")
+        _require_unconfigured(Path(model_dir), cache_dir)
         return _embedded(cache_dir, config_only, progress, report)
     if model_id.startswith("s3://"):
         return _from_s3(model_id, cache_dir, config_only, progress, report)
@@ -112,6 +113,34 @@ def _embedded(cache_dir: Path, config_only: bool, progress: bool,
     except embedded_model.EmbeddedModelError as error:
         raise ModelResolutionError(str(error)) from None
     return ResolvedModel(path, "embedded", f"{name} -> {path}")
+
+
+#: files a model directory may hold without holding a model: the embedded default still applies then
+_NOT_A_MODEL = ("serving.properties",)
+
+
+def _require_unconfigured(model_dir: Path, cache_dir: Path) -> None:
+    """The embedded default is for "nothing configured at all": a model directory that holds files (weights,
+    a tokenizer) but no config.json is a mis-packed model, and serving a 135M toy model in its place would
+    go unnoticed in production (issue 11). Only serving.properties and hidden files may be there."""
+    try:
+        cache = cache_dir.absolute()
+        present = sorted(child.name for child in model_dir.iterdir()
+                         if child.name not in _NOT_A_MODEL and not child.name.startswith(".")
+                         and not (child.absolute() == cache or child.absolute() in cache.parents))
+    except (FileNotFoundError, NotADirectoryError):
+        return  # no model directory at all: nothing configured
+    except OSError as error:
+        raise ModelResolutionError(f"the model directory {model_dir} cannot be read ({error.strerror}); fix its "
+                                   f"permissions or set option.model_id") from None
+    if present:
+        shown = ", ".join(present[:10]) + (", ..." if len(present) > 10 else "")
+        raise ModelResolutionError(
+            f"the model directory {model_dir} holds files ({shown}) but no config.json, so it is not a complete "
+            f"Hugging Face model directory and there is nothing to serve. Add config.json (with the tokenizer "
+            f"files and the weights), or set option.model_id (OPTION_MODEL_ID) to the model to serve. The "
+            f"embedded default model is served only when the model directory is empty or absent and "
+            f"option.model_id is unset.")
 
 
 def _require_writable(cache_dir: Path) -> None:
@@ -223,6 +252,11 @@ class _S3Download:
     def run(self) -> None:
         from tqdm import tqdm
 
+        # Leftovers of a download that was killed (temporary names, never used as model files); removing
+        # them is safe because the caller holds this target's lock, so no other process is downloading here.
+        if self.target.is_dir():
+            for stale in self.target.rglob("*.partial*"):
+                stale.unlink(missing_ok=True)
         objects = self._list()
         wanted = [(rel, size) for rel, size in objects if not (self.config_only and rel.endswith(WEIGHT_SUFFIXES))]
         missing = [(rel, size) for rel, size in wanted if not self._present(rel, size)]

@@ -244,6 +244,10 @@ def collect_djl(properties: Mapping[str, object]) -> tuple[list[RawValue], list[
     return values, unknown, notes
 
 
+#: properties whose values are never printed (plan, notes, logs)
+SECRET_PROPERTIES = frozenset({"api_key"})
+
+
 def resolve(values: list[RawValue]) -> tuple[dict[str, str], dict[str, Source], list[str]]:
     """Pick the winning value per property. Returns (raw values, their sources, notes on overridden values)."""
     winners: dict[str, RawValue] = {}
@@ -253,6 +257,9 @@ def resolve(values: list[RawValue]) -> tuple[dict[str, str], dict[str, Source], 
         if current is None:
             winners[raw.name] = raw
         elif current.value.strip() != raw.value.strip():
-            notes.append(f"{raw.name}: {current.source} ({current.value!r}) overrides {raw.source} ({raw.value!r})")
+            if raw.name in SECRET_PROPERTIES:  # notes are printed and logged: never the secret itself
+                notes.append(f"{raw.name}: {current.source} overrides {raw.source}")
+            else:
+                notes.append(f"{raw.name}: {current.source} ({current.value!r}) overrides {raw.source} ({raw.value!r})")
     return ({name: raw.value for name, raw in winners.items()},
             {name: raw.source for name, raw in winners.items()}, notes)

@@ -480,8 +480,14 @@ class OutputStream:
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._done = False
 
-    def _sink(self, output: RequestOutput) -> None:  # loop thread; raises if the event loop is closed
-        self._aloop.call_soon_threadsafe(self._queue.put_nowait, output)
+    def _sink(self, output: RequestOutput) -> None:  # loop thread
+        try:
+            self._aloop.call_soon_threadsafe(self._queue.put_nowait, output)
+        except RuntimeError:
+            if not self._aloop.is_closed():
+                raise
+            # The server's event loop has ended (shutdown): nobody is left to read this output. Without
+            # this, stopping the engine after uvicorn logged a traceback for every request it still held.
 
     def __aiter__(self) -> OutputStream:
         return self

@@ -16,7 +16,7 @@ import re
 from enum import Enum
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 
 class RollingBatch(str, Enum):
@@ -168,6 +168,8 @@ class ServingProperties(BaseModel):
     predict_timeout: float = Field(300.0, gt=0, description="Seconds one request may take end to end before it is cancelled with an error.")
     model_loading_timeout: float = Field(1800.0, gt=0, description="Seconds model resolution, download and loading may take before start-up fails.")
     model_cache_dir: str | None = Field(None, description="Directory for downloaded (s3://) and converted (embedded) models; default ~/.cache/lmi-deepspeed.")
+    request_read_timeout: float = Field(30.0, gt=0, description="Seconds a client may take to send a request's headers, or between two parts of its body; a slower connection is closed (headers) or answered 408 (body).")
+    api_key: SecretStr | None = Field(None, description="Bearer token every request except /ping must carry (Authorization: Bearer <key>), for deployments outside SageMaker; unset (the default) means no authentication. Never printed.")
 
     # ---- parsing of raw strings ---------------------------------------------------------------------
     @field_validator("task", mode="before")
@@ -220,7 +222,7 @@ class ServingProperties(BaseModel):
         return v
 
     @field_validator("model_id", "revision", "checkpoint", "smoothquant_alpha", "smoothquant_calibration_data",
-                     "model_cache_dir", mode="before")
+                     "model_cache_dir", "api_key", mode="before")
     @classmethod
     def _optional(cls, v: Any) -> Any:
         return _blank_to_none(v)
@@ -294,5 +296,7 @@ def property_names() -> list[str]:
 
 
 def describe_value(value: Any) -> Any:
-    """A JSON-friendly form of a property value (enums by their value)."""
+    """A JSON-friendly form of a property value (enums by their value; secrets masked, never their value)."""
+    if isinstance(value, SecretStr):
+        return "********"
     return value.value if isinstance(value, Enum) else value

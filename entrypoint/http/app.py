@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from entrypoint.configuration import Configuration
+from entrypoint.http.api_key import ApiKeyMiddleware
 from entrypoint.http.errors import ErrorFamily, error_response, make_body, render, row_for_status
 from entrypoint.http.metrics import ServerMetrics
 from entrypoint.http.openai_api import OpenAIApi
@@ -44,7 +45,10 @@ def create_app(configuration: Configuration, state: ServerState) -> FastAPI:
         yield
         tokenizer.close()
 
-    app = FastAPI(title="LMI DeepSpeed", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    # FastAPI's own OpenAPI document at /openapi.json: what API fuzzing (schemathesis, in the tests) reads.
+    app = FastAPI(title="LMI DeepSpeed", docs_url=None, redoc_url=None, openapi_url="/openapi.json", lifespan=lifespan)
+    if properties.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, key=properties.api_key.get_secret_value())
     app.state.server = state
     app.state.predictor = predictor
     app.state.metrics = metrics

@@ -9,16 +9,18 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from starlette.requests import ClientDisconnect
 
-from entrypoint.http.errors import ClientClosed, RequestTooLarge
+from entrypoint.http.errors import ClientClosed, RequestTimeout, RequestTooLarge
 from handlers.engine import InvalidRequest
 
 T = TypeVar("T")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, read_timeout: float | None = None) -> bytes:
     """The body, refusing more than `limit` bytes: by Content-Length up front, and by counting while reading
-    (a chunked body has no Content-Length)."""
+    (a chunked body has no Content-Length). A client that sends nothing for `read_timeout` seconds gets a
+    408; one that disconnects mid-upload is a `ClientClosed` (499), not an unexpected error."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -29,7 +31,18 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise RequestTooLarge(f"the request body is {size} bytes, more than the limit of {limit} bytes "
                                   "(max_request_size)")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    parts = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(parts.__anext__(), read_timeout)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"the request body stopped arriving: nothing for {read_timeout:g} s after "
+                                 f"{size} bytes (request_read_timeout)") from None
+        except ClientDisconnect:
+            raise ClientClosed(f"the client closed the connection while sending the body ({size} bytes "
+                               "received)") from None
         size += len(chunk)
         if size > limit:
             raise RequestTooLarge(f"the request body is more than the limit of {limit} bytes (max_request_size)")

@@ -13,7 +13,9 @@ The final error object of a stream whose headers were already sent has the same 
 Status choices, as LMI (DJL Serving) had them where it had one:
   400 invalid JSON / schema / parameter / prompt too long   (InvalidRequest; the message names the field,
                                                             the bad value and the allowed range)
+  401 missing or wrong bearer token when option.api_key is set (Unauthorized)
   404 unknown model name                                    (ModelNotFound)
+  408 the body did not arrive within request_read_timeout   (RequestTimeout; the connection is closed)
   413 request body over max_request_size                    (RequestTooLarge)
   503 admission limit (job_queue_size) reached, with Retry-After (QueueFull)
   503 model still loading / failed / engine unhealthy / shutting down
@@ -68,6 +70,16 @@ class ServerShuttingDown(RuntimeError):
     """The server stopped while the request was active."""
 
 
+class RequestTimeout(TimeoutError):
+    """The client did not send its body within request_read_timeout (the connection is closed after the 408)."""
+
+    close_connection = True
+
+
+class Unauthorized(PermissionError):
+    """The request lacks the bearer token that option.api_key requires."""
+
+
 class ClientClosed(ConnectionError):
     """The client closed the connection before the response was complete; its requests were cancelled."""
 
@@ -102,7 +114,9 @@ class ErrorRow:
 # First match wins (isinstance), so subclasses come before their bases.
 ERROR_TABLE: tuple[tuple[type[BaseException], ErrorRow], ...] = (
     (InvalidRequest, ErrorRow(400, "InvalidRequest", CLIENT_ERROR)),
+    (Unauthorized, ErrorRow(401, "Unauthorized", CLIENT_ERROR)),
     (ModelNotFound, ErrorRow(404, "ModelNotFound", CLIENT_ERROR)),
+    (RequestTimeout, ErrorRow(408, "RequestTimeout", CLIENT_ERROR)),
     (RequestTooLarge, ErrorRow(413, "RequestTooLarge", CLIENT_ERROR)),
     (ClientClosed, ErrorRow(499, "ClientClosedRequest", CLIENT_ERROR)),
     (QueueFull, ErrorRow(503, "QueueFull", SERVER_ERROR)),
@@ -161,6 +175,8 @@ def error_response(exc: BaseException, family: ErrorFamily = ErrorFamily.LMI) ->
     retry_after = getattr(exc, "retry_after", None)
     if row.status == 503 and retry_after is not None:
         headers["Retry-After"] = str(retry_after)
+    if getattr(exc, "close_connection", False):  # the rest of the body may still come: do not read it as a request
+        headers["Connection"] = "close"
     return JSONResponse(error_body(exc, family), status_code=row.status, headers=headers)
 
 

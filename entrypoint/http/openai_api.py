@@ -54,7 +54,7 @@ class OpenAIApi:
         record = AccessRecord("/v1/chat/completions", uuid.uuid4().hex, self.observer)
 
         async def work() -> Response:
-            data = load_json_object(await read_body(request, self.properties.max_request_size),
+            data = load_json_object(await read_body(request, self.properties.max_request_size, self.properties.request_read_timeout),
                                     '{"model": "...", "messages": [...]}')
             return await self.chat(request, record, data, check_model=True)
 
@@ -87,7 +87,7 @@ class OpenAIApi:
         return await self._generate(request, record, loop, chat, [(prompt, ids)], chat.completion_limit)
 
     async def _completions(self, request: Request, record: AccessRecord) -> Response:
-        data = load_json_object(await read_body(request, self.properties.max_request_size),
+        data = load_json_object(await read_body(request, self.properties.max_request_size, self.properties.request_read_timeout),
                                 '{"model": "...", "prompt": "..."}')
         completion = parse_completion(data)
         self._check_model(completion.model)
@@ -95,7 +95,7 @@ class OpenAIApi:
         prompts = []
         for prompt in completion.prompts():
             if isinstance(prompt, str):
-                prompts.append((prompt, await self.tokenizer.encode(loop.engine, prompt)))
+                prompts.append((prompt, await self.tokenizer.encode(loop.engine, prompt, "prompt")))
             else:
                 _check_token_ids(loop.engine, prompt)
                 prompts.append((await self.tokenizer.decode(loop.engine, prompt), prompt))

@@ -53,7 +53,7 @@ class Predictor:
         if model_name is not None and not self.state.knows_model(model_name):
             raise ModelNotFound(f"model {model_name!r} is not served here; this server serves "
                                 f"{self.state.model_name!r}")
-        data = load_json_object(await read_body(request, self.properties.max_request_size))
+        data = load_json_object(await read_body(request, self.properties.max_request_size, self.properties.request_read_timeout))
         if "messages" in data and self.chat is not None:  # LMI served OpenAI chat bodies on /invocations too
             return await self.chat(request, record, data)
         lmi, params = parse_lmi(data)
@@ -63,6 +63,12 @@ class Predictor:
                                  f"{len(lmi.inputs)}; send one request per input or set \"stream\": false",
                                  "inputs")
         loop = self.state.require_loop()
+        if len(lmi.prompts) > loop.job_queue_size:
+            # All or none is admitted, so this list could never fit: a 503 would make clients that honour
+            # Retry-After resend it forever (issue 11). Checked before tokenizing anything.
+            raise InvalidRequest(f"inputs has {len(lmi.prompts)} prompts, more than this server ever admits at once "
+                                 f"(job_queue_size={loop.job_queue_size}); send at most {loop.job_queue_size} "
+                                 "inputs per request", "inputs")
         requests = await self._requests(loop.engine, record, lmi.prompts, params)
         streams = loop.streams(requests)  # QueueFull / EngineUnavailable raise here, before any output
         record.admit(requests)

@@ -144,3 +144,52 @@ def test_missing_credentials(aws_env: str, tmp_path: Path, monkeypatch: pytest.M
 def test_uri_without_bucket(tmp_path: Path) -> None:
     with pytest.raises(ModelResolutionError, match="no bucket name"):
         resolve_model("s3:///llama", model_dir=tmp_path, cache_dir=tmp_path / "cache")
+
+
+SLOW_DOWNLOAD = """
+import sys, time
+import entrypoint.model_resolution as resolution
+
+download = resolution._S3Download._download
+
+def slowly(self, rel, on_bytes):  # a slow link: the download is still running when the process is killed
+    def throttled(count):
+        on_bytes(count)
+        time.sleep(0.5)
+    download(self, rel, throttled)
+
+resolution._S3Download._download = slowly
+resolution.resolve_model("s3://models/llama", model_dir=sys.argv[1], cache_dir=sys.argv[2], progress=False)
+"""
+
+
+def test_a_killed_download_leaves_nothing_a_later_start_uses(aws_env: str, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cache = tmp_path / "cache"
+    target = cache / "s3" / BUCKET / "llama"
+    process = subprocess.Popen([sys.executable, "-c", SLOW_DOWNLOAD, str(tmp_path / "unused"), str(cache)],
+                               cwd=Path(__file__).resolve().parents[2], env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.stat().st_size > 0 for p in target.rglob("*.partial*") if p.is_file()):
+            assert process.poll() is None, "the download ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no partial download appeared"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)  # no cleanup can run: as a container killed mid-download
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+    # Only complete files carry their real names; the interrupted one exists only under its temporary name.
+    for path in target.rglob("*"):
+        if path.is_file() and ".partial" not in path.name:
+            assert path.read_bytes() == MODEL_FILES[path.relative_to(target).as_posix()], path
+    assert len([p for p in target.rglob("*") if p.is_file() and ".partial" not in p.name]) < len(MODEL_FILES)
+
+    resolved = resolve_model("s3://models/llama", model_dir=tmp_path / "unused", cache_dir=cache, progress=False)
+    assert local_files(resolved.path) == MODEL_FILES  # complete, byte for byte, and no temporary files left

@@ -252,9 +252,11 @@ INVALID = [
     ("max_request_size", "100", "out of range (>= 1024)"),
     ("predict_timeout", "0", "out of range (> 0)"),
     ("predict_timeout", "soon", "expected a number (> 0)"),
+    ("request_read_timeout", "0", "out of range (> 0)"),
     ("model_loading_timeout", "-5", "out of range (> 0)"),
 ]
-FREE_TEXT = {"model_id", "revision", "checkpoint", "model_cache_dir", "smoothquant_calibration_data"}  # any string is a valid value
+FREE_TEXT = {"model_id", "revision", "checkpoint", "model_cache_dir", "api_key",
+             "smoothquant_calibration_data"}  # any string is a valid value
 
 
 def test_invalid_value_table_covers_every_constrained_field():
