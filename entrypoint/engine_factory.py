@@ -46,5 +46,5 @@ def _autotp(*args: Any) -> Any:
 
 # engine name (as the plan names it) -> builder(properties, plan, model_path, progress, description)
 ENGINE_BUILDERS: dict[str, Callable[..., Any]] = {"autotp": _autotp}
-# quantization methods this build applies (none yet: see the quantization package)
-QUANTIZERS: frozenset[str] = frozenset()
+# quantization methods this build applies (quantization.quantizer; on the autotp engine, as the policy says)
+QUANTIZERS: frozenset[str] = frozenset({"smoothquant", "dynamic_int8"})

@@ -4,7 +4,7 @@ Precedence, highest first:
   1. `SAGEMAKER_BIND_TO_PORT` for the port (SageMaker tells the container where to listen).
   2. `serving.properties` in the model directory: `option.<name>=value` (and the top-level `engine=`,
      `job_queue_size=`). LMI lets a value written in the file win over the environment. Under DJL Serving
-     (`handlers.deepspeed.handle`), the properties DJL passes in take this place (`collect_djl`).
+     (`entrypoint.djl_handler.handle`), the properties DJL passes in take this place (`collect_djl`).
   3. `OPTION_<NAME>` environment variables (`OPTION_MAX_ROLLING_BATCH_SIZE` -> `max_rolling_batch_size`).
   4. LMI's own environment names: `HF_MODEL_ID`, `HF_MODEL_REVISION`, `HF_TASK`, `TENSOR_PARALLEL_DEGREE`,
      `SERVING_JOB_QUEUE_SIZE`.

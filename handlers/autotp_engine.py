@@ -81,6 +81,8 @@ def load_autotp_model(properties: Any, plan: Any, model_path: str, progress: Cal
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from quantization.quantizer import quantize_loaded_model
+
     dtype = getattr(torch, TORCH_DTYPES[plan.dtype])
     degree = plan.tensor_parallel_degree
     if properties.checkpoint is not None:
@@ -115,6 +117,7 @@ def load_autotp_model(properties: Any, plan: Any, model_path: str, progress: Cal
         # AutoTP shards linear layers in place; the HF forward signature is kept.
         module = deepspeed.init_inference(model, tensor_parallel={"tp_size": 1}, dtype=dtype,
                                           replace_with_kernel_inject=False).module
+    quantize_loaded_model(module, properties, plan, model_path, tokenizer, progress)  # no-op unless quantize is set
     device = next(module.parameters()).device
     context = getattr(module.config, "max_position_embeddings", None) or properties.max_tokens
     max_total_tokens = min(properties.max_tokens, context)

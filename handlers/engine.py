@@ -29,6 +29,11 @@ class FinishReason(str, Enum):
     CANCELLED = "cancelled"  # the client went away or the request timed out
 
 
+#: temperatures below this sample like greedy decoding and are decoded greedily: dividing logits by a tinier
+#: one overflows to inf/nan (vLLM's _SAMPLING_EPS is the same bound)
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
+
 class SamplingParams(BaseModel):
     """Per-request generation parameters, LMI's `parameters` object. Ranges are validated here so every
     front end (LMI schema, OpenAI schema, DJL handle) rejects the same bad values the same way."""
@@ -72,7 +77,7 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0.0
+        return not self.do_sample or self.temperature < MIN_SAMPLING_TEMPERATURE
 
 
 @dataclass

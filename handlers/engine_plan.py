@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Collection, Literal, Mapping
 
 from handlers.serving_properties import DType, RollingBatch, ServingProperties
+from quantization.families import family_for
 from handlers.engine_policy import (
     CPU,
     CUDA,
@@ -234,7 +235,7 @@ def plan_engine(properties: ServingProperties, model_config: Mapping[str, Any], 
         return reason
 
     blockers = {name: blocker(name) for name in ENGINES}
-    _check_quantize(properties, quant, arch, device, problems)
+    _check_quantize(properties, quant, arch, model_config, device, problems)
     if quant is not None and quantizers is not None and quant.method not in quantizers:
         problems.append(PlanProblem("quantize", properties.quantize,
                                     "not built into this container yet (the quantization package has no "
@@ -385,15 +386,27 @@ def _blocker(spec: EngineSpec, arch: ArchitecturePolicy, model_config: Mapping[s
 
 
 def _check_quantize(properties: ServingProperties, quant: QuantizationSupport | None, arch: ArchitecturePolicy,
-                    device: Device, problems: list[PlanProblem]) -> None:
+                    model_config: Mapping[str, Any], device: Device, problems: list[PlanProblem]) -> None:
     if quant is None:
         return
+    data = properties.smoothquant_calibration_data
+    if data is not None and not os.path.isfile(os.path.expanduser(data)):
+        problems.append(PlanProblem("smoothquant_calibration_data", data,
+                                    f"no such file (relative paths start at {os.getcwd()}); give a UTF-8 text file, "
+                                    "or unset it to calibrate on Python's pydoc_data topics"))
     if device.kind not in quant.devices:
         problems.append(PlanProblem("quantize", properties.quantize,
                                     f"needs a GPU and none is visible: {quant.device_reason}"))
     elif quant.per_architecture and not arch.smoothquant.supported:
         problems.append(PlanProblem("quantize", properties.quantize,
                                     f"not available for model_type {arch.model_type}: {arch.smoothquant.reason}"))
+    elif quant.per_architecture:
+        # Some configurations of a mapped family put the norm where no factor can be folded into it.
+        family = family_for(arch.model_type)
+        config = model_config.get("text_config") if isinstance(model_config.get("text_config"), Mapping) else model_config
+        refusal = family.refuse(config) if family is not None else None
+        if refusal:
+            problems.append(PlanProblem("quantize", properties.quantize, f"{refusal}; use quantize=dynamic_int8"))
 
 
 def _check_cuda_graph(properties: ServingProperties, device: Device, blockers: Mapping[str, str | None],

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from quantization.families import family_for, supported_model_types
+
 FASTGEN = "fastgen"
 KERNEL_INJECTION = "kernel_injection"
 AUTOTP = "autotp"
@@ -143,20 +145,20 @@ _AUTOTP_ANY = works("AutoTP shards the linear layers of any Hugging Face model a
 _AUTOTP_LLAMA = works("AutoTP runs the HF model's own forward (measured on CPU, transformers 5.23: tp 1 identical "
                       "to HF, tp 2 logits within 5e-7)")
 
-# LMI's SMOOTHQUANT_SUPPORTED_MODEL_TYPES: architectures whose norm -> linear pairs the smoothing step knows.
-_SQ_WITH_KI = works("in LMI's SmoothQuant list, and kernel injection runs it (measured), so DeepSpeed's int8 "
-                    "kernels or our W8A8 layers on AutoTP can carry it")
-_SQ_AUTOTP_ONLY = works("in LMI's SmoothQuant list; kernel injection fails for it with transformers 5.17 (measured), "
-                        "so only our W8A8 layers on AutoTP carry it")
-_SQ_NONE = fails("not in the SmoothQuant architecture list (gpt2, gpt_neo, gptj, gpt_neox, bloom, llama, as LMI had "
-                 "it): the norm -> linear pairs that smoothing folds its scales into are not mapped for it; "
-                 "use quantize=dynamic_int8")
+# SmoothQuant folds its factors into the norm before each smoothed linear layer; the norm -> linear pairs
+# per family are data in quantization/families.py (no torch import), and the verdicts follow from it.
+def _smoothquant_verdict(model_type: str) -> Verdict:
+    family = family_for(model_type)
+    if family is None:
+        return fails("no norm -> linear map for SmoothQuant's smoothing (quantization/families.py maps "
+                     + ", ".join(supported_model_types()) + "); use quantize=dynamic_int8")
+    return works(f"the {family.name} family's norm -> linear pairs are mapped (quantization/families.py)")
 
 
 def _row(model_type: str, *, fastgen: Verdict, kernel_injection: Verdict, autotp: Verdict = _AUTOTP_ANY,
-         smoothquant: Verdict = _SQ_NONE, conditions: tuple[ConfigCondition, ...] = ()) -> ArchitecturePolicy:
+         conditions: tuple[ConfigCondition, ...] = ()) -> ArchitecturePolicy:
     verdicts = {FASTGEN: fastgen, KERNEL_INJECTION: kernel_injection, AUTOTP: autotp}
-    return ArchitecturePolicy(model_type, MappingProxyType(verdicts), smoothquant, conditions)
+    return ArchitecturePolicy(model_type, MappingProxyType(verdicts), _smoothquant_verdict(model_type), conditions)
 
 
 _ROWS: tuple[ArchitecturePolicy, ...] = (
@@ -165,7 +167,7 @@ _ROWS: tuple[ArchitecturePolicy, ...] = (
                                 "FastGen's throughput was measured on a 7B llama"),
          kernel_injection=fails("fails with transformers 5.17: a tuple instead of a tensor passes between layers "
                                 "(measured; with transformers 4.43.4 it fails on the cache format)"),
-         autotp=_AUTOTP_LLAMA, smoothquant=_SQ_AUTOTP_ONLY),
+         autotp=_AUTOTP_LLAMA),
     _row("mistral", fastgen=_fastgen_impl("mistral"), kernel_injection=_KI_NO_POLICY),
     _row("mixtral", fastgen=_fastgen_impl("mixtral"), kernel_injection=_KI_NO_POLICY),
     _row("opt", fastgen=_fastgen_impl("opt"),
@@ -181,22 +183,17 @@ _ROWS: tuple[ArchitecturePolicy, ...] = (
     _row("exaone4", fastgen=_fastgen_impl("exaone4"), kernel_injection=_KI_NO_POLICY),
     _row("exaone4_5", fastgen=_fastgen_impl("exaone4_5"), kernel_injection=_KI_NO_POLICY),
     # ---- kernel-injection architectures (policies in module_inject/replace_policy.py) -------------------
-    _row("gptj", fastgen=_FASTGEN_NONE, kernel_injection=works("runs with transformers 5.17 (measured, fp16)"),
-         smoothquant=_SQ_WITH_KI),
-    _row("gpt_neo", fastgen=_FASTGEN_NONE, kernel_injection=works("runs with transformers 5.17 (measured, fp16)"),
-         smoothquant=_SQ_WITH_KI),
+    _row("gptj", fastgen=_FASTGEN_NONE, kernel_injection=works("runs with transformers 5.17 (measured, fp16)")),
+    _row("gpt_neo", fastgen=_FASTGEN_NONE, kernel_injection=works("runs with transformers 5.17 (measured, fp16)")),
     _row("gpt2", fastgen=_FASTGEN_NONE,
-         kernel_injection=fails("fails with transformers 5.17: a cache object reaches the attention mask (measured)"),
-         smoothquant=_SQ_AUTOTP_ONLY),
+         kernel_injection=fails("fails with transformers 5.17: a cache object reaches the attention mask (measured)")),
     _row("gpt_neox", fastgen=_FASTGEN_NONE,
-         kernel_injection=fails("fails with transformers 5.17: missing attribute hidden_size (measured)"),
-         smoothquant=_SQ_AUTOTP_ONLY),
+         kernel_injection=fails("fails with transformers 5.17: missing attribute hidden_size (measured)")),
     _row("bloom", fastgen=_FASTGEN_NONE,
          kernel_injection=fails("DeepSpeed refuses BLOOM kernel injection above transformers 4.43.4 (measured)"),
          autotp=fails("transformers 5 has no SDPA attention for BLOOM (from_pretrained(attn_implementation='sdpa') "
                       "raises, measured with 5.24), and the AutoTP engine's paged KV cache passes a boolean 4D "
-                      "attention mask that only SDPA takes"),
-         smoothquant=_SQ_AUTOTP_ONLY),
+                      "attention mask that only SDPA takes")),
 )
 
 ARCHITECTURES: Mapping[str, ArchitecturePolicy] = MappingProxyType({row.model_type: row for row in _ROWS})
@@ -228,7 +225,7 @@ def policy_for(model_type: str | None) -> ArchitecturePolicy:
     row = ARCHITECTURES.get(key)
     if row is not None:
         return row
-    return ArchitecturePolicy(key or "unknown", _UNKNOWN_ENGINES, _SQ_NONE, (), known=False)
+    return ArchitecturePolicy(key or "unknown", _UNKNOWN_ENGINES, _smoothquant_verdict(key), (), known=False)
 
 
 # ---- quantization ------------------------------------------------------------------------------------
@@ -242,23 +239,29 @@ class QuantizationSupport:
     dtype: str | None = None  # the activation dtype it forces when dtype=auto
 
 
-_NO_INT8_IN_FASTGEN = fails("DeepSpeed-FastGen 0.19.8 has no int8 path: its only quantization_mode is wf6af16 "
-                            "(FP6 weights)")
+_INT8_ENGINES = "quantize runs on autotp only"
+_NO_INT8_IN_FASTGEN = fails("DeepSpeed-FastGen 0.19.8 has no int8 path (its only quantization_mode is wf6af16, FP6 "
+                            f"weights) and ours is not registered with it yet; {_INT8_ENGINES}")
+_NO_INT8_IN_KERNEL_INJECTION = fails("public DeepSpeed 0.19.8 refuses init_inference(dtype=torch.int8) and has no "
+                                     "smoothing step (LMI's int8 keys existed only in AWS's DeepSpeed build), and "
+                                     "our int8 layers cannot go inside its fused kernels; " + _INT8_ENGINES)
+_W8A8_ON_AUTOTP = ("our quantization package's Int8Linear replaces the HF linear layers (each rank quantizes its own "
+                   "shard): int8 weights per channel, activations per token at run time, int8 x int8 -> int32 "
+                   "through torch._int_mm; weights take ~50% of their fp16 bytes (measured on CPU: a whole W8A8 call "
+                   "2.5-3.8x faster than the fp32 matmul at 32-512 rows, but 0.2-0.7x at one row, i.e. decoding one "
+                   "sequence; on GPU _int_mm is 1.0-1.5x the fp16 matmul before 20-200 us of eager activation "
+                   "quantization, so expect memory savings more than speed)")
 
 QUANTIZATION: Mapping[str, QuantizationSupport] = MappingProxyType({
     "smoothquant": QuantizationSupport(
         method="smoothquant",
-        devices=frozenset({CUDA}),
-        device_reason="SmoothQuant's W8A8 path runs int8 GPU kernels (DeepSpeed's int8 kernels or torch._int_mm on "
-                      "CUDA); on CPU use quantize=dynamic_int8",
+        devices=frozenset({CPU, CUDA}),
+        device_reason="",
         engines=MappingProxyType({
             FASTGEN: _NO_INT8_IN_FASTGEN,
-            KERNEL_INJECTION: works("DeepSpeed's int8 kernel-injection path (init_inference dtype=torch.int8) runs the "
-                                    "smoothed weights; public DeepSpeed 0.19.8 has no smoothing step, so our "
-                                    "quantization package calibrates (not measured yet)"),
-            AUTOTP: works("our quantization package's W8A8 linear layers (torch._int_mm) after smoothing; measured: "
-                          "torch._int_mm is 1.0-1.5x the fp16 matmul and eager per-token activation quantization "
-                          "costs 20-200 us a call, so expect memory savings more than speed"),
+            KERNEL_INJECTION: _NO_INT8_IN_KERNEL_INJECTION,
+            AUTOTP: works("smoothing factors folded into the norms (and gated MLPs' up projections) after "
+                          "calibration, then " + _W8A8_ON_AUTOTP),
         }),
         per_architecture=True,
         dtype="fp16",
@@ -269,11 +272,8 @@ QUANTIZATION: Mapping[str, QuantizationSupport] = MappingProxyType({
         device_reason="",
         engines=MappingProxyType({
             FASTGEN: _NO_INT8_IN_FASTGEN,
-            KERNEL_INJECTION: works("DeepSpeed int8 weights through init_inference(dtype=torch.int8), as LMI's "
-                                    "dynamic_int8 did (not measured with transformers 5)"),
-            AUTOTP: works("our quantization package: int8 weights, activations quantized per token at run time "
-                          "(torch's int8 linear kernels on CPU, torch._int_mm on GPU: measured 1.0-1.5x the fp16 "
-                          "matmul before 20-200 us of quantization per call, so not a guaranteed speed-up)"),
+            KERNEL_INJECTION: _NO_INT8_IN_KERNEL_INJECTION,
+            AUTOTP: works(_W8A8_ON_AUTOTP + "; no smoothing"),
         }),
         per_architecture=False,
     ),

@@ -151,13 +151,14 @@ class ServingProperties(BaseModel):
     cpu_kv_cache_bytes: int = Field(2 * 2**30, ge=2**20, description="Bytes of host memory for the KV cache on a CPU (per rank).")
     batch_size: int = Field(1, ge=1, le=4096, description="With rolling_batch=disable: most requests in one dynamic batch (DJL Serving's batch_size; also the top-level batch_size=).")
     max_batch_delay: int = Field(100, ge=0, le=60000, description="With rolling_batch=disable: milliseconds the first request of a batch waits for batch-mates (DJL Serving's max_batch_delay; also top-level).")
-    quantize: Quantize | None = Field(None, description="Weight quantization: smoothquant (W8A8 after SmoothQuant calibration, GPU) or dynamic_int8 (int8 weights, activations quantized per token at run time).")
-    smoothquant_alpha: float | None = Field(None, description="SmoothQuant migration strength alpha in [0, 1] (0.5 when unset); only with quantize=smoothquant.")
+    quantize: Quantize | None = Field(None, description="W8A8 quantization of the linear layers (int8 weights per channel, activations per token at run time): smoothquant (after SmoothQuant calibration and smoothing) or dynamic_int8 (no smoothing).")
+    smoothquant_alpha: float | None = Field(None, description="SmoothQuant migration strength alpha in [0, 1]; unset: chosen by a search on the calibration data (logged); only with quantize=smoothquant.")
+    smoothquant_calibration_data: str | None = Field(None, description="UTF-8 text file SmoothQuant calibrates on; unset: the calibration half of Python's pydoc_data topics. Calibrations are saved under model_cache_dir and reused.")
     enable_cuda_graph: bool = Field(False, description="Capture CUDA graphs for decoding (DeepSpeed kernel injection on GPU only).")
     triangular_masking: bool = Field(True, description="Causal (triangular) attention; always on for the causal language models served here, so false is refused.")
     return_tuple: bool = Field(True, description="DeepSpeed kernel-injected layers return tuples (init_inference return_tuple); always on (the engines need it), so false is refused.")
     engine: DjlEngine = Field(DjlEngine.DEEPSPEED, description="serving.properties' top-level engine= (DeepSpeed, Python or MPI, as LMI wrote it); ranks follow tensor_parallel_degree in every case.")
-    entry_point: str = Field("handlers.deepspeed", description="Handler module DJL Serving calls (option.entryPoint); djl_python.deepspeed is accepted as its LMI name.")
+    entry_point: str = Field("entrypoint.djl_handler", description="Handler module DJL Serving calls (option.entryPoint); LMI's djl_python.deepspeed and the earlier handlers.deepspeed are accepted as names of it.")
 
     # ---- output and server --------------------------------------------------------------------------
     output_formatter: OutputFormatter = Field(OutputFormatter.JSON, description="Default response format of /invocations: json, jsonlines (streamed tokens) or sse (server-sent events).")
@@ -220,7 +221,8 @@ class ServingProperties(BaseModel):
             raise ValueError(f"false is not supported: {reasons[info.field_name]}; remove the setting")
         return v
 
-    @field_validator("model_id", "revision", "checkpoint", "smoothquant_alpha", "model_cache_dir", "api_key", mode="before")
+    @field_validator("model_id", "revision", "checkpoint", "smoothquant_alpha", "smoothquant_calibration_data",
+                     "model_cache_dir", "api_key", mode="before")
     @classmethod
     def _optional(cls, v: Any) -> Any:
         return _blank_to_none(v)
@@ -247,9 +249,10 @@ class ServingProperties(BaseModel):
     @classmethod
     def _entry_point(cls, v: Any) -> Any:
         text = str(v).strip()
-        if text in ("djl_python.deepspeed", "handlers.deepspeed", "deepspeed"):
-            return "handlers.deepspeed"
-        raise ValueError("allowed values are handlers.deepspeed (djl_python.deepspeed is accepted as its LMI name)")
+        if text in ("entrypoint.djl_handler", "djl_python.deepspeed", "handlers.deepspeed", "deepspeed"):
+            return "entrypoint.djl_handler"
+        raise ValueError("allowed values are entrypoint.djl_handler (LMI's djl_python.deepspeed and handlers.deepspeed "
+                         "are accepted as names of it)")
 
     @field_validator("smoothquant_alpha")
     @classmethod
@@ -266,13 +269,10 @@ class ServingProperties(BaseModel):
             problems.append((("smoothquant_alpha", "quantize"),
                              f"smoothquant_alpha={self.smoothquant_alpha} only applies with quantize=smoothquant, "
                              f"but quantize={_show(self.quantize)}"))
-        if self.quantize is Quantize.SMOOTHQUANT and self.dtype is DType.BF16:
-            problems.append((("quantize", "dtype"),
-                             "quantize=smoothquant runs DeepSpeed's int8 kernels with fp16 activations, but dtype=bf16; "
-                             "use dtype=fp16 (or auto)"))
-        if self.quantize is Quantize.SMOOTHQUANT and self.dtype is DType.FP32:
-            problems.append((("quantize", "dtype"),
-                             "quantize=smoothquant needs fp16 activations (GPU), but dtype=fp32; use dtype=fp16 (or auto)"))
+        if self.smoothquant_calibration_data is not None and self.quantize is not Quantize.SMOOTHQUANT:
+            problems.append((("smoothquant_calibration_data", "quantize"),
+                             f"smoothquant_calibration_data={self.smoothquant_calibration_data} only applies with "
+                             f"quantize=smoothquant, but quantize={_show(self.quantize)}"))
         if problems:
             raise CrossFieldError(problems)
         return self

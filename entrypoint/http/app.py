@@ -8,7 +8,8 @@ Routes (LMI / DJL Serving's, as SageMaker calls them):
   GET  /models                    the served model and its status
 OpenAI's (`openai_api`), errors in OpenAI's shape:
   POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /v1/models/{model}
-And GET /metrics, Prometheus' text format (`metrics`).
+And GET /metrics, Prometheus' text format (`metrics`); GET /openapi.json, the OpenAPI document of all of
+these (`api_schema`), and GET /docs, its Swagger UI.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from entrypoint.configuration import Configuration
+from entrypoint.http import api_schema
 from entrypoint.http.api_key import ApiKeyMiddleware
 from entrypoint.http.errors import ErrorFamily, error_response, make_body, render, row_for_status
 from entrypoint.http.metrics import ServerMetrics
@@ -45,8 +47,11 @@ def create_app(configuration: Configuration, state: ServerState) -> FastAPI:
         yield
         tokenizer.close()
 
-    # FastAPI's own OpenAPI document at /openapi.json: what API fuzzing (schemathesis, in the tests) reads.
-    app = FastAPI(title="LMI DeepSpeed", docs_url=None, redoc_url=None, openapi_url="/openapi.json", lifespan=lifespan)
+    # /openapi.json describes the real request, response and error models (entrypoint/http/api_schema.py);
+    # clients discover the API from it and the API fuzzing tests (schemathesis) read it.
+    app = FastAPI(title="LMI DeepSpeed", version="0.1.0", docs_url="/docs", redoc_url=None,
+                  openapi_url="/openapi.json", lifespan=lifespan)
+    api_schema.install(app)
     if properties.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, key=properties.api_key.get_secret_value())
     app.state.server = state

@@ -1,8 +1,14 @@
 """The one table from failures to HTTP responses, rendered in the error shape of each route family.
 
 A failure has one status whatever route it happens on; only the body differs (`ErrorFamily`):
-  LMI (/invocations, /predictions, /ping)  `{"error": {"message": str, "type": str, "code": int}}`, where
-                                           `code` repeats the HTTP status and `type` is the table's name
+  LMI (/invocations, /predictions, /ping)  `{"error": str, "code": int, "type": str, "message": str}`: LMI's
+                                           handler errors are `{"error", "code"}` and DJL Serving's own
+                                           `{"code", "type", "message"}`, and LMI clients test `code != 200`
+                                           (djl-serving tests/integration/llm/client.py), so both are there;
+                                           `code` repeats the HTTP status, `type` is the table's name. A
+                                           generation failure also has LMI's `"generated_text": null,
+                                           "details": {"finish_reason": "error", ...}`; a stream that
+                                           fails after its headers ends with LMI's error token line
   OpenAI (/v1/...)                         `{"error": {"message": str, "type": str, "param": str | null,
                                            "code": str}}` as api.openai.com answers: `type` is
                                            invalid_request_error for the client's mistakes and server_error
@@ -105,6 +111,7 @@ class ErrorRow:
     status: int
     type: str  # LMI's name, CamelCase
     openai_type: str  # CLIENT_ERROR or SERVER_ERROR
+    generation: bool = False  # the request was admitted and failed while generating
 
     @property
     def openai_code(self) -> str:
@@ -122,10 +129,10 @@ ERROR_TABLE: tuple[tuple[type[BaseException], ErrorRow], ...] = (
     (QueueFull, ErrorRow(503, "QueueFull", SERVER_ERROR)),
     (ModelNotReady, ErrorRow(503, "ModelNotReady", SERVER_ERROR)),
     (EngineUnavailable, ErrorRow(503, "EngineUnavailable", SERVER_ERROR)),
-    (ServerShuttingDown, ErrorRow(503, "ServerShuttingDown", SERVER_ERROR)),
-    (GenerationFailed, ErrorRow(424, "GenerationError", SERVER_ERROR)),
-    (PredictTimeout, ErrorRow(424, "PredictTimeout", SERVER_ERROR)),
-    (EngineOutOfMemory, ErrorRow(507, "OutOfMemory", SERVER_ERROR)),
+    (ServerShuttingDown, ErrorRow(503, "ServerShuttingDown", SERVER_ERROR, generation=True)),
+    (GenerationFailed, ErrorRow(424, "GenerationError", SERVER_ERROR, generation=True)),
+    (PredictTimeout, ErrorRow(424, "PredictTimeout", SERVER_ERROR, generation=True)),
+    (EngineOutOfMemory, ErrorRow(507, "OutOfMemory", SERVER_ERROR, generation=True)),
 )
 INTERNAL = ErrorRow(500, "InternalServerError", SERVER_ERROR)
 
@@ -160,11 +167,28 @@ def render(row: ErrorRow, message: str, family: ErrorFamily = ErrorFamily.LMI, p
     """The error body of `row` in `family`'s shape; `param` (the offending field) only OpenAI's shape has."""
     if family is ErrorFamily.OPENAI:
         return {"error": {"message": message, "type": row.openai_type, "param": param, "code": row.openai_code}}
-    return make_body(row.status, row.type, message)
+    body = make_body(row.status, row.type, message)
+    if row.generation:  # LMI's non-streaming generation failure (output_formatter._json_output_formatter)
+        body.update({"generated_text": None, "details": _ERROR_DETAILS})
+    return body
 
 
 def make_body(status: int, error_type: str, message: str) -> dict:
-    return {"error": {"message": message, "type": error_type, "code": status}}
+    """LMI's error body (see the module docstring)."""
+    return {"error": message, "code": status, "type": error_type, "message": message}
+
+
+#: LMI's details of a failed generation (lmi_input_output_schema.md, "Error Responses")
+_ERROR_DETAILS = {"finish_reason": "error", "generated_tokens": None, "inputs": None}
+
+
+def lmi_stream_error(exc: BaseException) -> dict:
+    """The last line of an LMI stream that failed after its headers: LMI's error token line
+    (lmi_input_output_schema.md), which LMI clients recognise by details.finish_reason, plus the error body's
+    fields."""
+    body = error_body(exc)
+    return {"token": {"id": -1, "text": "", "log_prob": -1, "special_token": True, "error_msg": body["error"]},
+            "generated_text": "", "details": dict(_ERROR_DETAILS), **{k: body[k] for k in ("error", "code", "type")}}
 
 
 def error_response(exc: BaseException, family: ErrorFamily = ErrorFamily.LMI) -> JSONResponse:

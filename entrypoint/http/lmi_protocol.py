@@ -1,38 +1,71 @@
-"""LMI's request schema and response bodies.
+"""LMI's request schema and response bodies (djl-serving's lmi_input_output_schema.md and
+djl_python/output_formatter.py, request_io.py; LMI 0.32+ semantics).
 
-Request: `{"inputs": str | [str], "parameters": {...}, "stream": bool}`. `parameters` become a
-`SamplingParams` (the engine's one definition of ranges), with `stop` accepted as LMI's alias of
-`stop_sequences`. Every validation problem becomes `InvalidRequest` whose message names the field, the
-value sent and what is allowed.
+Request: `{"inputs": str | [str], "parameters": {...}, "stream": bool}`. `parameters` are LMI's
+GenerationParameters (`LmiParameters`), turned into the engine's `SamplingParams`:
+  max_new_tokens      default 30, LMI's (0 with decoder_input_details scores the prompt only)
+  do_sample           unset: sampling is inferred from the other sampling parameters, as LMI documents from
+                      0.32 on (temperature > 0, top_p < 1 or top_k > 0 turn it on); false: greedy whatever
+                      else is set; temperatures below `MIN_SAMPLING_TEMPERATURE` decode greedily
+  top_k               -1 (vLLM's "disabled") and 0 both disable top-k
+  stop / stop_sequences (one of them), stop_token_ids, ignore_eos / ignore_eos_token (one of them)
+  details, decoder_input_details (details.prefill), top_n_tokens (or vLLM's name logprobs),
+  return_full_text, truncate (keep the last N prompt tokens, TGI's), seed, the penalties
+  n, best_of            best_of (>= n) sequences are generated per input (seed + i with a seed) and ranked by
+                      mean log-probability per token; generated_text is the best, and with more than one
+                      returned (n, which defaults to best_of as in LMI), details.best_of_sequences holds the
+                      next n - 1 (LMI's vLLM schema); not streamed
+  num_beams             1 accepted; beam search is not served (400 above 1)
+  adapters (top level)   accepted when empty; LoRA adapters are not served (400)
+Unknown fields, top level or in parameters, are accepted and ignored (`validation.IGNORED_FIELDS`); wrong
+types and out-of-range values of known ones are 400s naming the field, the value and what is allowed.
 
-Response: `{"generated_text": str}` for a string input and a list of those for a list input, as LMI
-returned them; `details: true` adds `{"finish_reason", "generated_tokens", "tokens": [{"id", "text",
-"log_prob", "special"}]}`.
+Response: `{"generated_text": str}` for a string input and a list of those for a list input; `details:
+true` adds `{"finish_reason", "generated_tokens", "inputs", "tokens": [{"id", "text", "log_prob"}],
+"prefill": [...] (decoder_input_details), "top_tokens": [[...]] (top_n_tokens)}`. A token carries
+`"special_token": true` only when it is special (LMI's `Token.as_dict`). Joining the tokens' texts gives
+generated_text (without return_full_text's prompt): text the output leaves out (a stop sequence) is cut
+from the tokens too (`TokenAligner`).
 """
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from handlers.engine import FinishReason, InvalidRequest, RequestOutput, SamplingParams, Token
+from entrypoint.http.validation import (IGNORED_FIELDS, Bool, StrictModel, Text, TokenId, load_json_object, stop_sequences,
+                                        validation_error)
+from handlers.engine import FinishReason, GenerationRequest, InvalidRequest, RequestOutput, SamplingParams, Token
 
-#: LMI parameter spellings that mean a SamplingParams field
-PARAMETER_ALIASES = {"stop": "stop_sequences"}
+#: LMI's default max_new_tokens (GenerationParameters in lmi_input_output_schema.md)
+LMI_DEFAULT_MAX_NEW_TOKENS = 30
+#: most sequences per input (n, best_of), OpenAI's bound for n
+MAX_SEQUENCES = 128
+#: parameters that mean the same thing: (LMI/vLLM name, the name used here)
+SYNONYMS = (("stop", "stop_sequences"), ("ignore_eos_token", "ignore_eos"), ("logprobs", "top_n_tokens"))
 
 
 class LmiRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")  # unknown top-level fields are ignored
 
-    inputs: str | list[str]
+    inputs: Text | Annotated[list[Text], Field(min_length=1)]  # an empty prompt has nothing to continue
     parameters: dict[str, Any] | None = None  # null and {} both mean the defaults
-    stream: bool | None = None
+    stream: Bool | None = None
+    adapters: Any = None
+    _returned: int = PrivateAttr(1)  # sequences returned per input (n)
+    _generated: int = PrivateAttr(1)  # sequences generated per input (best_of)
+
+    @property
+    def sequences(self) -> tuple[int, int]:
+        """(returned, generated) sequences per input."""
+        return self._returned, self._generated
 
     @property
     def is_batch(self) -> bool:
+        """`inputs` is a list: the response is a list then, even of one."""
         return isinstance(self.inputs, list)
 
     @property
@@ -40,119 +73,186 @@ class LmiRequest(BaseModel):
         return list(self.inputs) if isinstance(self.inputs, list) else [self.inputs]
 
 
+class LmiParameters(StrictModel):
+    """LMI's GenerationParameters as this server takes them (see the module docstring)."""
+
+    # Unknown parameters are ignored; the document says that synonyms exclude each other.
+    model_config = ConfigDict(extra="allow", json_schema_extra={
+        "not": {"anyOf": [{"required": [lmi_name, name]} for lmi_name, name in SYNONYMS]}})
+
+    max_new_tokens: int = Field(LMI_DEFAULT_MAX_NEW_TOKENS, ge=0)
+    do_sample: Bool | None = None
+    temperature: float | None = Field(None, ge=0.0, le=100.0)
+    top_k: int | None = Field(None, ge=-1)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    stop_sequences: Text | list[Text] | None = None
+    stop: Text | list[Text] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    ignore_eos: Bool | None = None
+    ignore_eos_token: Bool | None = None
+    details: Bool | None = None
+    decoder_input_details: Bool | None = None
+    return_full_text: Bool | None = None
+    top_n_tokens: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    truncate: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1, le=MAX_SEQUENCES)
+    best_of: int | None = Field(None, ge=1, le=MAX_SEQUENCES)
+    num_beams: int | None = Field(None, ge=1, le=1, description="beam search is not served")
+
+    @field_validator("stop_sequences", "stop", mode="before")
+    @classmethod
+    def _stops(cls, value: Any) -> Any:
+        return stop_sequences(value)
+
+    def sampling(self) -> bool:
+        """Whether to sample: do_sample when given, else inferred from the sampling parameters (LMI 0.32+)."""
+        if self.do_sample is not None:
+            return self.do_sample
+        return bool((self.temperature or 0.0) > 0.0 or (self.top_p is not None and self.top_p < 1.0)
+                    or (self.top_k or 0) > 0)
+
+    def sequences(self) -> tuple[int, int]:
+        """(returned, generated) per input: n defaults to best_of, as LMI's vLLM handler has it."""
+        returned = self.n or self.best_of or 1
+        return returned, self.best_of or returned
+
+    def sampling_params(self) -> SamplingParams:
+        values = {key: value for key, value in self.model_dump(exclude_none=True).items() if key in type(self).model_fields}
+        for lmi_name, name in SYNONYMS:
+            if lmi_name in values and name in values:
+                raise InvalidRequest(f"parameters.{lmi_name} and parameters.{name} mean the same; send only one",
+                                     f"parameters.{lmi_name}")
+            if lmi_name in values:
+                values[name] = values.pop(lmi_name)
+        values.pop("num_beams", None)  # 1 (the schema allows nothing else)
+        returned, generated = self.sequences()
+        if generated < returned:
+            raise InvalidRequest(f"parameters.best_of = {self.best_of} must be at least parameters.n = {self.n}: "
+                                 "best_of sequences are generated and the n best returned", "parameters.best_of")
+        for name in ("truncate", "decoder_input_details", "do_sample", "n", "best_of"):
+            values.pop(name, None)
+        values["do_sample"] = self.sampling()
+        values["top_k"] = max(values.get("top_k", 0), 0)
+        values["prompt_logprobs"] = bool(self.decoder_input_details and self.details)  # prefill is in details
+        try:
+            return SamplingParams(**values)
+        except ValidationError as exc:
+            raise validation_error(exc, "parameters.", SamplingParams) from None
+
+
 def parse_request(body: bytes) -> tuple[LmiRequest, SamplingParams]:
     """Parse and validate a request body; raises `InvalidRequest` naming what is wrong."""
     return parse_lmi(load_json_object(body))
 
 
-def load_json_object(body: bytes, example: str = '{"inputs": "..."}') -> dict[str, Any]:
-    """The body as a JSON object (every API here takes one), or `InvalidRequest` saying what it is instead."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-        raise InvalidRequest(f"the request body is not valid JSON: {reason}{where}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest(f"the request body must be a JSON object like {example}, got {_kind(data)}")
-    return data
-
-
-def parse_lmi(data: dict[str, Any]) -> tuple[LmiRequest, SamplingParams]:
+def parse_lmi(data: dict[str, Any], count: Any = None) -> tuple[LmiRequest, SamplingParams]:
+    """The request and its engine parameters; `count(api, n)` is told how many unknown fields were ignored."""
     try:
         request = LmiRequest.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc, "", LmiRequest) from None
-    if request.is_batch and not request.inputs:
+    if isinstance(request.inputs, list) and not request.inputs:
         raise InvalidRequest("inputs is an empty list; send a string or a list of strings", "inputs")
-    return request, sampling_params(request.parameters or {})
-
-
-def sampling_params(parameters: dict[str, Any]) -> SamplingParams:
-    values: dict[str, Any] = {}
-    for key, value in parameters.items():
-        name = PARAMETER_ALIASES.get(key, key)
-        if name in values:
-            raise InvalidRequest(f"parameters.{key} and parameters.{name} mean the same; send only one",
-                                 f"parameters.{key}")
-        values[name] = value
+    if request.adapters not in (None, [], ""):
+        raise InvalidRequest("adapters: LoRA adapters are not served by this server; leave adapters out", "adapters")
     try:
-        return SamplingParams(**values)
+        parameters = LmiParameters.model_validate(request.parameters or {})
     except ValidationError as exc:
-        raise validation_error(exc, "parameters.", SamplingParams) from None
+        raise validation_error(exc, "parameters.", LmiParameters, ()) from None
+    ignored = [*(request.model_extra or {}), *(f"parameters.{name}" for name in parameters.model_extra or {})]
+    IGNORED_FIELDS.note("lmi", ignored, count)
+    params = parameters.sampling_params()
+    request._returned, request._generated = parameters.sequences()
+    return request, params
 
 
-def validation_error(error: ValidationError, prefix: str, model: type[BaseModel]) -> InvalidRequest:
-    """One `InvalidRequest` for a pydantic error: each bad field with the value sent and what is allowed;
-    its `field` is the first bad field."""
-    messages: dict[str, str] = {}  # one message per field (a union like `inputs` reports each member)
-    for detail in error.errors():
-        loc = [str(part) for part in detail["loc"]]
-        name = loc[0] if loc else "?"
-        shown = prefix + name if loc else prefix.rstrip(".")
-        messages.setdefault(shown, _describe(shown, name, detail, model))
-    return InvalidRequest("; ".join(messages.values()), next(iter(messages), None))
+def sequence_params(params: SamplingParams, generated: int) -> list[SamplingParams]:
+    """The parameters of each of an input's `generated` sequences: with a seed, sequence i uses seed + i (so
+    each is what the same request with that seed alone gives), as the OpenAI routes do for n."""
+    if generated == 1:
+        return [params]
+    return [params if params.seed is None else params.model_copy(update={"seed": (params.seed + i) % 2**63})
+            for i in range(generated)]
 
 
-def _describe(shown: str, name: str, detail: dict[str, Any], model: type[BaseModel]) -> str:
-    kind = detail.get("type", "")
-    value = detail.get("input")
-    info = model.model_fields.get(name)
-    sent = f"{shown} = {_show(value)}"
-    if kind == "extra_forbidden":
-        names = set(model.model_fields) | (set(PARAMETER_ALIASES) if model is SamplingParams else set())
-        allowed = ", ".join(sorted(names))
-        return f"{shown}: unknown {'parameter' if model is SamplingParams else 'field'}; allowed are {allowed}"
-    if kind == "missing":
-        return f"{shown}: required field is missing"
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        return f"{sent} is out of range: must be {_bounds(info)}"
-    if kind.startswith("int_"):
-        return f"{sent}: expected an integer{_in(info)}"
-    if kind.startswith("float_"):
-        return f"{sent}: expected a number{_in(info)}"
-    if kind.startswith("bool_"):
-        return f"{sent}: expected true or false"
-    if kind == "dict_type":
-        return f"{sent}: expected a JSON object"
-    if name == "inputs":
-        return f"{sent}: expected a string or a list of strings"
-    if kind == "value_error":
-        return f"{sent}: {(detail.get('ctx') or {}).get('error', detail['msg'])}"
-    return f"{sent}: {detail['msg']}"
+def generation_requests(engine: Any, request: LmiRequest, params: SamplingParams, prompt_ids: list[list[int]],
+                        request_id: str) -> list[GenerationRequest]:
+    """The engine requests of an LMI request whose prompts are tokenized (`prompt_ids`, one list per input):
+    truncated, one per sequence of n / best_of, each checked against the engine's limits (an input of a list
+    is named by its index). Shared by /invocations and the DJL handler. Raises `InvalidRequest`."""
+    every = sequence_params(params, request.sequences[1])
+    prompts = request.prompts
+    requests = []
+    for index, (prompt, ids) in enumerate(zip(prompts, prompt_ids)):
+        ids = truncate(request, ids)
+        for number, sequence in enumerate(every):
+            generation_id = request_id if len(prompts) * len(every) == 1 else f"{request_id}-{index * len(every) + number}"
+            requests.append(GenerationRequest(generation_id, prompt, ids, sequence))
+    for index, generation in enumerate(requests):
+        try:
+            engine.validate(generation)
+        except InvalidRequest as exc:
+            if len(prompts) > 1:  # say which input of the list is the problem
+                raise InvalidRequest(f"inputs[{index // len(every)}]: {exc}", exc.field) from None
+            raise
+    return requests
 
 
-def _bounds(info: Any) -> str:
-    parts = []
-    for meta in getattr(info, "metadata", ()):
-        for attr, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
-            bound = getattr(meta, attr, None)
-            if bound is not None:
-                parts.append(f"{symbol} {bound}")
-    return " and ".join(parts) if parts else "within the allowed range"
-
-
-def _in(info: Any) -> str:
-    bounds = _bounds(info)
-    return "" if bounds == "within the allowed range" else f" {bounds}"
-
-
-def _show(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, (str, int, float, bool, list, dict, type(None))) else repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _kind(value: Any) -> str:
-    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+def truncate(request: LmiRequest, ids: list[int]) -> list[int]:
+    """The prompt's token ids after parameters.truncate (already validated): its last N tokens, as TGI."""
+    value = (request.parameters or {}).get("truncate")
+    return ids[-int(value):] if value is not None else ids
 
 
 # ---- responses --------------------------------------------------------------------------------------
+def log_prob(value: float) -> float | None:
+    """JSON has no NaN or infinity: the first prompt token's nan (no context) and -inf become null."""
+    return value if math.isfinite(value) else None
+
+
 def token_dict(token: Token, text: str | None = None) -> dict[str, Any]:
+    """LMI's Token.as_dict: id, text, log_prob, and special_token only when true."""
     data: dict[str, Any] = {"id": token.id, "text": token.text if text is None else text,
-                            "log_prob": token.log_prob, "special": token.special}
-    if token.top_tokens:
-        data["top_tokens"] = [{"id": t.id, "text": t.text, "log_prob": t.log_prob} for t in token.top_tokens]
+                            "log_prob": log_prob(token.log_prob)}
+    if token.special:
+        data["special_token"] = True
     return data
+
+
+class TokenAligner:
+    """Lines tokens up with the text the client gets, so that joining the tokens' texts gives that text.
+
+    The engine holds text back (a possible stop sequence, an incomplete UTF-8 character) and leaves a stop
+    sequence out of the output entirely, while every generated token is reported with its own text. A token
+    is released once the visible text covers it; when the request finishes, a token that reaches past the
+    visible end is cut at it, and tokens wholly past it (the stop sequence's) are dropped, except special
+    tokens (an end-of-sequence token has no text and stays)."""
+
+    def __init__(self) -> None:
+        self._pending: list[Token] = []
+        self._uncovered = 0  # visible characters not yet attributed to a released token
+
+    def push(self, tokens: tuple[Token, ...] | list[Token], text: str, finished: bool) -> list[Token]:
+        self._pending.extend(tokens)
+        self._uncovered += len(text)
+        released = []
+        while self._pending and len(self._pending[0].text) <= self._uncovered:
+            token = self._pending.pop(0)
+            self._uncovered -= len(token.text)
+            released.append(token)
+        if finished:
+            for token in self._pending:
+                if token.special or self._uncovered > 0:
+                    cut = token.text[:self._uncovered] if not token.special else token.text
+                    self._uncovered = max(0, self._uncovered - len(cut))
+                    released.append(Token(token.id, cut, token.log_prob, token.special, token.top_tokens))
+            self._pending = []
+        return released
 
 
 @dataclass
@@ -162,20 +262,37 @@ class Accumulator:
     prompt: str
     params: SamplingParams
     text: str = ""
-    tokens: list[Token] = field(default_factory=list)
+    tokens: list[Token] = field(default_factory=list)  # aligned with `text` (see TokenAligner)
+    raw_tokens: int = 0  # every token the engine reported
+    prompt_details: tuple[Token, ...] = ()
+    log_prob_sum: float = 0.0  # over every generated token
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     generated_tokens: int = 0
     final: RequestOutput | None = None
+    aligner: TokenAligner = field(default_factory=TokenAligner)
 
-    def add(self, output: RequestOutput) -> None:
+    def add(self, output: RequestOutput) -> list[Token]:
+        """Take one output; returns the tokens it released (aligned with the visible text)."""
         self.text += output.text
-        self.tokens.extend(output.tokens)
+        self.raw_tokens += len(output.tokens)
+        self.log_prob_sum += sum(token.log_prob for token in output.tokens if math.isfinite(token.log_prob))
+        if output.prompt_token_details:
+            self.prompt_details = output.prompt_token_details
+        released = self.aligner.push(output.tokens, output.text, output.finished)
+        self.tokens.extend(released)
         self.prompt_tokens = output.prompt_tokens or self.prompt_tokens
-        self.generated_tokens = max(self.generated_tokens, output.generated_tokens, len(self.tokens))
+        self.generated_tokens = max(self.generated_tokens, output.generated_tokens, self.raw_tokens)
         if output.finished:
             self.final = output
             self.finish_reason = output.finish_reason
+        return released
+
+    @property
+    def mean_log_prob(self) -> float:
+        """Mean log-probability per generated token, how best_of ranks sequences (OpenAI's "highest log
+        probability per token")."""
+        return self.log_prob_sum / self.raw_tokens if self.raw_tokens else 0.0
 
     @property
     def generated_text(self) -> str:
@@ -185,9 +302,14 @@ class Accumulator:
         details: dict[str, Any] = {
             "finish_reason": self.finish_reason.value if self.finish_reason else None,
             "generated_tokens": self.generated_tokens,
+            "inputs": self.prompt,
         }
         if with_tokens:
             details["tokens"] = [token_dict(token) for token in self.tokens]
+            if self.params.top_n_tokens:
+                details["top_tokens"] = [[token_dict(top) for top in token.top_tokens] for token in self.tokens]
+        if self.params.prompt_logprobs:
+            details["prefill"] = [token_dict(token) for token in self.prompt_details]
         return details
 
     def response(self) -> dict[str, Any]:
@@ -197,7 +319,18 @@ class Accumulator:
         return body
 
 
-def build_response(results: list[Accumulator], batch: bool) -> Any:
-    """`{"generated_text": ...}` for a string input, `[{...}, ...]` for a list input."""
-    bodies = [result.response() for result in results]
-    return bodies if batch else bodies[0]
+def build_response(results: list[Accumulator], request: LmiRequest) -> Any:
+    """`{"generated_text": ...}` for a string input, `[{...}, ...]` for a list input; `results` hold each
+    input's generated sequences in turn."""
+    returned, generated = request.sequences
+    bodies = []
+    for start in range(0, len(results), generated):
+        ranked = sorted(results[start:start + generated], key=lambda result: result.mean_log_prob, reverse=True)
+        body = ranked[0].response()
+        if returned > 1:  # LMI's best_of response (output_formatter._json_output_formatter_best_of): details always
+            body["details"] = {**ranked[0].details(), "best_of_sequences": [
+                {**other.details(), "generated_text": other.generated_text} for other in ranked[1:returned]]}
+            for other in body["details"]["best_of_sequences"]:
+                other.pop("inputs")
+        bodies.append(body)
+    return bodies if request.is_batch else bodies[0]

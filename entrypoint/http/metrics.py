@@ -12,6 +12,9 @@ Two kinds of numbers:
       lmi_time_to_first_token_seconds         histogram, arrival to first token
       lmi_inter_token_latency_seconds         histogram, between tokens of one engine request
       lmi_e2e_request_latency_seconds         histogram, arrival to end, requests that reached the engine
+      lmi_ignored_request_fields_total{api}   counter, request fields accepted and ignored (unknown here);
+                                              the field names are the client's text, so they are logged,
+                                              not used as label values
   * engine state, read from `EngineLoop.stats()` when scraped (a custom collector), so a gauge can never
     be left stale by a code path that forgot to update it:
       lmi_num_requests_running                the engine's running batch
@@ -70,7 +73,12 @@ class ServerMetrics:
         self.e2e = Histogram("lmi_e2e_request_latency_seconds",
                              "Time from arrival to the end of requests that reached the engine.",
                              buckets=E2E_BUCKETS, registry=r)
+        self.ignored = Counter("lmi_ignored_request_fields", "Request fields accepted and ignored (unknown here).",
+                               ["api"], registry=r)
         r.register(EngineCollector(state))
+
+    def ignored_fields(self, api: str, count: int) -> None:
+        self.ignored.labels(api).inc(count)
 
     # ---- RequestObserver ----------------------------------------------------------------------------
     def first_token(self, seconds: float) -> None:

@@ -20,7 +20,8 @@ from entrypoint.http.access_log import AccessRecord, RequestObserver
 from entrypoint.http.client_connection import read_body
 from entrypoint.http.errors import ErrorFamily, ModelNotFound
 from entrypoint.http.generation import answer, respond
-from entrypoint.http.lmi_protocol import Accumulator, load_json_object
+from entrypoint.http.lmi_protocol import Accumulator
+from entrypoint.http.validation import load_json_object
 from entrypoint.http.openai_protocol import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     ChatCompletionRequest,
@@ -75,21 +76,22 @@ class OpenAIApi:
 
     # ---- the two generation endpoints ---------------------------------------------------------------
     async def chat(self, request: Request, record: AccessRecord, data: dict[str, Any], *,
-                   check_model: bool) -> Response:
+                   check_model: bool, jsonlines: bool = False) -> Response:
         """A chat completion for a parsed body; failures raise (the caller renders them in its family).
-        /invocations passes check_model=False: its model is the one served, whatever the body names."""
-        chat = parse_chat(data)
+        /invocations passes check_model=False: its model is the one served, whatever the body names; and
+        jsonlines=True for LMI's jsonlines_chat stream format (chunks as JSON lines, no [DONE])."""
+        chat = parse_chat(data, getattr(self.observer, "ignored_fields", None))
         if check_model:
             self._check_model(chat.model)
         messages = chat.chat_messages()
         loop = self.state.require_loop()
         prompt, ids = await self.tokenizer.chat(loop.engine, messages)
-        return await self._generate(request, record, loop, chat, [(prompt, ids)], chat.completion_limit)
+        return await self._generate(request, record, loop, chat, [(prompt, ids)], chat.completion_limit, jsonlines)
 
     async def _completions(self, request: Request, record: AccessRecord) -> Response:
         data = load_json_object(await read_body(request, self.properties.max_request_size, self.properties.request_read_timeout),
                                 '{"model": "...", "prompt": "..."}')
-        completion = parse_completion(data)
+        completion = parse_completion(data, getattr(self.observer, "ignored_fields", None))
         self._check_model(completion.model)
         loop = self.state.require_loop()
         prompts = []
@@ -100,17 +102,19 @@ class OpenAIApi:
                 _check_token_ids(loop.engine, prompt)
                 prompts.append((await self.tokenizer.decode(loop.engine, prompt), prompt))
         return await self._generate(request, record, loop, completion, prompts,
-                                    completion.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS)
+                                    COMPLETIONS_DEFAULT_MAX_TOKENS if completion.max_tokens is None
+                                    else completion.max_tokens)
 
     async def _generate(self, request: Request, record: AccessRecord, loop: EngineLoop,
                         parsed: CompletionRequest | ChatCompletionRequest, prompts: list[tuple[str, list[int]]],
-                        max_tokens: int | None) -> Response:
+                        max_tokens: int | None, jsonlines: bool = False) -> Response:
         chat = isinstance(parsed, ChatCompletionRequest)
         engine = loop.engine
-        n = parsed.choices_per_prompt
+        n = parsed.sequences_per_prompt  # best_of generates more than it returns
         if len(prompts) * n > loop.job_queue_size:  # could never be admitted: a retry would not help either
-            raise InvalidRequest(f"{len(prompts)} prompt(s) x n={n} = {len(prompts) * n} generations are more than "
-                                 f"this server admits at once (job_queue_size={loop.job_queue_size})", "n")
+            raise InvalidRequest(f"{len(prompts)} prompt(s) x {n} sequences each (n, best_of) = {len(prompts) * n} "
+                                 f"generations are more than this server admits at once (job_queue_size="
+                                 f"{loop.job_queue_size})", "best_of" if n > parsed.choices_per_prompt else "n")
         requests = []
         for prompt_index, (prompt, ids) in enumerate(prompts):
             budget = _completion_budget(engine, ids, max_tokens, chat, parsed.limit_param)
@@ -129,13 +133,17 @@ class OpenAIApi:
             model=parsed.model if parsed.model and self.state.knows_model(parsed.model) else self.state.model_name,
             results=results,
             prompt_tokens=sum(len(ids) for _, ids in prompts), logprobs=parsed.wants_logprobs,
-            echo=bool(getattr(parsed, "echo", False)))
-        encoder = CompletionStreamEncoder(completion, parsed.include_usage) if parsed.stream else None
+            echo=bool(getattr(parsed, "echo", False)), choices_per_prompt=parsed.choices_per_prompt,
+            sequences_per_prompt=n)
+        encoder = CompletionStreamEncoder(completion, parsed.include_usage, jsonlines) if parsed.stream else None
         return await respond(request, streams, record, results=results, build=completion.body, encoder=encoder,
                              headers={"X-Request-Id": record.request_id})
 
     def _check_model(self, name: str | None) -> None:
-        if name is not None and not self.state.knows_model(name):
+        """A name this server answers to. One model is served, so besides its names (and their last path
+        part), any HF id or path (a name with a "/") means it: benchmark clients send the one value they also
+        load the tokenizer from. A bare name that is none of ours is still a 404 (a typo, another model)."""
+        if name is not None and not self.state.knows_model(name) and "/" not in name:
             raise ModelNotFound(f"The model `{name}` does not exist; this server serves `{self.state.model_name}` "
                                 "(GET /v1/models)")
 

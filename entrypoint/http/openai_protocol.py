@@ -9,9 +9,14 @@ OpenAI parameter name (rendered as the error's `param`). Mapping to `SamplingPar
   logprobs     top_n_tokens (chat: logprobs true + top_logprobs 0..20; completions: logprobs 0..5)
   n            n independent engine requests; with a seed, choice i is sampled with seed + i, so each
                choice is what the same request with that seed and n=1 would give
+  best_of      completions: best_of >= n sequences are generated and the n with the highest mean
+               log-probability per token are returned, best first (OpenAI's and vLLM's meaning)
+  echo + logprobs  completions: the prompt's tokens and log-probabilities lead each choice's logprobs
+               (the first prompt token has none: null); with max_tokens 0 only the prompt is scored
   top_k, repetition_penalty, ignore_eos  accepted as vLLM's extensions to OpenAI's schema
-Unknown parameters are refused (as OpenAI does), and known ones this server cannot honour (tools,
-logit_bias, suffix, ...) are refused by name rather than silently ignored.
+Unknown parameters are accepted and ignored, as vLLM does (`validation.IGNORED_FIELDS`); known ones this
+server cannot honour (tools, logit_bias, suffix, use_beam_search true, ...) are refused by name rather than
+silently ignored. Types are strict (`validation`): no booleans for numbers, only true/false for booleans.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from entrypoint.http.lmi_protocol import validation_error
+from entrypoint.http.validation import IGNORED_FIELDS, Bool, StrictModel, Text, stop_sequences, validation_error
 from handlers.engine import InvalidRequest, SamplingParams
 
 #: most choices per request; OpenAI documents the same bound for n
@@ -37,49 +42,48 @@ UNSUPPORTED = {
     "prediction": "predicted outputs", "web_search_options": "web search", "reasoning_effort": "reasoning effort",
     "suffix": "suffix (insertion)",
 }
-#: parameters accepted and not used: they change nothing about the generated text
-IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
-           "safety_identifier")
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
-    include_usage: bool | None = None
-    include_obfuscation: bool | None = None  # OpenAI pads chunks against side channels; nothing to hide here
+    include_usage: Bool | None = None
+    include_obfuscation: Bool | None = None  # OpenAI pads chunks against side channels; nothing to hide here
 
 
-class _OpenAIRequest(BaseModel):
+class _OpenAIRequest(StrictModel):
     """The parameters both endpoints share."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")  # unknown fields are ignored (and counted)
 
     model: str | None = None  # OpenAI requires it; absent means the served model
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     n: int | None = Field(None, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    stream: bool | None = None
+    stream: Bool | None = None
     stream_options: StreamOptions | None = None
     # vLLM's extensions
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: no top-k
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    ignore_eos: bool | None = None
+    ignore_eos: Bool | None = None
+    use_beam_search: Bool | None = None  # benchmark clients send false; true is refused (no beam search)
 
     @field_validator("stop", mode="before")
     @classmethod
     def _stop(cls, value: Any) -> Any:
-        if value is None or isinstance(value, str) and value:
-            return value
-        if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
-            raise ValueError("expected a non-empty string or a list of non-empty strings")
-        if len(value) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(value)}")
+        return stop_sequences(value, MAX_STOP_SEQUENCES)
+
+    @field_validator("use_beam_search")
+    @classmethod
+    def _beam_search(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("beam search is not supported by this server; send false or leave it out")
         return value
 
     @field_validator("logit_bias")
@@ -110,6 +114,10 @@ class _OpenAIRequest(BaseModel):
     def wants_logprobs(self) -> bool:
         raise NotImplementedError
 
+    def prompt_logprobs(self) -> bool:
+        """Whether the prompt's log-probabilities are wanted (completions' echo with logprobs)."""
+        return False
+
     def sampling_params(self, max_new_tokens: int, choice: int) -> SamplingParams:
         """The engine parameters for choice number `choice` (0..n-1) of one prompt."""
         temperature = 1.0 if self.temperature is None else self.temperature
@@ -127,6 +135,7 @@ class _OpenAIRequest(BaseModel):
             "stop_sequences": [self.stop] if isinstance(self.stop, str) else (self.stop or []),
             "ignore_eos": bool(self.ignore_eos),
             "top_n_tokens": self.top_n_tokens(),
+            "prompt_logprobs": self.prompt_logprobs(),
             # OpenAI takes any 64-bit seed; the engine's are 0..2**63-1, so fold, keeping "same seed, same text"
             "seed": None if self.seed is None else (self.seed + choice) % 2**63,
         }
@@ -136,15 +145,38 @@ class _OpenAIRequest(BaseModel):
             raise validation_error(exc, "", SamplingParams) from None
 
 
+#: JSON schemas of the fields checked by hand (for the OpenAPI document; `prompts` and `chat_messages` check them)
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+PROMPT_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1},
+                           {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                           _TOKEN_IDS, {"type": "array", "minItems": 1, "items": _TOKEN_IDS}]}
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+MESSAGES_SCHEMA = {"type": "array", "minItems": 1, "items": {
+    "type": "object", "required": ["role", "content"], "additionalProperties": False,
+    "properties": {"role": {"enum": list(ROLES)}, "name": {"type": "string"},
+                   "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}}}}
+
+
 class CompletionRequest(_OpenAIRequest):
-    prompt: Any  # str | list[str] | list[int] | list[list[int]], checked in `prompts`
+    prompt: Any = Field(json_schema_extra=PROMPT_SCHEMA)  # checked in `prompts`
+    max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt only (echo + logprobs)
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool | None = None
+    echo: Bool | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_N)
 
     @property
     def wants_logprobs(self) -> bool:
         return self.logprobs is not None
+
+    def prompt_logprobs(self) -> bool:
+        # max_tokens 0 is prompt scoring, the engine contract's combination with prompt_logprobs
+        return bool(self.echo) and (self.wants_logprobs or self.max_tokens == 0)
+
+    @property
+    def sequences_per_prompt(self) -> int:
+        """How many sequences are generated per prompt: best_of, of which the n best are returned."""
+        return max(self.best_of or 1, self.choices_per_prompt)
 
     def top_n_tokens(self) -> int:
         return self.logprobs or 0
@@ -158,17 +190,17 @@ class CompletionRequest(_OpenAIRequest):
             if all(isinstance(item, str) for item in prompt):
                 return list(prompt)
             if all(_is_token_id(item) for item in prompt):
-                return [list(prompt)]
+                return [[int(item) for item in prompt]]
             if all(isinstance(item, list) and item and all(_is_token_id(i) for i in item) for item in prompt):
-                return [list(item) for item in prompt]
+                return [[int(i) for i in item] for item in prompt]
         raise InvalidRequest("prompt must be a string, a non-empty list of strings, a list of token ids, or a list "
                              "of lists of token ids", "prompt")
 
 
 class ChatCompletionRequest(_OpenAIRequest):
-    messages: Any  # checked in `chat_messages`
+    messages: Any = Field(json_schema_extra=MESSAGES_SCHEMA)  # checked in `chat_messages`
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
+    logprobs: Bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
 
@@ -195,6 +227,10 @@ class ChatCompletionRequest(_OpenAIRequest):
     def limit_param(self) -> str:
         return "max_tokens" if self.max_completion_tokens is None and self.max_tokens else "max_completion_tokens"
 
+    @property
+    def sequences_per_prompt(self) -> int:
+        return self.choices_per_prompt
+
     def chat_messages(self) -> list[dict[str, str]]:
         """The messages as the chat template takes them: role and content text."""
         if not isinstance(self.messages, list) or not self.messages:
@@ -202,34 +238,41 @@ class ChatCompletionRequest(_OpenAIRequest):
         return [_message(index, message) for index, message in enumerate(self.messages)]
 
 
-def parse_completion(data: dict[str, Any]) -> CompletionRequest:
-    request = _parse(CompletionRequest, data)
-    if request.best_of is not None and request.best_of != request.choices_per_prompt:
-        raise InvalidRequest("best_of other than n is not supported (this server returns every choice it generates)",
-                             "best_of")
-    if request.echo and request.wants_logprobs:
-        raise InvalidRequest("echo with logprobs is not supported: the prompt's log-probabilities are not computed",
-                             "echo")
+def parse_completion(data: dict[str, Any], count: Any = None) -> CompletionRequest:
+    request = _parse(CompletionRequest, data, count)
+    if request.best_of is not None and request.best_of < request.choices_per_prompt:
+        raise InvalidRequest(f"best_of = {request.best_of} must be at least n = {request.choices_per_prompt}: best_of "
+                             "sequences are generated and the n best returned", "best_of")
+    if request.stream and request.sequences_per_prompt > request.choices_per_prompt:
+        raise InvalidRequest("best_of greater than n cannot be streamed: the best sequences are known only at the end; "
+                             "send stream: false", "best_of")
+    if request.max_tokens == 0 and not request.echo:
+        raise InvalidRequest("max_tokens = 0 generates nothing; it scores the prompt with echo: true (and logprobs)",
+                             "max_tokens")
     return request
 
 
-def parse_chat(data: dict[str, Any]) -> ChatCompletionRequest:
-    request = _parse(ChatCompletionRequest, data)
+def parse_chat(data: dict[str, Any], count: Any = None) -> ChatCompletionRequest:
+    request = _parse(ChatCompletionRequest, data, count)
     if request.top_logprobs is not None and not request.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs set to true", "top_logprobs")
     return request
 
 
-def _parse(model: type[_OpenAIRequest], data: dict[str, Any]) -> Any:
+def _parse(model: type[_OpenAIRequest], data: dict[str, Any], count: Any = None) -> Any:
     for name, feature in UNSUPPORTED.items():
         value = data.get(name)
         if value is not None and value != [] and not (name == "tool_choice" and value == "none"):
             raise InvalidRequest(f"{name}: {feature} is not supported by this server", name)
-    data = {key: value for key, value in data.items() if key not in IGNORED and key not in UNSUPPORTED}
+    data = {key: value for key, value in data.items() if key not in UNSUPPORTED}
     try:
         request = model.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc, "", model) from None
+    ignored = list(request.model_extra or {})
+    if request.stream_options is not None:
+        ignored += [f"stream_options.{name}" for name in request.stream_options.model_extra or {}]
+    IGNORED_FIELDS.note("openai", ignored, count)
     if request.stream_options is not None and not request.stream:
         raise InvalidRequest("stream_options is only allowed when stream is true", "stream_options")
     return request
@@ -269,4 +312,6 @@ def _content(where: str, content: Any) -> str:
 
 
 def _is_token_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A non-negative integer; 7.0 counts, as JSON Schema's "integer" (the document's) has it."""
+    integral = isinstance(value, int) or isinstance(value, float) and value.is_integer()
+    return integral and not isinstance(value, bool) and value >= 0

@@ -4,7 +4,11 @@ Streams follow OpenAI's framing: `data: {chunk}` events and a last `data: [DONE]
 chunk carries `"role": "assistant"`; the chunk of a choice's last output carries its finish_reason. With
 `stream_options.include_usage` every chunk has `"usage": null` and one more chunk before [DONE] has empty
 choices and the usage. A failure after the headers went out is sent as `data: {"error": {...}}` (OpenAI's
-error shape), then [DONE], so clients end their read loop normally.
+error shape), then [DONE], so clients end their read loop normally. LMI's jsonlines_chat format (a chat body
+on /invocations streamed as JSON lines) carries the same chunks one per line, without [DONE].
+
+best_of: `results` hold every generated sequence (`sequences_per_prompt` per prompt); the body returns the
+`choices_per_prompt` of each prompt with the highest mean log-probability per token, best first.
 
 Counts: usage.prompt_tokens is each prompt's token count once (however many choices share it), as OpenAI
 counts; completion_tokens is every generated token, including an end-of-sequence token, so it equals the
@@ -41,6 +45,18 @@ class Completion:
     prompt_tokens: int  # each prompt counted once
     logprobs: bool = False
     echo: bool = False  # completions: the prompt text starts each choice's text
+    choices_per_prompt: int = 1  # n
+    sequences_per_prompt: int = 1  # best_of (>= n)
+
+    def chosen(self) -> list[Accumulator]:
+        """The returned choices in order: per prompt, the n best of its best_of sequences."""
+        if self.sequences_per_prompt == self.choices_per_prompt:
+            return self.results
+        chosen = []
+        for start in range(0, len(self.results), self.sequences_per_prompt):
+            group = self.results[start:start + self.sequences_per_prompt]
+            chosen += sorted(group, key=lambda result: result.mean_log_prob, reverse=True)[:self.choices_per_prompt]
+        return chosen
 
     @property
     def object(self) -> str:
@@ -53,7 +69,7 @@ class Completion:
 
     def body(self) -> dict[str, Any]:
         choices = []
-        for index, result in enumerate(self.results):
+        for index, result in enumerate(self.chosen()):
             choice: dict[str, Any] = {"index": index}
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": result.text, "refusal": None}
@@ -61,7 +77,8 @@ class Completion:
             else:
                 prefix = result.prompt if self.echo else ""
                 choice["text"] = prefix + result.text
-                choice["logprobs"] = completion_logprobs(result.tokens, len(prefix)) if self.logprobs else None
+                tokens = [*result.prompt_details, *result.tokens] if self.echo else result.tokens
+                choice["logprobs"] = completion_logprobs(tokens, 0) if self.logprobs else None
             choice["finish_reason"] = finish_reason(result.finish_reason)
             choices.append(choice)
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
@@ -71,9 +88,9 @@ class Completion:
 class CompletionStreamEncoder:
     """A `generation.ChunkEncoder` for one `Completion`, as OpenAI's chunks."""
 
-    media_type = "text/event-stream"
-
-    def __init__(self, completion: Completion, include_usage: bool):
+    def __init__(self, completion: Completion, include_usage: bool, jsonlines: bool = False):
+        self.jsonlines = jsonlines
+        self.media_type = "application/jsonlines" if jsonlines else "text/event-stream"
         self.completion = completion
         self.results = completion.results
         self.include_usage = include_usage
@@ -83,13 +100,13 @@ class CompletionStreamEncoder:
 
     def feed(self, index: int, output: RequestOutput) -> list[bytes]:
         result = self.results[index]
-        result.add(output)
+        released = result.add(output)
         error = exception_for_output(output) if output.finished else None
         if error is not None:
             return self.error(error)
         first = index not in self._started
         reason = finish_reason(result.finish_reason) if output.finished else None
-        if not (first or output.text or reason or (self.completion.logprobs and output.tokens)):
+        if not (first or output.text or reason or (self.completion.logprobs and released)):
             return []  # nothing the client can see yet (text held back for a stop sequence or UTF-8)
         self._started.add(index)
         choice: dict[str, Any] = {"index": index}
@@ -98,25 +115,32 @@ class CompletionStreamEncoder:
             if output.text and not first:
                 delta["content"] = output.text
             choice["delta"] = delta
-            choice["logprobs"] = chat_logprobs(output.tokens) if self.completion.logprobs else None
+            choice["logprobs"] = chat_logprobs(released) if self.completion.logprobs else None
         else:
             prefix = result.prompt if first and self.completion.echo else ""
             choice["text"] = prefix + output.text
             logprobs = None
             if self.completion.logprobs:
-                logprobs = completion_logprobs(output.tokens, self._offsets[index] + len(prefix))
-                self._offsets[index] += len(prefix) + sum(len(token.text) for token in output.tokens)
+                tokens = [*result.prompt_details, *released] if prefix else released
+                logprobs = completion_logprobs(tokens, self._offsets[index])
+                self._offsets[index] += sum(len(token.text) for token in tokens)
             choice["logprobs"] = logprobs
         choice["finish_reason"] = reason
         return [self._chunk([choice])]
 
     def error(self, exc: BaseException) -> list[bytes]:
         self.failure = exc
-        return [_event(error_body(exc, ErrorFamily.OPENAI)), DONE]
+        return [self._frame(error_body(exc, ErrorFamily.OPENAI)), *self._done()]
 
     def end(self) -> list[bytes]:
         chunks = [self._chunk([], usage=self.completion.usage())] if self.include_usage else []
-        return chunks + [DONE]
+        return chunks + self._done()
+
+    def _done(self) -> list[bytes]:
+        return [] if self.jsonlines else [DONE]
+
+    def _frame(self, obj: dict[str, Any]) -> bytes:
+        return (json.dumps(obj, ensure_ascii=False) + "\n").encode() if self.jsonlines else _event(obj)
 
     def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
         c = self.completion
@@ -124,7 +148,7 @@ class CompletionStreamEncoder:
                                  "created": c.created, "model": c.model, "choices": choices}
         if self.include_usage:
             chunk["usage"] = usage
-        return _event(chunk)
+        return self._frame(chunk)
 
 
 def finish_reason(reason: FinishReason | None) -> str | None:
@@ -141,15 +165,23 @@ def chat_logprobs(tokens: list[Token] | tuple[Token, ...]) -> dict[str, Any]:
 
 
 def completion_logprobs(tokens: list[Token] | tuple[Token, ...], offset: int) -> dict[str, Any]:
-    """The legacy completions shape: parallel lists, `text_offset` counted from the start of the choice's text."""
+    """The legacy completions shape: parallel lists, `text_offset` counted from the start of the choice's text.
+    top_logprobs always holds the chosen token too, even when it is not among the most likely (as OpenAI and
+    vLLM answer). A prompt token without context (the first, echo) has null for both, as OpenAI's."""
     offsets = []
     for token in tokens:
         offsets.append(offset)
         offset += len(token.text)
     return {"tokens": [token.text for token in tokens],
-            "token_logprobs": [_log_prob(token.log_prob) for token in tokens],
-            "top_logprobs": [{top.text: _log_prob(top.log_prob) for top in token.top_tokens} for token in tokens],
+            "token_logprobs": [None if math.isnan(token.log_prob) else _log_prob(token.log_prob) for token in tokens],
+            "top_logprobs": [None if math.isnan(token.log_prob) else _top_logprobs(token) for token in tokens],
             "text_offset": offsets}
+
+
+def _top_logprobs(token: Token) -> dict[str, float]:
+    top = {alternative.text: _log_prob(alternative.log_prob) for alternative in token.top_tokens}
+    top.setdefault(token.text, _log_prob(token.log_prob))
+    return top
 
 
 def _log_prob(value: float) -> float:

@@ -16,7 +16,7 @@ the outputs, and cancelling on disconnect, is `generation.respond`'s, shared wit
 from __future__ import annotations
 
 import uuid
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -25,15 +25,16 @@ from entrypoint.http.access_log import AccessRecord, RequestObserver
 from entrypoint.http.client_connection import read_body
 from entrypoint.http.errors import ErrorFamily, ModelNotFound
 from entrypoint.http.generation import answer, respond
-from entrypoint.http.lmi_protocol import Accumulator, build_response, load_json_object, parse_lmi
+from entrypoint.http.lmi_protocol import Accumulator, LmiRequest, build_response, generation_requests, parse_lmi
+from entrypoint.http.validation import load_json_object
 from entrypoint.http.state import ServerState
 from entrypoint.http.streaming import StreamEncoder, choose_format
 from entrypoint.http.tokenization import PromptTokenizer
 from handlers.serving_properties import ServingProperties
 from handlers.engine import Engine, GenerationRequest, InvalidRequest, SamplingParams
 
-#: answers a chat body (`{"messages": [...]}`) posted to /invocations: (request, record, parsed body)
-ChatHandler = Callable[[Request, AccessRecord, dict[str, Any]], Awaitable[Response]]
+#: answers a chat body (`{"messages": [...]}`) posted to /invocations: (request, record, parsed body, jsonlines=)
+ChatHandler = Callable[..., Awaitable[Response]]
 
 
 class Predictor:
@@ -55,41 +56,40 @@ class Predictor:
                                 f"{self.state.model_name!r}")
         data = load_json_object(await read_body(request, self.properties.max_request_size, self.properties.request_read_timeout))
         if "messages" in data and self.chat is not None:  # LMI served OpenAI chat bodies on /invocations too
-            return await self.chat(request, record, data)
-        lmi, params = parse_lmi(data)
+            # Streamed as OpenAI's SSE chunks (LMI's sse_chat, what its vLLM front end sends), or as LMI's
+            # jsonlines_chat when the client or the deployment asks for JSON lines.
+            accept = (request.headers.get("accept") or "").lower()
+            jsonlines = any(kind in accept for kind in ("application/jsonlines", "application/x-ndjson",
+                                                        "application/jsonl")) \
+                or (self.properties.output_formatter.value == "jsonlines" and "text/event-stream" not in accept)
+            return await self.chat(request, record, data, jsonlines=jsonlines)
+        lmi, params = parse_lmi(data, getattr(self.observer, "ignored_fields", None))
         fmt = choose_format(lmi.stream, request.headers.get("accept"), self.properties.output_formatter)
-        if fmt.streaming and lmi.is_batch:
-            raise InvalidRequest(f"streaming ({fmt.value}) needs one string in inputs, got a list of "
-                                 f"{len(lmi.inputs)}; send one request per input or set \"stream\": false",
-                                 "inputs")
+        if fmt.streaming and len(lmi.prompts) > 1:  # a one-element list streams like its string (LMI clients send it)
+            raise InvalidRequest(f"streaming ({fmt.value}) takes one input, got a list of {len(lmi.prompts)}; one "
+                                 "token stream cannot tell the inputs apart: send one request per input or set "
+                                 "\"stream\": false", "inputs")
+        if fmt.streaming and lmi.sequences[1] > 1:
+            raise InvalidRequest("parameters.n and best_of above 1 are not streamed (the best sequence is known only at "
+                                 "the end, as in LMI); set \"stream\": false", "parameters.best_of")
         loop = self.state.require_loop()
-        if len(lmi.prompts) > loop.job_queue_size:
-            # All or none is admitted, so this list could never fit: a 503 would make clients that honour
+        sequences = len(lmi.prompts) * lmi.sequences[1]  # best_of sequences per input
+        if sequences > loop.job_queue_size:
+            # All or none is admitted, so this request could never fit: a 503 would make clients that honour
             # Retry-After resend it forever (issue 11). Checked before tokenizing anything.
-            raise InvalidRequest(f"inputs has {len(lmi.prompts)} prompts, more than this server ever admits at once "
-                                 f"(job_queue_size={loop.job_queue_size}); send at most {loop.job_queue_size} "
-                                 "inputs per request", "inputs")
-        requests = await self._requests(loop.engine, record, lmi.prompts, params)
+            raise InvalidRequest(f"this request asks for {sequences} sequences ({len(lmi.prompts)} inputs x best_of "
+                                 f"{lmi.sequences[1]}), more than this server ever admits at once "
+                                 f"(job_queue_size={loop.job_queue_size}); send fewer inputs per request", "inputs")
+        requests = await self._requests(loop.engine, record, lmi, params)
         streams = loop.streams(requests)  # QueueFull / EngineUnavailable raise here, before any output
         record.admit(requests)
-        results = [Accumulator(request.prompt, params) for request in requests]
+        results = [Accumulator(request.prompt, request.params) for request in requests]
         encoder = StreamEncoder(fmt, results[0]) if fmt.streaming else None
         return await respond(request, streams, record, results=results, encoder=encoder,
-                             build=lambda: build_response(results, lmi.is_batch),
+                             build=lambda: build_response(results, lmi),
                              headers={"X-Request-Id": record.request_id})
 
-    async def _requests(self, engine: Engine, record: AccessRecord, prompts: list[str],
+    async def _requests(self, engine: Engine, record: AccessRecord, lmi: LmiRequest,
                         params: SamplingParams) -> list[GenerationRequest]:
-        requests = []
-        for index, prompt in enumerate(prompts):
-            ids = await self.tokenizer.encode(engine, prompt)
-            request_id = record.request_id if len(prompts) == 1 else f"{record.request_id}-{index}"
-            requests.append(GenerationRequest(request_id, prompt, ids, params))
-        for index, generation in enumerate(requests):
-            try:
-                engine.validate(generation)
-            except InvalidRequest as exc:
-                if len(requests) > 1:  # say which input of the list is the problem
-                    raise InvalidRequest(f"inputs[{index}]: {exc}", exc.field) from None
-                raise
-        return requests
+        prompt_ids = [await self.tokenizer.encode(engine, prompt) for prompt in lmi.prompts]
+        return generation_requests(engine, lmi, params, prompt_ids, record.request_id)

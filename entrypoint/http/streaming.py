@@ -1,15 +1,16 @@
 """Streaming responses: choosing the format, and framing tokens as JSON lines or server-sent events.
 
-Both formats carry the same JSON objects, LMI's:
-  {"token": {"id", "text", "log_prob", "special"}}                 one per generated token
-  {"token": {...}, "generated_text": "...", "details": {...}}      the last token also ends the stream
-  {"error": {"message", "type", "code"}}                           a failure after the headers were sent
+Both formats carry the same JSON objects, LMI's (djl_python output_formatter.py):
+  {"token": {"id", "text", "log_prob"[, "special_token"]}}            one per generated token
+  {"token": {...}, "generated_text": "...", "details": {...}}          the last token also ends the stream
+  {"token": {"id": -1, "text": "", "log_prob": -1, "special_token": true, "error_msg"}, "generated_text": "",
+   "details": {"finish_reason": "error", ...}, "error", "code", "type"} a failure after the headers were sent
 jsonlines writes each object on one line; SSE writes `data: <object>` events.
 
-A token line's `text` is the text that became visible with that token, not the token's raw text: the
-engine holds back text that may start a stop sequence (and incomplete UTF-8), so joining the streamed
-texts gives exactly `generated_text` (without the prompt of return_full_text). The raw per-token text is
-in non-streaming `details.tokens`.
+A token line's `text` is that token's own text. A token is sent once the engine made its text visible
+(the engine holds back text that may start a stop sequence, and incomplete UTF-8), and the tokens of a
+stop sequence, which the output leaves out, are cut (`lmi_protocol.TokenAligner`): joining the streamed
+texts gives exactly `generated_text` (without the prompt of return_full_text), as in `details.tokens`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 from enum import Enum
 from typing import Any
 
-from entrypoint.http.errors import error_body, exception_for_output
+from entrypoint.http.errors import exception_for_output, lmi_stream_error
 from entrypoint.http.lmi_protocol import Accumulator, token_dict
 from handlers.serving_properties import OutputFormatter
 from handlers.engine import RequestOutput
@@ -75,21 +76,14 @@ class StreamEncoder:
         self.media_type = fmt.media_type
         self.result = result
         self.failure: BaseException | None = None  # the error sent as the stream's last object
-        self._pending = ""  # visible text not yet attached to a token line
 
     def feed(self, index: int, output: RequestOutput) -> list[bytes]:
-        self.result.add(output)
-        self._pending += output.text
         error = exception_for_output(output) if output.finished else None
-        objects: list[dict[str, Any]] = []
-        for position, token in enumerate(output.tokens):
-            last = position == len(output.tokens) - 1
-            objects.append({"token": token_dict(token, text=self._pending if last else "")})
-            if last:
-                self._pending = ""
+        released = self.result.add(output)
+        objects: list[dict[str, Any]] = [{"token": token_dict(token)} for token in released]
         if output.finished and error is None:
-            if not objects:
-                objects.append({})
+            if not objects:  # every token of this output was cut (a stop sequence): LMI's last line has a token
+                objects.append({"token": token_dict(output.tokens[-1], text="")} if output.tokens else {})
             objects[-1]["generated_text"] = self.result.generated_text
             if self.result.params.details:
                 objects[-1]["details"] = self.result.details(with_tokens=False)  # the tokens were streamed
@@ -100,7 +94,7 @@ class StreamEncoder:
 
     def error(self, exc: BaseException) -> list[bytes]:
         self.failure = exc
-        return [frame(self.fmt, error_body(exc))]
+        return [frame(self.fmt, lmi_stream_error(exc))]
 
     def end(self) -> list[bytes]:
         return []  # the last token line already carries generated_text

@@ -1,4 +1,4 @@
-"""`handlers.deepspeed.handle()` on the real engine and the embedded SmolLM2-135M-Instruct, driven the way
+"""`entrypoint.djl_handler.handle()` on the real engine and the embedded SmolLM2-135M-Instruct, driven the way
 DJL Serving's Python engine drives it: one initialization call with the model's properties, then batches
 laid out as DJL's Java side lays them out."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from entrypoint.property_sources import COMPAT_ENV, LMI_ENV
-from handlers import deepspeed
-from handlers.djl_io import Input, Output, PairList, encode_batch, split_batch_output
+from entrypoint import djl_handler as deepspeed
+from entrypoint.djl_io import Input, Output, PairList, encode_batch, split_batch_output
 
 pytestmark = pytest.mark.slow
 
@@ -64,8 +64,8 @@ def test_batch_of_two_answers_and_matches_each_request_alone(handler):
     single, batched = alone[1].get_as_json(), colors.get_as_json()
     assert single["generated_text"] == batched["generated_text"]
     assert {**single["details"], "tokens": None} == {**batched["details"], "tokens": None}
-    assert [(t["id"], t["text"], t["special"]) for t in single["details"]["tokens"]] == \
-        [(t["id"], t["text"], t["special"]) for t in batched["details"]["tokens"]]
+    assert [(t["id"], t["text"], t.get("special_token", False)) for t in single["details"]["tokens"]] == \
+        [(t["id"], t["text"], t.get("special_token", False)) for t in batched["details"]["tokens"]]
     assert [t["log_prob"] for t in single["details"]["tokens"]] == \
         pytest.approx([t["log_prob"] for t in batched["details"]["tokens"]], abs=1e-3)
 
@@ -75,6 +75,6 @@ def test_a_bad_item_fails_alone(handler):
     output = handler.handle(encode_batch([request(FRANCE), request(too_long), request(b"not json")]))
     good, long_prompt, not_json = split_batch_output(output, 3)
     assert good.get_code() == 200 and "Paris" in good.get_as_json()["generated_text"]
-    assert long_prompt.get_code() == 400 and "exceeds the limit" in long_prompt.get_as_json()["error"]["message"]
-    assert not_json.get_code() == 400 and "not valid JSON" in not_json.get_as_json()["error"]["message"]
+    assert long_prompt.get_code() == 400 and "exceeds the limit" in long_prompt.get_as_json()["message"]
+    assert not_json.get_code() == 400 and "not valid JSON" in not_json.get_as_json()["message"]
     assert isinstance(output, Output) and output.get_code() == 200

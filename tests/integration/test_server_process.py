@@ -125,7 +125,7 @@ def test_an_engine_crash_fails_the_request_then_the_process_exits_non_zero(proce
         assert time.monotonic() < deadline
         time.sleep(0.05)
     response = httpx.post(url + "/invocations", json={"inputs": "hi", "parameters": {"max_new_tokens": 10}})
-    assert response.status_code == 424 and "crashed" in response.json()["error"]["message"]
+    assert response.status_code == 424 and "crashed" in response.json()["message"]
     _, stderr = process.communicate(timeout=20)
     assert process.returncode == 1
     assert "the engine failed, exiting" in stderr

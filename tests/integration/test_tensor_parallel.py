@@ -133,7 +133,7 @@ def test_killing_a_rank_fails_the_request_and_the_server_exits_non_zero(embedded
     finally:
         server.stop()
     assert result["status"] == 424, result
-    assert "rank 1" in result["body"]["error"]["message"] and "died" in result["body"]["error"]["message"]
+    assert "rank 1" in result["body"]["message"] and "died" in result["body"]["message"]
     # Once unhealthy (503, then refused as the server exits), never healthy again.
     first_unhealthy = next((i for i, ping in enumerate(pings) if ping != 200), len(pings))
     assert 200 not in pings[first_unhealthy:], pings

@@ -2,13 +2,17 @@
 
 Generation is a fixed pattern: the n-th generated token of a request is the letter
 `"abcdefghijklmnopqrstuvwxyz"[(n + seed) % 26]` (seed only matters with do_sample), one character per token,
-so tests can predict every response. Knobs make the failure paths reachable: a per-step delay, a crash on
+so tests can predict every response. With top_n_tokens each token lists that many capital letters as more
+likely alternatives (log_prob -0.1; the chosen token's is -0.5), so the chosen token is never among them.
+With prompt_logprobs the first output carries the prompt's tokens (`prompt_token_details`: the first has
+log_prob nan, the others -1.0); max_new_tokens 0 finishes right away after that (prompt scoring). Knobs make the failure paths reachable: a per-step delay, a crash on
 step N, EngineOutOfMemory on step N or for prompts containing a marker, an error finish for prompts
 containing a marker, and eos after a given number of tokens.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,6 +41,9 @@ class CharTokenizer:
 
     eos_token_id = EOS_ID
 
+    def __len__(self) -> int:  # the vocabulary: every code point
+        return 0x110000
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(ch) for ch in text]
 
@@ -63,6 +70,7 @@ class _Active:
     generated: list[int] = field(default_factory=list)
     text: str = ""  # all generated text
     emitted: int = 0  # characters of `text` already returned (the rest is held back for stop sequences)
+    first: bool = True  # no output returned yet
 
 
 class FakeEngine(Engine):
@@ -164,13 +172,16 @@ class FakeEngine(Engine):
             return RequestOutput(rid, (), "", finished=True, finish_reason=FinishReason.ERROR,
                                  error="fake engine failed this request", prompt_tokens=prompt_tokens)
         n = len(active.generated)
-        seed = (params.seed or 0) if params.do_sample else 0
+        if params.max_new_tokens == 0:
+            return self._out(active, None, FinishReason.LENGTH)
+        seed = (params.seed or 0) if not params.greedy else 0
         if self.eos_at is not None and n + 1 >= self.eos_at and not params.ignore_eos:
             token = Token(EOS_ID, "", -0.01, special=True)
             active.generated.append(EOS_ID)
             return self._out(active, token, FinishReason.EOS_TOKEN)
         letter = ALPHABET[(n + seed) % 26]
-        token = Token(ord(letter), letter, -0.5)
+        alternatives = tuple(Token(ord(capital), capital, -0.1) for capital in ALPHABET.upper()[:params.top_n_tokens])
+        token = Token(ord(letter), letter, -0.5, top_tokens=alternatives)
         active.generated.append(token.id)
         active.text += letter
         for stop in params.stop_sequences:
@@ -181,7 +192,7 @@ class FakeEngine(Engine):
         reason = FinishReason.LENGTH if len(active.generated) >= params.max_new_tokens else None
         return self._out(active, token, reason)
 
-    def _out(self, active: _Active, token: Token, reason: FinishReason | None) -> RequestOutput:
+    def _out(self, active: _Active, token: Token | None, reason: FinishReason | None) -> RequestOutput:
         """Return new text, holding back a tail that could still become a stop sequence."""
         if reason is None:
             hold = max((k for stop in active.request.params.stop_sequences for k in range(len(stop))
@@ -191,6 +202,12 @@ class FakeEngine(Engine):
             visible_end = len(active.text)
         text = active.text[active.emitted:visible_end]
         active.emitted = max(active.emitted, visible_end)
-        return RequestOutput(active.request.request_id, (token,), text, finished=reason is not None,
+        prompt_details: tuple[Token, ...] = ()
+        if active.first and active.request.params.prompt_logprobs:
+            ids = active.request.prompt_token_ids
+            prompt_details = tuple(Token(i, self.tokenizer.decode([i]), math.nan if at == 0 else -1.0)
+                                   for at, i in enumerate(ids))
+        active.first = False
+        return RequestOutput(active.request.request_id, (token,) if token else (), text, finished=reason is not None,
                              finish_reason=reason, prompt_tokens=len(active.request.prompt_token_ids),
-                             generated_tokens=len(active.generated))
+                             generated_tokens=len(active.generated), prompt_token_details=prompt_details)

@@ -151,9 +151,9 @@ def test_top_level_engine_key(tmp_path):
 
 def test_lmi_entry_point_is_accepted(tmp_path):
     configuration = load(tmp_path, "engine=DeepSpeed\noption.entryPoint=djl_python.deepspeed\n")
-    assert configuration.properties.entry_point == "handlers.deepspeed"
+    assert configuration.properties.entry_point == "entrypoint.djl_handler"
     assert configuration.source_of("entry_point").key == "option.entryPoint"
-    assert load(tmp_path, None, OPTION_ENTRYPOINT="djl_python.deepspeed").properties.entry_point == "handlers.deepspeed"
+    assert load(tmp_path, None, OPTION_ENTRYPOINT="djl_python.deepspeed").properties.entry_point == "entrypoint.djl_handler"
 
 
 def test_top_level_job_queue_size_and_camel_case_keys(tmp_path):
@@ -243,7 +243,7 @@ INVALID = [
     ("triangular_masking", "2", "expected true or false"),
     ("return_tuple", "nope", "expected true or false"),
     ("engine", "vllm", "allowed values are deepspeed, python, mpi"),
-    ("entry_point", "my.handler", "allowed values are handlers.deepspeed"),
+    ("entry_point", "my.handler", "allowed values are entrypoint.djl_handler"),
     ("output_formatter", "xml", "allowed values are json, jsonlines, sse"),
     ("port", "0", "out of range (>= 1 and <= 65535)"),
     ("port", "70000", "out of range (>= 1 and <= 65535)"),
@@ -255,7 +255,8 @@ INVALID = [
     ("request_read_timeout", "0", "out of range (> 0)"),
     ("model_loading_timeout", "-5", "out of range (> 0)"),
 ]
-FREE_TEXT = {"model_id", "revision", "checkpoint", "model_cache_dir", "api_key"}  # any string is a valid value
+FREE_TEXT = {"model_id", "revision", "checkpoint", "model_cache_dir", "api_key",
+             "smoothquant_calibration_data"}  # any string is a valid value
 
 
 def test_invalid_value_table_covers_every_constrained_field():
@@ -342,12 +343,17 @@ def test_smoothquant_alpha_with_smoothquant_is_valid(tmp_path):
     assert properties.smoothquant_alpha == 0.8
 
 
-@pytest.mark.parametrize("dtype, shown", [("bf16", "dtype=bf16"), ("bfloat16", "dtype=bf16"), ("fp32", "dtype=fp32")])
-def test_smoothquant_needs_fp16(tmp_path, dtype, shown):
-    message = str(error_of(tmp_path, f"option.quantize=smoothquant\noption.dtype={dtype}\n"))
-    assert "quantize=smoothquant" in message
-    assert shown in message
-    assert "use dtype=fp16" in message
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "auto"])
+def test_smoothquant_takes_any_dtype(tmp_path, dtype):
+    # our W8A8 layers quantize whatever the activation dtype is (the plan refuses fp16 on CPU separately)
+    properties = load(tmp_path, f"option.quantize=smoothquant\noption.dtype={dtype}\n").properties
+    assert properties.quantize is Quantize.SMOOTHQUANT
+
+
+def test_smoothquant_calibration_data_without_smoothquant(tmp_path):
+    message = str(error_of(tmp_path, None, OPTION_SMOOTHQUANT_CALIBRATION_DATA="/data/calib.txt",
+                           OPTION_QUANTIZE="dynamic_int8"))
+    assert "smoothquant_calibration_data=/data/calib.txt" in message and "quantize=dynamic_int8" in message
 
 
 def test_presharded_checkpoints_are_refused(tmp_path):
@@ -366,6 +372,14 @@ def test_all_field_problems_are_reported_together(tmp_path):
     for fragment in ("option.dtype", "did you mean option.tensor_parallel_degree", "OPTION_PORT",
                      "did you mean max_rolling_batch_size", "MAX_BATCH_SIZE (max_rolling_batch_size)"):
         assert fragment in message
+
+
+def test_all_cross_field_problems_are_reported_together(tmp_path):
+    error = error_of(tmp_path, "option.smoothquant_calibration_data=c.txt\noption.smoothquant_alpha=0.5\n")
+    assert len(error.problems) == 2
+    message = str(error)
+    assert "smoothquant_calibration_data=c.txt" in message
+    assert "smoothquant_alpha=0.5" in message
 
 
 def test_dynamic_batching_keys_apply_with_rolling_batch_disabled(tmp_path):

@@ -1,10 +1,12 @@
-"""`handlers.deepspeed.handle()` driven the way DJL Serving's Python engine drives it, on the fake engine:
+"""`entrypoint.djl_handler.handle()` driven the way DJL Serving's Python engine drives it, on the fake engine:
 an empty initialization call with the model's properties, single requests, batches laid out as DJL's Java
 side lays them out (`batch_NNN.` prefixes), and the answers compared with what /invocations returns."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
+import types
 import json
 import os
 from pathlib import Path
@@ -18,8 +20,8 @@ from entrypoint.http.app import create_app
 from entrypoint.http.state import ServerState
 from handlers.serving_properties import ServingProperties
 from entrypoint.property_sources import COMPAT_ENV, LMI_ENV
-from handlers import deepspeed
-from handlers.djl_io import Input, Output, PairList, encode_batch, encode_json, split_batch_output
+from entrypoint import djl_handler as deepspeed
+from entrypoint.djl_io import Input, Output, PairList, encode_batch, encode_json, split_batch_output
 from handlers.engine_loop import EngineLoop
 from tests.support.fake_engine import FakeEngine, expected_text
 
@@ -85,7 +87,7 @@ def test_initialization_call_configures_and_builds_the_engine_once(djl):
     assert len(djl.built) == 1 and djl.progress == ["loading fake weights"]
     configuration, engine = djl.built[0]
     properties = configuration.properties
-    assert properties.model_id == "org/fake-model" and properties.entry_point == "handlers.deepspeed"
+    assert properties.model_id == "org/fake-model" and properties.entry_point == "entrypoint.djl_handler"
     assert properties.max_rolling_batch_size == 8 and properties.tensor_parallel_degree == 1
     assert configuration.model_dir == djl.model_dir
     assert str(configuration.source_of("model_id")) == "DJL properties"
@@ -109,7 +111,7 @@ def test_bad_initialization_names_the_key_and_stays_uninitialized(djl):
     assert "max_rolling_batch_size = 'lots' (from DJL properties): expected a whole number" in message
     assert "max_new_token (from DJL properties): unknown key" in message
     body = output.get_as_json()
-    assert body == {"error": {"message": message, "type": "ConfigurationError", "code": 400}}
+    assert body == {"error": message, "message": message, "type": "ConfigurationError", "code": 400}
     assert djl.built == [] and not deepspeed._service.initialized
 
     # A request before a successful initialization gets that failure; its headers configure nothing.
@@ -135,7 +137,7 @@ def test_engine_load_failure_is_an_error_output(djl):
     deepspeed.set_engine_factory(failing)
     output = djl.initialize()
     assert output.get_code() == 500 and "no weights here" in output.get_message()
-    assert output.get_as_json()["error"]["type"] == "ModelLoadingFailed"
+    assert output.get_as_json()["type"] == "ModelLoadingFailed"
     assert not deepspeed._service.initialized
 
 
@@ -173,7 +175,7 @@ def test_single_bad_request_is_its_status(djl):
     djl.initialize()
     output = deepspeed.handle(request({"inputs": "hello", "parameters": {"top_p": 0}}))
     assert output.get_code() == 400
-    error = output.get_as_json()["error"]
+    error = output.get_as_json()
     assert error["type"] == "InvalidRequest" and "parameters.top_p = 0 is out of range" in error["message"]
     assert output.get_message() == error["message"]
 
@@ -181,7 +183,7 @@ def test_single_bad_request_is_its_status(djl):
 def test_stream_is_refused(djl):
     djl.initialize()
     output = deepspeed.handle(request({"inputs": "hello", "stream": True}))
-    assert output.get_code() == 400 and "stream" in output.get_as_json()["error"]["message"]
+    assert output.get_code() == 400 and "stream" in output.get_as_json()["message"]
 
 
 # ---- batches --------------------------------------------------------------------------------------------
@@ -209,7 +211,7 @@ def test_batch_with_a_bad_middle_item(djl, bad):
     first, middle, last = split_batch_output(output, 3)
     assert first.get_code() == 200 and first.get_as_json() == {"generated_text": expected_text(6)}
     assert middle.get_code() == 400
-    error = middle.get_as_json()["error"]
+    error = middle.get_as_json()
     assert error["type"] == "InvalidRequest" and error["code"] == 400 and fragment in error["message"]
     assert last.get_code() == 200
     answer = last.get_as_json()
@@ -225,8 +227,9 @@ def test_batch_item_failing_in_the_engine_fails_alone(djl):
     good, failed = split_batch_output(output, 2)
     assert good.get_code() == 200 and good.get_as_json() == {"generated_text": expected_text(3)}
     assert failed.get_code() == 424
-    assert failed.get_as_json()["error"] == {"message": "fake engine failed this request", "type": "GenerationError",
-                                             "code": 424}
+    assert failed.get_as_json() == {"error": "fake engine failed this request", "message": "fake engine failed this request",
+                                    "type": "GenerationError", "code": 424, "generated_text": None,
+                                    "details": {"finish_reason": "error", "generated_tokens": None, "inputs": None}}
 
 
 def test_batch_of_one_and_list_inputs(djl):
@@ -315,3 +318,82 @@ def test_output_keys_properties_and_error():
     assert failed.get_as_json() == {"code": 503, "message": "unavailable", "error": "boom"}
     assert json.loads(str(failed))["code"] == 503
     assert Output().set_code(204).set_message("No content").get_code() == 204
+
+
+# ---- inside DJL Serving: djl_python's own classes ----------------------------------------------------------------
+class DjlPythonOutput:
+    """A stand-in for `djl_python.outputs.Output`, written from its interface (constructor, add_property, add,
+    add_as_json with key and batch_index; JSON indented by 2 as djl_python writes it): another class than ours,
+    as DJL's is."""
+
+    def __init__(self, code: int = 200, message: str = "OK"):
+        self.code, self.message, self.properties, self.content = code, message, {}, PairList()
+
+    def add_property(self, key: str, val: str) -> "DjlPythonOutput":
+        self.properties[key] = val
+        return self
+
+    def add(self, value: Any, key: str | None = None, batch_index: int | None = None) -> "DjlPythonOutput":
+        if batch_index is not None:
+            key = f"batch_{batch_index}.{'' if key is None else key}"
+        data = value.encode() if isinstance(value, str) else value if isinstance(value, (bytes, bytearray)) \
+            else json.dumps(value, indent=2).encode()
+        self.content.add(key, bytearray(data))
+        return self
+
+    def add_as_json(self, val: Any, key: str | None = None, batch_index: int | None = None) -> "DjlPythonOutput":
+        return self.add(json.dumps(val, indent=2).encode(), key=key, batch_index=batch_index)
+
+    def error(self, error: str, code: int = 424, message: str = "invoke handler failure") -> "DjlPythonOutput":
+        self.code, self.message = code, message
+        return self.add_as_json({"code": code, "message": message, "error": error})
+
+
+def djl_engine_loop(handler, inputs: Input, output_class: type) -> Any:
+    """DJL's Python engine loop (djl_python/python_sync_engine.py) around one call: what it does with the
+    answer of `handle` before it goes back to the Java side."""
+    outputs = handler(inputs)
+    if outputs is None:
+        return output_class(code=204, message="No content")
+    if not isinstance(outputs, output_class):
+        return output_class().error(f"Invalid output type: {type(outputs)}")
+    return outputs
+
+
+@pytest.fixture
+def djl_python(monkeypatch: pytest.MonkeyPatch):
+    """`djl_python` importable, as inside DJL Serving."""
+    package = types.ModuleType("djl_python")
+    package.__path__ = []  # a package
+    outputs = types.ModuleType("djl_python.outputs")
+    outputs.Output = DjlPythonOutput
+    package.outputs = outputs
+    monkeypatch.setitem(sys.modules, "djl_python", package)
+    monkeypatch.setitem(sys.modules, "djl_python.outputs", outputs)
+    return DjlPythonOutput
+
+
+def test_inside_djl_serving_handle_answers_with_djl_pythons_output(djl, djl_python):
+    assert djl_engine_loop(deepspeed.handle, Input(djl.init_properties()), djl_python).code == 204
+    single = djl_engine_loop(deepspeed.handle, request({"inputs": "hi", "parameters": {"max_new_tokens": 3}}),
+                             djl_python)
+    assert single.code == 200 and json.loads(bytes(single.content.get("data") or single.content.value_at(0))) == {
+        "generated_text": expected_text(3)}
+    bad = djl_engine_loop(deepspeed.handle, request({"inputs": 5}), djl_python)
+    assert bad.code == 400 and "inputs = 5" in json.loads(bytes(bad.content.value_at(0)))["error"]
+    answer = djl_engine_loop(deepspeed.handle, batch({"inputs": "a", "parameters": {"max_new_tokens": 2}},
+                                                     {"inputs": "b", "parameters": {"max_new_tokens": 1}}), djl_python)
+    assert isinstance(answer, DjlPythonOutput) and answer.content.get_keys() == ["batch_0.data", "batch_1.data"]
+    assert json.loads(bytes(answer.content.value_at(1))) == {"generated_text": expected_text(1)}
+
+
+def test_a_failed_initialization_inside_djl_serving_is_djl_pythons_output(djl, djl_python):
+    answer = djl_engine_loop(deepspeed.handle, Input(djl.init_properties(max_rolling_batch_size="lots")), djl_python)
+    assert isinstance(answer, DjlPythonOutput) and answer.code == 400
+
+
+def test_without_djl_python_handle_answers_with_our_compatible_output(djl):
+    assert "djl_python" not in sys.modules
+    djl.initialize()
+    answer = djl_engine_loop(deepspeed.handle, request({"inputs": "hi", "parameters": {"max_new_tokens": 2}}), Output)
+    assert answer.get_code() == 200 and answer.get_as_json() == {"generated_text": expected_text(2)}

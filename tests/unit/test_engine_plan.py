@@ -284,16 +284,30 @@ def test_bf16_on_cpu_is_allowed():
     assert (plan.engine, plan.dtype) == (AUTOTP, "bf16")
 
 
-def test_smoothquant_on_cpu_is_refused():
-    error = plan_error(props(quantize="smoothquant"), SMOL, CPU)
-    assert error.key == "quantize"
-    assert "quantize=smoothquant" in str(error) and "needs a GPU" in str(error)
+def test_smoothquant_on_cpu_runs_on_autotp_in_fp32():
+    plan = plan_engine(props(quantize="smoothquant"), SMOL, CPU)
+    assert (plan.engine, plan.dtype, plan.quantize) == (AUTOTP, "fp32", "smoothquant")
+    assert any(note.startswith("quantize=smoothquant on autotp") for note in plan.notes)
 
 
-def test_smoothquant_on_an_architecture_without_support_is_refused():
-    message = str(plan_error(props(quantize="smoothquant"), {"model_type": "mistral", "num_attention_heads": 32}, GPU1))
-    assert "not available for model_type mistral" in message
-    assert "dynamic_int8" in message
+def test_smoothquant_on_an_architecture_without_a_norm_map_is_refused_naming_the_supported_ones():
+    message = str(plan_error(props(quantize="smoothquant"), {"model_type": "phi3", "num_attention_heads": 32}, GPU1))
+    assert "not available for model_type phi3" in message
+    assert "llama, mistral, opt" in message and "dynamic_int8" in message
+
+
+def test_smoothquant_on_a_layout_without_a_foldable_norm_is_refused():
+    message = str(plan_error(props(quantize="smoothquant"),
+                             {"model_type": "opt", "num_attention_heads": 12, "do_layer_norm_before": False}, CPU))
+    assert "do_layer_norm_before=false" in message and "use quantize=dynamic_int8" in message
+
+
+def test_a_missing_calibration_file_is_a_plan_error(tmp_path):
+    missing = str(tmp_path / "calib.txt")
+    message = str(plan_error(props(quantize="smoothquant", smoothquant_calibration_data=missing), SMOL, CPU))
+    assert f"smoothquant_calibration_data={missing}" in message and "no such file" in message
+    (tmp_path / "calib.txt").write_text("text")
+    assert plan_engine(props(quantize="smoothquant", smoothquant_calibration_data=missing), SMOL, CPU).quantize
 
 
 def test_smoothquant_on_gpu_llama_runs_on_autotp_in_fp16():
@@ -302,9 +316,14 @@ def test_smoothquant_on_gpu_llama_runs_on_autotp_in_fp16():
     assert "no int8 path" in ruled_out(plan)[FASTGEN]
 
 
-def test_smoothquant_on_gptj_with_static_batches_uses_kernel_injection():
-    plan = plan_engine(props(quantize="smoothquant", rolling_batch="disable"), GPTJ, GPU1)
-    assert plan.engine == KERNEL_INJECTION
+@pytest.mark.parametrize("method", ["smoothquant", "dynamic_int8"])
+def test_int8_never_takes_kernel_injection(method):
+    plan = plan_engine(props(quantize=method, rolling_batch="disable"), GPTJ, GPU1)
+    assert plan.engine == AUTOTP
+    assert "runs on autotp only" in ruled_out(plan)[KERNEL_INJECTION]
+    # kernel injection forced by CUDA graphs: a plan error that names where int8 runs
+    message = str(plan_error(props(quantize=method, enable_cuda_graph=True), GPTJ, GPU1))
+    assert "enable_cuda_graph" in message and "quantize runs on autotp only" in message
 
 
 def test_dynamic_int8_runs_on_cpu_autotp():

@@ -72,10 +72,11 @@ def serve():
 def assert_error(response: httpx.Response, status: int, error_type: str, *fragments: str) -> dict:
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body["error"]) == {"message", "type", "code"}
-    assert body["error"]["type"] == error_type and body["error"]["code"] == status
+    # LMI's error shape: {"error", "code"} as LMI's handlers answer, {"code", "type", "message"} as DJL Serving's
+    assert {"error", "code", "type", "message"} <= set(body) and body["error"] == body["message"]
+    assert body["type"] == error_type and body["code"] == status
     for fragment in fragments:
-        assert fragment in body["error"]["message"], body["error"]["message"]
+        assert fragment in body["message"], body["message"]
     return body
 
 
@@ -148,8 +149,9 @@ def test_details(serve):
     assert body["generated_text"] == expected_text(3)
     details = body["details"]
     assert details["finish_reason"] == "eos_token" and details["generated_tokens"] == 4
-    assert details["tokens"][0] == {"id": ord("a"), "text": "a", "log_prob": -0.5, "special": False}
-    assert details["tokens"][-1]["special"] is True and "inputs" not in details
+    # LMI's Token.as_dict: special_token only when true; details.inputs is the prompt
+    assert details["tokens"][0] == {"id": ord("a"), "text": "a", "log_prob": -0.5}
+    assert details["tokens"][-1]["special_token"] is True and details["inputs"] == "hi"
 
 
 def test_return_full_text_and_stop_alias(serve):
@@ -191,7 +193,7 @@ def test_stream_true_gives_json_lines(serve):
     lines = json_lines(response)
     assert len(lines) == 4 and all("token" in line for line in lines)
     assert "".join(line["token"]["text"] for line in lines) == lines[-1]["generated_text"] == expected_text(4)
-    assert lines[-1]["details"] == {"finish_reason": "length", "generated_tokens": 4}
+    assert lines[-1]["details"] == {"finish_reason": "length", "generated_tokens": 4, "inputs": "hi"}
     assert "generated_text" not in lines[0]
 
 
@@ -239,7 +241,7 @@ def test_stream_error_after_headers_is_the_last_line(serve):
     assert response.status_code == 200
     lines = json_lines(response)
     assert [line["token"]["text"] for line in lines[:-1]] == ["a", "b"]
-    assert lines[-1]["error"]["code"] == 507 and lines[-1]["error"]["type"] == "OutOfMemory"
+    assert lines[-1]["code"] == 507 and lines[-1]["type"] == "OutOfMemory"
     sse = served.post({"inputs": "hi", "parameters": {"max_new_tokens": 10}},
                       headers={"Accept": "text/event-stream"})
     assert sse_events(sse)[-1].get("generated_text") == expected_text(10)  # OOM was a one-off at step 3
@@ -256,12 +258,10 @@ def test_400_invalid_json(serve):
     ({"inputs": "hi", "parameters": {"temperature": -1}}, ["parameters.temperature", "-1", ">= 0.0 and <= 100.0"]),
     ({"inputs": "hi", "parameters": {"top_p": 1.5}}, ["parameters.top_p", "1.5", "> 0.0 and <= 1.0"]),
     ({"inputs": "hi", "parameters": {"max_new_tokens": "many"}}, ["parameters.max_new_tokens", '"many"', "integer"]),
-    ({"inputs": "hi", "parameters": {"beam_width": 4}}, ["parameters.beam_width", "unknown parameter", "top_k"]),
     ({"inputs": "hi", "parameters": {"stop": "x", "stop_sequences": ["y"]}}, ["send only one"]),
     ({"parameters": {}}, ["inputs", "missing"]),
     ({"inputs": 5}, ["inputs = 5", "string or a list of strings"]),
     ({"inputs": []}, ["empty list"]),
-    ({"inputs": "hi", "prompt": "x"}, ["prompt", "unknown field"]),
     (["hi"], ["JSON object"]),
 ])
 def test_400_names_field_value_and_range(serve, body, fragments):
@@ -336,7 +336,7 @@ def test_bad_requests_in_parallel_leave_good_ones_intact(serve):
     good = [{"inputs": f"good {i}", "parameters": {"max_new_tokens": 10 + i}} for i in range(6)]
     bad = [{"inputs": "bad", "parameters": {"temperature": -5}},
            {"inputs": "x" * 70},
-           {"inputs": "bad", "parameters": {"nope": 1}},
+           {"inputs": "bad", "parameters": {"max_new_tokens": True}},
            {"inputs": "[fail] in the batch", "parameters": {"max_new_tokens": 5}}]
 
     async def scenario() -> list[httpx.Response]:

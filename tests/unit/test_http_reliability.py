@@ -16,7 +16,7 @@ from tests.unit.test_http_app import assert_error, serve  # noqa: F401 - `serve`
 def test_a_list_input_larger_than_the_queue_is_a_400_not_a_retryable_503(serve):
     served = serve(FakeEngine(), job_queue_size=2)
     response = served.post({"inputs": ["a", "b", "c"], "parameters": {"max_new_tokens": 1}})
-    body = assert_error(response, 400, "InvalidRequest", "3 prompts", "job_queue_size=2")
+    body = assert_error(response, 400, "InvalidRequest", "3 inputs", "job_queue_size=2")
     assert "Retry-After" not in response.headers, body
     assert served.engine.added == []  # nothing was submitted
     ok = served.post({"inputs": ["a", "b"], "parameters": {"max_new_tokens": 1}})

@@ -1,5 +1,5 @@
 """`Input` / `Output` / `PairList` as DJL Serving's Python engine (`djl_python.inputs`, `.outputs`,
-`.pair_list`) defines them, small enough for `handlers.deepspeed.handle()` and its tests.
+`.pair_list`) defines them, small enough for `entrypoint.djl_handler.handle()` and its tests.
 
 How DJL Serving talks to a Python handler (read from deepjavalibrary/djl-serving, `PyProcess`,
 `PyPredictor`, `RollingBatch`, `python_sync_engine.py`, `service_loader.py`):
@@ -263,7 +263,7 @@ def split_batch_output(output: Output, batch_size: int) -> list[Output]:
     """One `Output` per request of a batch answer, as DJL's Java side splits it: the batch code >= 300 fails
     every request; else request i gets the content under `batch_<i>.<key>` (as `<key>`), the batch's
     unprefixed properties, and its own `batch_<i>_<name>` properties as `<name>` (a `code` property, which
-    `handlers.deepspeed` writes, becomes the request's status code)."""
+    `entrypoint.djl_handler` writes, becomes the request's status code)."""
     if output.code >= 300:
         return [output] * batch_size
     if output.content.size() != batch_size:

@@ -1,7 +1,15 @@
 """`handle(inputs)`, the entry point DJL Serving's Python engine calls, as `djl_python.deepspeed` had it.
 
-With `option.entryPoint=handlers.deepspeed` (or LMI's `djl_python.deepspeed`, which names the same
-handler), DJL Serving can drive this container's engines the way it drove LMI's DeepSpeed handler:
+With `option.entryPoint=entrypoint.djl_handler`, DJL Serving can drive this container's engines the way it
+drove LMI's DeepSpeed handler. This module is an edge of the project like the HTTP server (DJL enters our
+code here), so it lives in `entrypoint/`: `handlers/` never imports `entrypoint/`. Our own configuration
+also accepts LMI's name `djl_python.deepspeed` and the earlier `handlers.deepspeed` for option.entryPoint
+and reads them as this module; DJL itself imports the name literally, from its own copy of djl_python
+first, so inside DJL Serving the option must name this module.
+
+* Output classes: DJL's Python engine refuses any output that is not its own `djl_python.outputs.Output`
+  ("Invalid output type"), so when `djl_python` is importable every `Output` returned is djl_python's;
+  otherwise it is `entrypoint.djl_io.Output`, the compatible class this project ships (`output_class`).
 
 * The first call initializes. Its `Input` is empty and its properties are serving.properties' options
   without the `option.` prefix plus keys DJL adds (`model_dir`, `device_id`, ...). They become one
@@ -10,7 +18,7 @@ handler), DJL Serving can drive this container's engines the way it drove LMI's 
   `EngineLoop`. A bad configuration answers code 400 with the message naming each key, and the handler
   stays uninitialized (the next initialization call tries again).
 * An empty input answers None (DJL turns that into 204), as djl_python.deepspeed did.
-* A request, or a batch of them (see `handlers.djl_io`), carries LMI's body
+* A request, or a batch of them (see `entrypoint.djl_io`), carries LMI's body
   `{"inputs": str | [str], "parameters": {...}}` and gets exactly what /invocations answers for it:
   `{"generated_text": ...}` (+ `details`), or a list for list inputs, or the error body
   `{"error": {"message", "type", "code"}}` with the same status. Both paths use the same parser, response
@@ -38,8 +46,8 @@ from typing import Any, Callable, Mapping
 
 from entrypoint.configuration import Configuration, ConfigurationError, load_configuration_from_properties
 from entrypoint.http.errors import INTERNAL, PredictTimeout, error_body, exception_for_output, make_body, row_for
-from entrypoint.http.lmi_protocol import Accumulator, LmiRequest, build_response, parse_request
-from handlers.djl_io import Input, Output
+from entrypoint.http.lmi_protocol import Accumulator, LmiRequest, build_response, generation_requests, parse_request
+from entrypoint.djl_io import Input, Output
 from handlers.engine import Engine, GenerationRequest, InvalidRequest, SamplingParams
 from handlers.engine_loop import EngineLoop
 
@@ -54,27 +62,28 @@ GENERATE_GRACE_SECONDS = 60.0
 JSON = "application/json"
 
 
+def output_class() -> type:
+    """djl_python's `Output` when importable (DJL's engine loop checks `isinstance(outputs, Output)` against
+    it, python_sync_engine.py), else ours, which has the same constructor and writers."""
+    try:
+        from djl_python.outputs import Output as DjlOutput
+    except ImportError:
+        return Output
+    return DjlOutput
+
+
 def default_engine_factory(configuration: Configuration, progress: Callable[[str], None]) -> Engine:
     from entrypoint.engine_factory import build_engine  # heavy (torch, deepspeed): only when initializing
 
     return build_engine(configuration, progress)
 
 
-def make_requests(engine: Engine, prompts: list[str], params: SamplingParams,
+def make_requests(engine: Engine, lmi: LmiRequest, params: SamplingParams,
                   request_id: str) -> list[GenerationRequest]:
-    """Tokenize and validate one LMI request's prompts, as /invocations does (an input of a list is named by
-    its index in the message). Raises `InvalidRequest`."""
-    requests = [GenerationRequest(request_id if len(prompts) == 1 else f"{request_id}-{index}", prompt,
-                                  list(engine.tokenizer.encode(prompt)), params)
-                for index, prompt in enumerate(prompts)]
-    for index, generation in enumerate(requests):
-        try:
-            engine.validate(generation)
-        except InvalidRequest as exc:
-            if len(requests) > 1:
-                raise InvalidRequest(f"inputs[{index}]: {exc}", exc.field) from None
-            raise
-    return requests
+    """Tokenize one LMI request's prompts and build its engine requests as /invocations does. Raises
+    `InvalidRequest`."""
+    return generation_requests(engine, lmi, params, [list(engine.tokenizer.encode(p)) for p in lmi.prompts],
+                               request_id)
 
 
 @dataclass
@@ -97,7 +106,7 @@ class _Item:
                 logger.error("unexpected error", exc_info=self.error)
             return row.status, error_body(self.error)
         assert self.lmi is not None
-        return 200, build_response(self.results, self.lmi.is_batch)
+        return 200, build_response(self.results, self.lmi)
 
 
 class DeepSpeedService:
@@ -163,9 +172,9 @@ class DeepSpeedService:
         answers = [item.answer() for item in items]
         if not inputs.is_batch():
             status, body = answers[0]
-            output = Output(status, "OK" if status == 200 else body["error"]["message"])
+            output = output_class()(status, "OK" if status == 200 else _message(body))
             return output.add_property("Content-Type", JSON).add_as_json(body)
-        output = Output().add_property("Content-Type", JSON)
+        output = output_class()().add_property("Content-Type", JSON)
         for index, (status, body) in enumerate(answers):
             output.add_as_json(body, key="data", batch_index=index)
             output.add_property(f"batch_{index}_Content-Type", JSON)
@@ -179,10 +188,10 @@ class DeepSpeedService:
             if lmi.stream:
                 raise InvalidRequest("stream: true is not served through DJL's handle() (no token stream); "
                                      "send \"stream\": false or use the HTTP server's /invocations", "stream")
-            requests = make_requests(engine, lmi.prompts, params, f"djl-{uuid.uuid4().hex}")
+            requests = make_requests(engine, lmi, params, f"djl-{uuid.uuid4().hex}")
         except Exception as exc:  # noqa: BLE001 - InvalidRequest (400), or anything else (500), for this item
             return _Item(error=exc)
-        return _Item(lmi, requests, [Accumulator(r.prompt, params) for r in requests])
+        return _Item(lmi, requests, [Accumulator(r.prompt, r.params) for r in requests])
 
     def _generate(self, loop: EngineLoop, configuration: Configuration, items: list[_Item]) -> None:
         """Run every valid item's requests together (one rolling batch) and collect their outputs."""
@@ -206,9 +215,14 @@ class DeepSpeedService:
             item.error = failure
 
 
+def _message(body: dict[str, Any]) -> str:
+    """The error message of an LMI error body, for DJL's log line (Output.message)."""
+    return str(body.get("message") or body.get("error"))
+
+
 def _failure(status: int, error_type: str, message: str) -> Output:
     """An initialization failure: the message goes to DJL's log (Output.message) and the body."""
-    return Output(status, message).add_property("Content-Type", JSON).add_as_json(
+    return output_class()(status, message).add_property("Content-Type", JSON).add_as_json(
         make_body(status, error_type, message))
 
 

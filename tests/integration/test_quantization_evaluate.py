@@ -1,0 +1,28 @@
+"""`python -m quantization.evaluate` prints one JSON object (and nothing else) on stdout with a perplexity per
+variant and the weight-bytes target; a short run on the embedded model (smoothquant is served end to end in
+test_quantized_serving.py, and its quality is in RESULTS.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_prints_one_json_object(embedded_model_dir: Path):
+    result = subprocess.run([sys.executable, "-m", "quantization.evaluate", "--model-dir", str(embedded_model_dir),
+                             "--windows", "1", "--window-tokens", "64", "--variants", "fp32,naive_w8a8,dynamic_int8"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert set(report["variants"]) == {"fp32", "naive_w8a8", "dynamic_int8"}
+    assert all(math.isfinite(v["perplexity"]) and v["perplexity"] > 1 for v in report["variants"].values())
+    assert report["variants"]["dynamic_int8"]["linear_layers"] == 210
+    assert report["targets"]["weights_at_most_55_percent"] is True
+    assert {"date", "torch", "transformers", "deepspeed", "machine", "command"} <= set(report)
