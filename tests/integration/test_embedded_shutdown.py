@@ -74,11 +74,12 @@ def test_sigterm_during_generation_ends_every_request_explicitly_and_exits_0(emb
     assert exited_after < 30, exited_after
     for name in ("json-1", "json-2"):
         status, body = results[name]
-        assert status == 503 and body["error"]["type"] == "ServerShuttingDown", results[name]
+        assert status == 503 and body["type"] == "ServerShuttingDown" and body["code"] == 503, results[name]
     for name in ("stream-1", "stream-2"):
         status, lines = results[name]
         assert status == 200 and len(lines) > 1 and "token" in lines[0]
-        assert lines[-1]["error"]["type"] == "ServerShuttingDown", lines[-1]
+        assert lines[-1]["type"] == "ServerShuttingDown", lines[-1]  # LMI's error token line
+        assert lines[-1]["details"]["finish_reason"] == "error", lines[-1]
     assert re.findall(r"route=/invocations status=(\d+)", text) == ["503"] * 4, text[-3000:]
     assert "Traceback" not in text
     assert API_KEY not in text and AWS_SECRET not in text

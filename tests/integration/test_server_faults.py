@@ -75,11 +75,12 @@ def test_sigterm_drains_short_work_and_ends_the_rest_with_the_error_shape_then_e
     assert results["drains"] == (200, {"generated_text": "abcdefghijklmnopqrstuvwxyzabcdefghijklmn"})
     for name in ("json-1", "json-2"):
         status, body = results[name]
-        assert status == 503 and body["error"]["type"] == "ServerShuttingDown", results[name]
+        assert status == 503 and body["type"] == "ServerShuttingDown" and body["code"] == 503, results[name]
     for name in ("stream-1", "stream-2"):
         status, lines = results[name]
         assert status == 200 and "token" in lines[0], results[name]
-        assert lines[-1]["error"]["type"] == "ServerShuttingDown", lines[-1]
+        assert lines[-1]["type"] == "ServerShuttingDown", lines[-1]  # LMI's error token line
+        assert lines[-1]["details"]["finish_reason"] == "error", lines[-1]
     logged = re.findall(r"request_id=\S+ route=/invocations status=(\d+)", stderr)
     assert sorted(logged) == ["200", "503", "503", "503", "503"], stderr[-3000:]
     assert "Traceback" not in stderr and "Internal Server Error" not in stderr
@@ -111,7 +112,7 @@ def test_partial_headers_and_bodies_time_out_and_an_abandoned_upload_is_a_499(pr
     for connection in slow_headers:
         answer = read_until_closed(connection)
         assert answer.startswith(b"HTTP/1.1 408 "), answer
-        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "RequestTimeout"
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["type"] == "RequestTimeout"
         connection.close()
 
     # A partial body: 408 in the error shape, and the connection is closed.
@@ -122,7 +123,7 @@ def test_partial_headers_and_bodies_time_out_and_an_abandoned_upload_is_a_499(pr
     connection.close()
     assert answer.startswith(b"HTTP/1.1 408 "), answer
     body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
-    assert body["error"]["type"] == "RequestTimeout" and "request_read_timeout" in body["error"]["message"]
+    assert body["type"] == "RequestTimeout" and "request_read_timeout" in body["message"]
 
     # A client that gives up mid-upload: logged and counted as 499, not as a 500.
     connection = raw_connection(url)
