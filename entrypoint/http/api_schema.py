@@ -231,6 +231,12 @@ def _errors(model: type[BaseModel], statuses: tuple[int, ...]) -> dict[str, Any]
     return {str(status): {"description": _LMI_ERRORS[status], "content": _json(_ref(model))} for status in statuses}
 
 
+#: one server-sent event (the fields of the SSE wire format); its `data` is a JSON chunk or `[DONE]`
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                             "retry": {"type": "integer"}}}
+
+
 def _responses(path: str) -> dict[str, Any]:
     if path in ("/invocations", "/predictions/{model_name}"):
         line = _ref(LmiStreamLine)
@@ -243,7 +249,7 @@ def _responses(path: str) -> dict[str, Any]:
         return {"200": ok, **_errors(LmiError, statuses)}
     response = Completion if path == "/v1/completions" else ChatCompletion
     ok = {"description": "the completion, or server-sent chunks with stream: true",
-          "content": {**_json(_ref(response)), "text/event-stream": {"schema": {"type": "string"}}}}
+          "content": {**_json(_ref(response)), "text/event-stream": {"schema": _SSE_EVENT}}}
     return {"200": ok, **_errors(OpenAIError, (400, 404, 413, 424, 500, 503, 507))}
 
 

@@ -386,7 +386,9 @@ def test_prompt_log_probs_equal_teacher_forced_log_softmax_and_max_new_tokens_ze
 def test_dynamic_batching_runs_each_batch_to_completion(model):
     from handlers.rolling_batch import DynamicBatching
 
-    engine = make_engine(model, max_batch=4, batching=DynamicBatching(batch_size=2, max_batch_delay=60.0))
+    # c, alone after the first batch, waits the whole delay for a batch-mate: long enough that a loaded
+    # machine cannot pass it between add_request and step, short enough not to stall the suite
+    engine = make_engine(model, max_batch=4, batching=DynamicBatching(batch_size=2, max_batch_delay=3.0))
     ps = prompts(3, seed=61)
     engine.add_request(request("a", ps[0], max_new_tokens=3))
     assert engine.step() == [] and engine.stats().running == 0  # waits for a batch-mate (delay not over)
