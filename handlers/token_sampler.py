@@ -135,13 +135,16 @@ class TokenSampler:
         raw = logits.float()
         device = raw.device
         scores = self._penalize(raw, states)
-        chosen = scores.argmax(dim=-1)
         errors: dict[int, str] = {}
         sampled_rows = [row for row, state in enumerate(states) if not state.greedy]
+        if len(sampled_rows) < len(states):
+            chosen = scores.argmax(dim=-1)
         if sampled_rows:
             draws, bad = self._draw(scores, [states[row] for row in sampled_rows], sampled_rows, device)
-            index = torch.tensor(sampled_rows, device=device)
-            chosen = chosen.index_copy(0, index, draws)
+            if len(sampled_rows) == len(states):
+                chosen = draws
+            else:
+                chosen = chosen.index_copy(0, torch.tensor(sampled_rows, device=device), draws)
             for position in bad:
                 errors[sampled_rows[position]] = ("sampling failed: the probabilities are not finite "
                                                   "(the logits contain inf or NaN)")
@@ -175,8 +178,9 @@ class TokenSampler:
         history = table.ids.index_select(0, table_rows)[:, :width]
         columns = torch.arange(width, device=device).view(1, -1)
         valid = columns < lengths.view(-1, 1)
+        every_row = len(rows) == len(states)
         row_index = torch.tensor(rows, device=device)
-        sub = scores.index_select(0, row_index)
+        sub = scores if every_row else scores.index_select(0, row_index)
         if any(state.repetition for state in penalized):
             # Invalid columns point at the row's first token: duplicates gather and scatter the same value.
             ids = torch.where(valid, history, history[:, :1])
@@ -193,7 +197,7 @@ class TokenSampler:
             frequency = torch.tensor([s.params.frequency_penalty for s in penalized], device=device).view(-1, 1)
             presence = torch.tensor([s.params.presence_penalty for s in penalized], device=device).view(-1, 1)
             sub = sub - frequency * counts - presence * (counts > 0).to(sub.dtype)
-        return scores.index_copy(0, row_index, sub)
+        return sub if every_row else scores.index_copy(0, row_index, sub)
 
     def _history_table(self, device: torch.device) -> _HistoryTable:
         if self._histories is None or self._histories.device != device:
@@ -255,6 +259,8 @@ class TokenSampler:
 
     @staticmethod
     def _rows(scores: torch.Tensor, members: list[int]) -> torch.Tensor:
+        if members == list(range(scores.shape[0])):
+            return scores
         return scores.index_select(0, torch.tensor(members, device=scores.device))
 
     @staticmethod
@@ -288,16 +294,39 @@ class TokenSampler:
         p_limit = torch.tensor(top_p, device=device, dtype=probs.dtype).view(-1, 1)
         kept = kept * (before < p_limit)
         if width < vocab:
-            # CPU shortcut: rows whose top-p nucleus may reach past the candidates are redone in full.
+            # CPU shortcut: rows whose top-p nucleus may reach past the candidates are redone with 8x the
+            # candidates, then (rarely: nearly flat distributions) over the sorted vocabulary.
             covered = (probs.sum(dim=-1) >= p_limit.view(-1)) | (k_limit.view(-1) <= width)
             short = [i for i, ok in enumerate(covered.tolist()) if not ok]
             if short:
                 index = torch.tensor(short, device=device)
-                redo, redo_ok = TokenSampler._draw_nucleus_full(
-                    scores.index_select(0, index), [top_p[i] for i in short], uniforms.index_select(0, index))
+                rows, wider_p, wider_u = scores.index_select(0, index), [top_p[i] for i in short], uniforms.index_select(0, index)
+                if width * 8 < vocab:
+                    redo, redo_ok = TokenSampler._draw_truncated_width(rows, wider_p, wider_u, width * 8)
+                else:
+                    redo, redo_ok = TokenSampler._draw_nucleus_full(rows, wider_p, wider_u)
                 chosen, ok = TokenSampler._inverse_cdf(kept, candidates, uniforms)
                 return chosen.index_copy(0, index, redo), ok.index_copy(0, index, redo_ok)
         return TokenSampler._inverse_cdf(kept, candidates, uniforms)
+
+    @staticmethod
+    def _draw_truncated_width(scores: torch.Tensor, top_p: list[float], uniforms: torch.Tensor,
+                              width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-p rows (no top-k) over their `width` most likely tokens; rows still not covered go to the
+        full sort."""
+        device = scores.device
+        values, candidates = scores.topk(width, dim=-1)
+        probs = torch.exp(values - torch.logsumexp(scores, dim=-1, keepdim=True))
+        p_limit = torch.tensor(top_p, device=device, dtype=probs.dtype).view(-1, 1)
+        kept = probs * ((probs.cumsum(dim=-1) - probs) < p_limit)
+        chosen, ok = TokenSampler._inverse_cdf(kept, candidates, uniforms)
+        short = [i for i, covered in enumerate((probs.sum(dim=-1) >= p_limit.view(-1)).tolist()) if not covered]
+        if short:
+            index = torch.tensor(short, device=device)
+            redo, redo_ok = TokenSampler._draw_nucleus_full(scores.index_select(0, index), [top_p[i] for i in short],
+                                                           uniforms.index_select(0, index))
+            chosen, ok = chosen.index_copy(0, index, redo), ok.index_copy(0, index, redo_ok)
+        return chosen, ok
 
     @staticmethod
     def _draw_nucleus_full(scores: torch.Tensor, top_p: list[float],

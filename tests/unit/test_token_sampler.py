@@ -65,17 +65,19 @@ def test_penalties_match_transformers_and_openai_definitions_row_by_row(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("vocab", [24, 4 * CPU_TOP_P_CANDIDATES])  # the second takes the full-vocabulary path
+# On a CPU, top-p rows look at CPU_TOP_P_CANDIDATES tokens first, then 8x as many, then the sorted
+# vocabulary: 1024 (flat rows) reaches the full sort, 8192 (scale 2.0) stops at the 8x candidates.
+@pytest.mark.parametrize("vocab", [24, 4 * CPU_TOP_P_CANDIDATES, 32 * CPU_TOP_P_CANDIDATES])
 def test_draws_follow_transformers_distribution_per_row(vocab, device):
     """Rows with different temperature/top-k/top-p in one batch: every draw lies in the set HF's warpers
     keep, and the empirical frequencies match HF's probabilities."""
     torch.manual_seed(1)
-    base = torch.randn(4, vocab) * (0.3 if vocab > 100 else 2.0)  # flat rows: a wide nucleus
+    base = torch.randn(4, vocab) * {24: 2.0, 1024: 0.3}.get(vocab, 2.0)  # 8192: row 2 nucleus of 1021 tokens
     params = [dict(do_sample=True, temperature=0.7),
               dict(do_sample=True, temperature=1.3, top_k=5),
               dict(do_sample=True, top_p=0.8),
               dict(do_sample=True, temperature=0.9, top_k=12, top_p=0.6)]
-    draws = 3000
+    draws = 3000 if vocab <= 1024 else 1000  # [4 x draws, vocab] logits in one batch
     counts = [collections.Counter() for _ in params]
     sampler = TokenSampler(max_sequences=8, max_length=16)
     # one batch of 4 x draws rows: row r of the logits, with its parameters, under `draws` different seeds
@@ -97,7 +99,8 @@ def test_draws_follow_transformers_distribution_per_row(vocab, device):
         else:  # too many tokens for a histogram: the likeliest half of the mass gets its share of draws
             order = reference.argsort(descending=True)
             head = order[:int((reference[order].cumsum(0) <= 0.5).sum())]
-            assert abs(empirical[head].sum().item() - reference[head].sum().item()) < 0.04, f"row {row}"
+            tolerance = 0.04 if draws >= 3000 else 0.06  # about 3 standard deviations of the draw
+            assert abs(empirical[head].sum().item() - reference[head].sum().item()) < tolerance, f"row {row}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
