@@ -71,7 +71,14 @@ def main() -> int:
 
         runner.decode = failing_decode
     if groups.rank != 0:
-        worker_loop(runner, groups)
+        try:
+            worker_loop(runner, groups)
+        except EngineOutOfMemory:
+            # DeepSpeed's launcher kills every rank within its 1 s poll once one exits non-zero; give rank 0's
+            # watchdog (0.25 s) the time to record what it saw before that, so the outcome file exists.
+            import time
+            time.sleep(2.0)
+            raise
         return 0
 
     tp = TensorParallelRunner(runner, groups)
