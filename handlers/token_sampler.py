@@ -35,8 +35,6 @@ import torch
 
 from handlers.engine import SamplingParams
 
-#: temperatures below this are greedy: dividing logits by ~1e-300 overflows to inf (and NaN probabilities)
-MIN_TEMPERATURE = 1e-5
 #: on a CPU, top-p rows first look at this many most likely tokens (a full sort of the vocabulary per row
 #: costs more than the rest of sampling); rows whose nucleus is wider are redone over the whole vocabulary
 CPU_TOP_P_CANDIDATES = 256
@@ -76,7 +74,9 @@ class SequenceSampling:
 
     @property
     def greedy(self) -> bool:
-        return self.params.greedy or self.params.temperature < MIN_TEMPERATURE
+        # SamplingParams.greedy treats temperatures below MIN_SAMPLING_TEMPERATURE as greedy: dividing logits by
+        # ~1e-300 would overflow to inf (and NaN probabilities)
+        return self.params.greedy
 
     @property
     def repetition(self) -> bool:
