@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         for prompt_tokens, max_tokens in shapes:
             prompts = build_prompts(tokenizer, max(args.concurrency) * args.requests_per_client, prompt_tokens)
             if args.warmup:
-                asyncio.run(level(args.url, args.model, prompts[:2], max_tokens, 2, args.sampled, _Quiet()))
+                asyncio.run(level(args.url, args.model, prompts[:2], max_tokens, 2, args.sampled, tqdm(disable=True)))
             for concurrency in args.concurrency:
                 result = asyncio.run(level(args.url, args.model, prompts[:concurrency * args.requests_per_client],
                                            max_tokens, concurrency, args.sampled, progress))
@@ -125,11 +125,6 @@ def run(args: argparse.Namespace) -> int:
     if args.plots:
         plot_rows(rows, Path(args.plots))
     return 1 if any(row["errors"] for row in rows) and args.fail_on_error else 0
-
-
-class _Quiet:
-    def update(self, n: int) -> None:
-        pass
 
 
 def plot_rows(rows: list[dict], directory: Path) -> list[Path]:
@@ -157,10 +152,7 @@ def plot_rows(rows: list[dict], directory: Path) -> list[Path]:
     axis.set_title("Throughput against latency (points: concurrency)")
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
-    throughput = directory / "throughput_vs_latency.png"
-    figure.tight_layout()
-    figure.savefig(throughput, dpi=120)
-    plt.close(figure)
+    throughput = _save(plt, figure, directory / "throughput_vs_latency.png")
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for (label, shape), points in series.items():
@@ -176,11 +168,15 @@ def plot_rows(rows: list[dict], directory: Path) -> list[Path]:
         axis.set_title(title)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
-    latency = directory / "latency_vs_concurrency.png"
-    figure.tight_layout()
-    figure.savefig(latency, dpi=120)
-    plt.close(figure)
+    latency = _save(plt, figure, directory / "latency_vs_concurrency.png")
     return [throughput, latency]
+
+
+def _save(plt, figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
 
 
 def plot(args: argparse.Namespace) -> int:
