@@ -259,24 +259,22 @@ class RollingBatchEngine(Engine):
         if wants_all:
             self._record_prompt_log_probs(group[0], logits[0], starts[0], len(pieces[0]))
             logits = logits[:, len(pieces[0]) - 1, :]
-        completed, completed_rows = [], []
+        outputs = []
+        sampling, rows = [], []  # requests whose prompt is complete and that generate, and their logits rows
         for row, (active, size) in enumerate(zip(group, chunks)):
             active.prefilled += size
-            if active.prefilled == len(active.prompt):
-                completed.append(active)
-                completed_rows.append(row)
-        outputs = []
-        sampling = [a for a in completed if a.params.max_new_tokens > 0]
-        for active in completed:
+            if active.prefilled < len(active.prompt):
+                continue
             self._prefilling.remove(active)
             if active.params.max_new_tokens == 0:  # prompt scoring only
                 outputs.append(self._final(active, (), FinishReason.LENGTH))
+            else:
+                sampling.append(active)
+                rows.append(row)
         if sampling:
-            rows = [completed_rows[completed.index(a)] for a in sampling]
             if len(rows) != logits.shape[0]:
                 logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
-            for active in sampling:
-                self._running.append(active)
+            self._running.extend(sampling)
             choices = self.sampler.sample(logits, [a.sampling for a in sampling])
             outputs += [self._advance(active, choice) for active, choice in zip(sampling, choices)]
         return outputs
