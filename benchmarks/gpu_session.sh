@@ -2,7 +2,10 @@
 # One call on the GPU machine (see RESULTS.md): install the carried wheels, then run the parts asked for.
 #   usage: bash benchmarks/gpu_session.sh WHEELS_DIR TOKENIZER_DIR OUT_DIR PART...
 # parts: tests (tests/gpu), core (engine core on a Llama-2-7B-shaped random model: 64 clients x 3,500-token
-# prompts x 500 new tokens, sampled), core128 (128/128 greedy and sampled at 1 and 32 clients), tp (degree 1 vs 2).
+# prompts x 500 new tokens, sampled), core128 (128/128 greedy and sampled at 1 and 32 clients), tp (degree 1 vs 2),
+# fastgen (DeepSpeed's v2 ops built in parallel first, then the FastGen GPU tests, the HTTP sweep over
+# concurrency 1-128 at 128/128 and 1024/128 with plots, and the bare put() loop and HF generate baselines).
+# WHEELS_DIR must hold deepspeed-kernels' wheel for the fastgen part.
 set -uo pipefail
 WHEELS=$1 TOKENIZER=$2 OUT=$3; shift 3
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -35,6 +38,22 @@ for part in "$@"; do
           --sampling sampled --server-env OPTION_DTYPE=fp16 OPTION_MAX_ROLLING_BATCH_SIZE=64 \
           --log-file "$OUT/core.jsonl" 2>&1 | tee -a "$OUT/core.txt"
       cp /tmp/serving-benchmark-server.log "$OUT/core-server-overload.log" ;;
+    fastgen)
+      # Build the v2 ops in parallel (~2 min) so that neither the tests nor the server JIT-build them serially.
+      for op in InferenceCoreBuilder RaggedOpsBuilder RaggedUtilsBuilder InferenceCutlassBuilder; do
+        python3 -c "from deepspeed.ops.op_builder import $op as B; B().load()" > "$OUT/build-$op.txt" 2>&1 &
+      done; wait
+      make_model
+      LMI_TEST_TOKENIZER="$TOKENIZER" python3 -m pytest -q -rs tests/gpu/test_gpu_fastgen.py -p no:cacheprovider \
+          2>&1 | tee "$OUT/fastgen-tests.txt"
+      OPTION_MODEL_ID=$MODEL OPTION_DTYPE=fp16 OPTION_MAX_ROLLING_BATCH_SIZE=128 SAGEMAKER_BIND_TO_PORT=8093 \
+          python3 -m entrypoint serve > "$OUT/fastgen-server.log" 2>&1 &
+      SERVER=$!
+      for _ in $(seq 600); do curl -sf http://127.0.0.1:8093/ping > /dev/null && break; sleep 1; done
+      python3 benchmarks/sweep.py run --url http://127.0.0.1:8093 --model "$MODEL" --tokenizer "$TOKENIZER" \
+          --label fastgen-http --out "$OUT/sweep.jsonl" --plots "$OUT/plots" 2>&1 | tee "$OUT/sweep.txt"
+      kill -TERM $SERVER; wait $SERVER
+      python3 benchmarks/fastgen_loop.py --model-dir $MODEL --out "$OUT/baselines.jsonl" 2>&1 | tee "$OUT/baselines.txt" ;;
     tp)
       python3 benchmarks/tp_benchmark.py --model-dir $MODEL --make-random-llama7b \
           --tokenizer-dir "$TOKENIZER" --degrees 1 2 --concurrency 1 32 --requests-per-client 2 \

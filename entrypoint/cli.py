@@ -95,6 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
         return report_user_error(error)
     for note in configuration.notes:
         log.info("%s", note)
+    _normalize_cuda_arch_list(os.environ)
     # Plan before anything starts (config.json only, no weights): a model that cannot be found or a plan
     # that cannot work (e.g. a tensor-parallel degree that does not divide the heads) exits here, before
     # the port opens.
@@ -121,6 +122,22 @@ def _serve(args: argparse.Namespace) -> int:
     except user_errors() as error:  # errors found while loading, re-raised after the server stopped
         return report_user_error(error, configuration)
     return int(result or 0)
+
+
+def _normalize_cuda_arch_list(environ: Any) -> None:
+    """DeepSpeed's op builder cannot parse suffixed architectures such as NVIDIA images' `9.0a`
+    (handlers/cuda_arch_list.py): rewrite the variable before any op is built, here so that tensor-parallel
+    ranks (exec'd below) inherit it."""
+    from handlers.cuda_arch_list import normalized_arch_list
+
+    value = environ.get("TORCH_CUDA_ARCH_LIST")
+    if value is None:
+        return
+    normalized = normalized_arch_list(value)
+    if normalized != value:
+        log.info("TORCH_CUDA_ARCH_LIST=%r rewritten to %r for DeepSpeed's op builder, which cannot parse "
+                 "architecture suffixes", value, normalized)
+        environ["TORCH_CUDA_ARCH_LIST"] = normalized
 
 
 # ---- plan ---------------------------------------------------------------------------------------------

@@ -11,20 +11,49 @@ logger = logging.getLogger(__name__)
 
 
 def build_engine(configuration: Any, progress: Callable[[str], None]) -> Any:
-    """Resolve the model (downloading or converting it if needed), plan the engine and load it."""
+    """Resolve the model (downloading or converting it if needed), plan the engine and load it.
+
+    An engine that finds at load time that it cannot serve this model correctly (FastGen: its ops do not
+    build, its correctness gate fails, a config it cannot express) is dropped, and the model is planned again
+    without it: the next engine the policy allows serves instead, and the log says why."""
     resolved, plan = resolve_and_plan(configuration, progress)
-    builder = ENGINE_BUILDERS.get(plan.engine)
-    if builder is None:
-        raise RuntimeError(f"the plan chose engine {plan.engine!r}, which this build cannot start; "
-                           f"available: {', '.join(ENGINE_BUILDERS)}")
-    progress(f"starting the {plan.engine} engine (importing torch, transformers and DeepSpeed)")
-    return builder(configuration.properties, plan, str(resolved.path), progress, resolved.description)
+    available = dict(ENGINE_BUILDERS)
+    failed: dict[str, str] = {}
+    while True:
+        builder = available.get(plan.engine)
+        if builder is None:
+            raise RuntimeError(f"the plan chose engine {plan.engine!r}, which this build cannot start; "
+                               f"available: {', '.join(available)}")
+        progress(f"starting the {plan.engine} engine (importing torch, transformers and DeepSpeed)")
+        try:
+            return builder(configuration.properties, plan, str(resolved.path), progress, resolved.description)
+        except Exception as error:  # noqa: BLE001 - only engines with a fallback are retried, see below
+            if plan.engine not in FALLS_BACK:
+                raise
+            logger.error("the %s engine cannot serve this model, planning again without it: %s",
+                         plan.engine, error, exc_info=not _expected_refusal(error))
+            del available[plan.engine]
+            failed[plan.engine] = str(error)
+            plan = _plan(configuration, resolved, available, failed)
+            logger.info("engine %s instead: %s", plan.engine, plan.reason)
+
+
+def _expected_refusal(error: BaseException) -> bool:
+    from handlers.fastgen_model import FastGenUnsupported
+    return isinstance(error, FastGenUnsupported)
+
+
+def _plan(configuration: Any, resolved: Any, available: Any, failed: Any = None) -> Any:
+    from entrypoint.model_resolution import read_model_config
+    from handlers.engine_plan import detect_device, plan_engine
+
+    return plan_engine(configuration.properties, read_model_config(resolved), detect_device(), available=available,
+                       quantizers=QUANTIZERS, failed=failed)
 
 
 def resolve_and_plan(configuration: Any, progress: Callable[[str], None]) -> tuple[Any, Any]:
     """The model on local disk (downloaded or converted if needed) and the engine plan for it."""
-    from entrypoint.model_resolution import default_cache_dir, read_model_config, resolve_model
-    from handlers.engine_plan import detect_device, plan_engine
+    from entrypoint.model_resolution import default_cache_dir, resolve_model
 
     properties = configuration.properties
     cache_dir = Path(properties.model_cache_dir) if properties.model_cache_dir else default_cache_dir()
@@ -34,9 +63,7 @@ def resolve_and_plan(configuration: Any, progress: Callable[[str], None]) -> tup
                              # and `report` already logs each phase
                              cache_dir=cache_dir, progress=sys.stderr.isatty(), report=progress)
     progress(f"model: {resolved.description}")
-    plan = plan_engine(properties, read_model_config(resolved), detect_device(), available=ENGINE_BUILDERS,
-                       quantizers=QUANTIZERS)
-    return resolved, plan
+    return resolved, _plan(configuration, resolved, ENGINE_BUILDERS)
 
 
 def _autotp(*args: Any) -> Any:
@@ -44,7 +71,14 @@ def _autotp(*args: Any) -> Any:
     return load_autotp_engine(*args)
 
 
+def _fastgen(*args: Any) -> Any:
+    from handlers.fastgen_engine import load_fastgen_engine
+    return load_fastgen_engine(*args)
+
+
 # engine name (as the plan names it) -> builder(properties, plan, model_path, progress, description)
-ENGINE_BUILDERS: dict[str, Callable[..., Any]] = {"autotp": _autotp}
+ENGINE_BUILDERS: dict[str, Callable[..., Any]] = {"fastgen": _fastgen, "autotp": _autotp}
+# engines whose load-time failure re-plans without them (FastGen's own checks; AutoTP has nothing below it)
+FALLS_BACK: frozenset[str] = frozenset({"fastgen"})
 # quantization methods this build applies (quantization.quantizer; on the autotp engine, as the policy says)
 QUANTIZERS: frozenset[str] = frozenset({"smoothquant", "dynamic_int8"})

@@ -44,7 +44,7 @@ def load_autotp_engine(properties: Any, plan: Any, model_path: str, progress: Ca
         max_batch=model.max_sequences,
         max_prefill_tokens=properties.max_rolling_batch_prefill_tokens,
         max_total_tokens=model.max_total_tokens,
-        eos_token_ids=_eos_token_ids(module, model.tokenizer),
+        eos_token_ids=eos_token_ids(module, model.tokenizer),
         batching=batching,
         name="autotp",
         summary={
@@ -177,7 +177,9 @@ def _runner_within_budget(module: Any, properties: Any, device: Any, max_sequenc
     return ModelRunner(module, cache_of(budget.num_blocks), device), budget
 
 
-def _eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every end-of-sequence id the model's generation config, its config and its tokenizer name (the
+    FastGen engine uses the same rule, from the HF config alone)."""
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), model.config):
         value = getattr(source, "eos_token_id", None) if source is not None else None

@@ -213,10 +213,12 @@ class EnginePlan:
 
 def plan_engine(properties: ServingProperties, model_config: Mapping[str, Any], device: Device,
                 available: Collection[str] | None = None,
-                quantizers: Collection[str] | None = None) -> EnginePlan:
+                quantizers: Collection[str] | None = None,
+                failed: Mapping[str, str] | None = None) -> EnginePlan:
     """`available`: the engines this build can start (`entrypoint.engine_factory.ENGINE_BUILDERS`) and
     `quantizers` the quantization methods it can apply (`entrypoint.engine_factory.QUANTIZERS`); None plans
-    with the whole policy table, as if everything were built."""
+    with the whole policy table, as if everything were built. `failed`: engines that were tried for this
+    model and could not serve it, with why (the engine factory plans again without them)."""
     shape = ModelShape.from_config(model_config)
     arch = policy_for(shape.model_type)
     quant = QUANTIZATION[properties.quantize.value] if properties.quantize is not None else None
@@ -230,6 +232,11 @@ def plan_engine(properties: ServingProperties, model_config: Mapping[str, Any], 
 
     def blocker(name: str) -> str | None:
         reason = _blocker(ENGINES[name], arch, model_config, properties, quant, dtype, device)
+        if reason is None and name == FASTGEN and degree > 1:
+            reason = (f"tensor_parallel_degree={degree}: this build drives FastGen on one GPU only (its ranks are "
+                      "not wired to the container's rank launcher yet)")
+        if failed and name in failed:
+            reason = f"tried first and could not serve this model: {failed[name]}"
         if reason is None and available is not None and name not in available:
             reason = "not built into this container yet (only " + ", ".join(sorted(available)) + " is)"
         return reason
@@ -253,11 +260,15 @@ def plan_engine(properties: ServingProperties, model_config: Mapping[str, Any], 
         notes.append(f"quantize={quant.method} on {engine}: {quant.engines[engine].reason}")
     notes.extend(spec.caveats)
     # isclose: GGUF metadata stores eps as float32 (1e-5 reads back as 9.9999997e-06).
-    if engine == FASTGEN and shape.rms_norm_eps is not None and not math.isclose(shape.rms_norm_eps, _FASTGEN_NORM_EPS,
-                                                                                 rel_tol=1e-5):
-        notes.append(f"FastGen (DeepSpeed 0.19.8) uses RMSNorm eps={_FASTGEN_NORM_EPS:g}, but this model's "
-                     f"rms_norm_eps is {shape.rms_norm_eps:g}: the engine must pass the model's eps through "
-                     "(measured: the mismatch alone made logits deviate 15-25x more than HF fp16)")
+    if engine == FASTGEN:
+        if shape.rms_norm_eps is not None and not math.isclose(shape.rms_norm_eps, _FASTGEN_NORM_EPS, rel_tol=1e-5):
+            notes.append(f"FastGen (DeepSpeed 0.19.8) builds its norms with eps={_FASTGEN_NORM_EPS:g}; this model's "
+                         f"rms_norm_eps={shape.rms_norm_eps:g} is set on them at load (handlers/fastgen_model.py)")
+        notes.append("a correctness gate runs at start-up: FastGen's teacher-forced logits against the HF model's in "
+                     "fp32 on a short and a long probe; if they deviate more than twice as much as HF's own half "
+                     "precision, the next engine serves instead (correctness_gate=false skips it)"
+                     if properties.correctness_gate else
+                     "correctness_gate=false: FastGen's logits are not checked against HF's at start-up")
     if shape.context is not None and properties.max_tokens > shape.context:
         notes.append(f"max_tokens={properties.max_tokens} is capped by the model's context of {shape.context} tokens")
 

@@ -33,8 +33,8 @@ class PagedStep:
     """What the next forward pass writes and reads."""
 
     write_slots: torch.Tensor  # int64 [rows * q]: pool slot of every new token
-    read_slots: torch.Tensor  # int64 [rows, kv_length]: pool slots of positions 0..kv_length-1 of each row
-    kv_length: int  # max(positions) + 1
+    read_blocks: torch.Tensor  # int64 [rows, kv_length / block_size]: each row's blocks, in position order
+    kv_length: int  # max(positions) + 1, rounded up to whole blocks (the columns past it are masked)
     past_length: int  # kv_length - q (what transformers calls the tokens already seen)
 
 
@@ -63,10 +63,16 @@ class _PagedLayer(DynamicLayer):
         self.keys.index_copy_(0, step.write_slots, key_states.transpose(1, 2).reshape(rows * q, heads, dim))
         self.values.index_copy_(0, step.write_slots,
                                 value_states.transpose(1, 2).reshape(rows * q, value_states.shape[1], -1))
-        # gathered: [rows, kv_length, heads, dim] -> [rows, heads, kv_length, dim]
-        keys = self.keys[step.read_slots].transpose(1, 2)
-        values = self.values[step.read_slots].transpose(1, 2)
-        return keys, values
+        return self._gathered(self.keys, step), self._gathered(self.values, step)
+
+    def _gathered(self, pool: torch.Tensor, step: PagedStep) -> torch.Tensor:
+        """The rows' keys or values in position order, [rows, heads, kv_length, dim]: whole blocks are
+        copied (one index per block, not per position: the gather is most of what paging costs a CPU step)."""
+        size = self.owner.block_size
+        rows, blocks = step.read_blocks.shape
+        blocked = pool.view(-1, size, pool.shape[1], pool.shape[2])
+        gathered = blocked.index_select(0, step.read_blocks.reshape(-1))
+        return gathered.view(rows, blocks * size, pool.shape[1], pool.shape[2]).transpose(1, 2)
 
     def get_seq_length(self) -> int:
         step = self.owner.step
@@ -114,15 +120,17 @@ class PagedKVCache(Cache):
         device) and return its attention mask: [rows, 1, q, kv] booleans (True = attend), or a dict by layer
         type for models that mix full and sliding-window layers."""
         rows, q = positions.shape
-        kv_length = int(positions.max()) + 1
         size = self.block_size
-        # Positions past the block table (padding of a batched prefill) land in the scratch block.
+        kv_blocks = blocks_for(int(positions.max()) + 1, size)
+        kv_length = kv_blocks * size
+        # Positions past the block table (padding of a batched prefill) land in the scratch block; reading,
+        # they repeat the row's last block, in columns past every real query's position (masked).
         block_index = (positions // size).clamp_(max=self.blocks_per_sequence - 1)
         tables = self.block_table.index_select(0, sequences)
         write = tables.gather(1, block_index) * size + positions % size
-        columns = torch.arange(kv_length, device=positions.device)
-        read = tables[:, (columns // size).clamp(max=self.blocks_per_sequence - 1)] * size + columns % size
+        read = tables[:, torch.arange(kv_blocks, device=positions.device).clamp_(max=self.blocks_per_sequence - 1)]
         self.step = PagedStep(write.reshape(-1), read, kv_length, kv_length - q)
+        columns = torch.arange(kv_length, device=positions.device)
         keys = columns.view(1, 1, 1, -1)
         queries = positions.view(rows, 1, q, 1)
         full = keys <= queries

@@ -141,6 +141,8 @@ class RollingBatchEngine(Engine):
 
     def step(self) -> list[RequestOutput]:
         self._admit()
+        if self.runner.ragged:
+            return self._ragged_step()
         outputs: list[RequestOutput] = []
         if self._running:
             outputs += self._decode()
@@ -220,6 +222,36 @@ class RollingBatchEngine(Engine):
         choices = self.sampler.sample(logits, [a.sampling for a in running])
         return [self._advance(active, choice) for active, choice in zip(running, choices)]
 
+    def _ragged_step(self) -> list[RequestOutput]:
+        """Decode tokens and prefill chunks in one forward pass (Dynamic SplitFuse, DeepSpeed-FastGen: Holmes
+        et al., 2024): every running request's next token plus, within `max_prefill_tokens`, the next chunks
+        of prefilling requests, first come first served. A request that asked for prompt log-probabilities
+        needs every position's logits, which a ragged pass does not return: it is prefilled on its own."""
+        outputs: list[RequestOutput] = []
+        if self._prefilling and self._prefilling[0].params.prompt_logprobs:
+            outputs += self._prefill_group(*self._next_group(self.max_prefill_tokens))
+        running = list(self._running)
+        group: list[_Active] = []
+        chunks: list[int] = []
+        budget = self.max_prefill_tokens
+        for active in self._prefilling:
+            if budget <= 0 or active.params.prompt_logprobs:
+                break
+            chunks.append(min(len(active.prompt) - active.prefilled, budget))
+            group.append(active)
+            budget -= chunks[-1]
+        if not running and not group:
+            return outputs
+        pieces = [active.prompt[active.prefilled:active.prefilled + size] for active, size in zip(group, chunks)]
+        logits = self.runner.ragged_forward([a.sequence for a in running] + [a.sequence for a in group],
+                                            [[a.generated[-1]] for a in running] + pieces)
+        if running:
+            choices = self.sampler.sample(logits[:len(running)], [a.sampling for a in running])
+            outputs += [self._advance(active, choice) for active, choice in zip(running, choices)]
+        if group:
+            outputs += self._prefilled(group, chunks, logits[len(running):])
+        return outputs
+
     def _prefill(self) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         budget = self.max_prefill_tokens
@@ -259,6 +291,11 @@ class RollingBatchEngine(Engine):
         if wants_all:
             self._record_prompt_log_probs(group[0], logits[0], starts[0], len(pieces[0]))
             logits = logits[:, len(pieces[0]) - 1, :]
+        return self._prefilled(group, chunks, logits)
+
+    def _prefilled(self, group: list[_Active], chunks: list[int], logits: Any) -> list[RequestOutput]:
+        """After a pass that wrote these chunks (`logits`: each chunk's last-token logits): requests whose
+        prompt is now complete sample their first token and join the running batch."""
         outputs = []
         sampling, rows = [], []  # requests whose prompt is complete and that generate, and their logits rows
         for row, (active, size) in enumerate(zip(group, chunks)):
@@ -352,6 +389,7 @@ class RollingBatchEngine(Engine):
         if active in self._prefilling:
             self._prefilling.remove(active)
         if active.sequence >= 0:
+            self.runner.release(active.sequence)
             self.allocator.free(active.blocks)
             self._free_sequences.append(active.sequence)
             active.sequence, active.blocks = -1, []

@@ -21,6 +21,9 @@ class Runner(abc.ABC):
     device: Any
     #: seconds between `heartbeat()` calls while the engine is idle; None: no heartbeat needed
     heartbeat_interval: float | None = None
+    #: True for runners whose one forward pass takes sequences with any number of new tokens each (FastGen's
+    #: ragged batch): the engine then puts decode tokens and prefill chunks into the same pass (`ragged`)
+    ragged: bool = False
 
     @abc.abstractmethod
     def assign(self, sequence: int, blocks: list[int]) -> None:
@@ -35,6 +38,16 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def decode(self, sequences: list[int], token_ids: list[int], positions: list[int]) -> Any:
         """One token for each sequence at its own position; logits [rows, vocab]."""
+
+    def ragged_forward(self, sequences: list[int], tokens: list[list[int]]) -> Any:
+        """One forward pass over sequences with any number of new tokens each (decode: one; prefill chunk:
+        many), continuing where each sequence stopped; each sequence's last-token logits [rows, vocab]. Only
+        runners with `ragged = True` implement it."""
+        raise NotImplementedError(f"{type(self).__name__} runs prefill and decode as separate passes")
+
+    def release(self, sequence: int) -> None:
+        """Sequence slot `sequence` is free again (its request finished or was cancelled): a runner that keeps
+        per-sequence state of its own (FastGen's state manager) drops it here."""
 
     def watch(self, abort: Callable[[str], None]) -> None:
         """Call `abort(reason)` from any thread as soon as a part outside this process fails (a rank died)."""

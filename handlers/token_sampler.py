@@ -279,6 +279,9 @@ class TokenSampler:
         """Top-k then top-p over the sorted most likely tokens, then an inverse-CDF draw among the kept."""
         device = scores.device
         vocab = scores.shape[-1]
+        # a top_k beyond the vocabulary keeps every token (as in vLLM); clamping here also keeps a huge client
+        # value (any int passes the request schema) from overflowing the int64 tensor below
+        top_k = [min(k, vocab) for k in top_k]
         needed = [k if k > 0 else vocab for k in top_k]
         if device.type == "cpu" and any(k <= 0 and p < 1.0 for k, p in zip(top_k, top_p)):
             needed = [k if k > 0 else min(vocab, CPU_TOP_P_CANDIDATES) for k in top_k]

@@ -7,6 +7,8 @@ server's limits would allow minutes of CPU generation per request), and a timeou
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -21,8 +23,9 @@ pytestmark = pytest.mark.slow
 COSTLY_FIELDS = ("max_new_tokens", "max_tokens", "max_completion_tokens", "n", "best_of", "top_n_tokens",
                  "top_logprobs")
 COST_CAP = 4
-CALL_TIMEOUT_S = 120
-EXAMPLES = 10  # per operation and mode  # "no hang": far more than any bounded request takes on a loaded 2-core machine
+CALL_TIMEOUT_S = 120  # "no hang": far more than any bounded request takes on a loaded 2-core machine
+#: per operation and mode; LMI_FUZZ_EXAMPLES raises it for a longer hunt (CI keeps 10)
+EXAMPLES = int(os.environ.get("LMI_FUZZ_EXAMPLES", "10"))
 
 
 def bounded(value):
@@ -48,6 +51,13 @@ def test_no_operation_answers_5xx_hangs_or_breaks_its_schema(embedded_server, mo
         def call(case):
             if isinstance(case.body, (dict, list)):
                 case.body = bounded(case.body)
+            if isinstance(case.body, dict) and ("messages" in case.body or "prompt" in case.body) \
+                    and not {"max_tokens", "max_completion_tokens"} & case.body.keys():
+                case.body["max_tokens"] = COST_CAP  # OpenAI's default is the rest of the context: minutes here
+            if isinstance(case.body, dict) and "inputs" in case.body:
+                parameters = case.body.setdefault("parameters", {})
+                if isinstance(parameters, dict):
+                    parameters.setdefault("max_new_tokens", COST_CAP)  # LMI's default is 30 (per sequence)
             case.call_and_validate(checks=[not_a_server_error, response_schema_conformance], timeout=CALL_TIMEOUT_S)
 
         try:

@@ -94,6 +94,12 @@ def test_degree_3_serves_the_same_greedy_text_as_degree_1(embedded_model_dir, tm
         ranks = server.ranks()
         assert [r.environ()["RANK"] for r in ranks] == ["0", "1", "2"]
         assert [server.generate(prompt) for prompt in PROMPTS] == degree1_outputs
+        # DeepSpeed's CPU all-reduce buffers (69 MB a rank) are still mapped but no longer named in /dev/shm,
+        # so they cannot outlive the ranks however the ranks end (DeepSpeed itself never removes them)
+        port = ranks[0].environ()["MASTER_PORT"]
+        assert [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")] == []
+        maps = Path(f"/proc/{ranks[1].pid}/maps").read_text()
+        assert f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_0 (deleted)" in maps
         assert "Paris" in degree1_outputs[0]
     finally:
         server.stop()

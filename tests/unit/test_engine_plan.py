@@ -363,9 +363,31 @@ def test_max_tokens_above_the_context_is_noted():
     assert any("capped by the model's context of 8192" in note for note in plan.notes)
 
 
-def test_fastgen_eps_mismatch_is_noted():
+def test_fastgen_eps_mismatch_is_noted_with_the_bridge_that_handles_it():
     plan = plan_engine(props(), {**LLAMA_7B, "rms_norm_eps": 1e-6}, GPU1)
-    assert any("rms_norm_eps is 1e-06" in note for note in plan.notes)
+    assert any("rms_norm_eps=1e-06 is set on them at load" in note for note in plan.notes)
+
+
+def test_plan_says_a_correctness_gate_will_run_and_how_to_turn_it_off():
+    plan = plan_engine(props(), LLAMA_7B, GPU1)
+    assert plan.engine == FASTGEN
+    assert any("correctness gate runs at start-up" in note and "correctness_gate=false" in note for note in plan.notes)
+    off = plan_engine(props(correctness_gate="false"), LLAMA_7B, GPU1)
+    assert any("not checked" in note for note in off.notes)
+    assert not any("correctness gate runs" in note for note in plan_engine(props(), SMOL, CPU).notes)
+
+
+def test_fastgen_at_tensor_parallel_degree_2_is_ruled_out_with_the_reason():
+    plan = plan_engine(props(tensor_parallel_degree=2), LLAMA_7B, GPU8)
+    assert plan.engine == AUTOTP
+    assert "one GPU only" in dict(plan.ruled_out)[FASTGEN]
+
+
+def test_an_engine_that_failed_at_load_is_ruled_out_with_its_failure():
+    plan = plan_engine(props(), LLAMA_7B, GPU1, available={"autotp"},
+                       failed={"fastgen": "correctness gate FAILED (tolerance 2x)"})
+    assert plan.engine == AUTOTP
+    assert dict(plan.ruled_out)[FASTGEN] == "tried first and could not serve this model: correctness gate FAILED (tolerance 2x)"
 
 
 def test_float32_rounded_eps_from_gguf_is_not_a_mismatch():

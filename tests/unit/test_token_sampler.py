@@ -160,3 +160,17 @@ def test_history_rows_are_reused_after_release():
         sampler.sample(logits, [s])
         sampler.release(s)
     assert len(sampler._histories.free) == 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_top_k_beyond_the_vocabulary_keeps_every_token(device):
+    """Clients send any integer (a fuzzer found 2**70, which overflowed int64 and failed the whole batch):
+    past the vocabulary it means no top-k, the same draws as top_k 0 with the same seed."""
+    torch.manual_seed(3)
+    logits = torch.randn(3, 40, device=device)
+    huge = [state([0], do_sample=True, top_k=k, top_p=0.9, seed=7) for k in (2**70, 2**63, 41)]
+    plain = [state([0], do_sample=True, top_k=0, top_p=0.9, seed=7) for _ in range(3)]
+    sampler = TokenSampler(max_sequences=8, max_length=16)
+    picked = sampler.sample(logits, huge)
+    assert all(choice.error is None for choice in picked)
+    assert [c.token_id for c in picked] == [c.token_id for c in TokenSampler(8, 16).sample(logits, plain)]

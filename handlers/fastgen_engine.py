@@ -1,0 +1,175 @@
+"""The FastGen engine: DeepSpeed-FastGen's ragged engine (fused CUDA kernels, blocked KV cache) under our
+rolling batch, which decodes and prefills in one ragged pass per step (Dynamic SplitFuse), samples with the
+shared sampler on the GPU and admits requests by free KV blocks.
+
+Start-up: the correctness gate's HF references (fp32, then the serving dtype) are computed first, while the
+GPU is empty; then DeepSpeed builds the model and a KV cache of what `gpu_memory_utilization` leaves; then
+the gate compares. Anything that makes FastGen unable to serve the model correctly raises
+`FastGenUnsupported`, and the engine factory falls back to the next engine the plan allows.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from handlers.fastgen_model import EngineLimits, FastGenUnsupported
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+#: memory kept free beyond (1 - gpu_memory_utilization) of the device, per sequence of the batch and vocabulary
+#: entry: the step's logits in fp32 and the sampler's working copies (scores, probabilities, sort indices)
+SAMPLER_BYTES_PER_LOGIT = 32
+#: and a fixed margin for the CUDA context's growth, cuBLAS workspaces and allocator fragmentation
+RESERVE_MARGIN_BYTES = 512 * 2**20
+
+
+def reserve_bytes(total_bytes: int, gpu_memory_utilization: float, max_sequences: int, vocab_size: int) -> int:
+    """What DeepSpeed's KV allocation (memory_config mode "reserve") must leave free: the share of the device
+    the server may not use, plus what one step allocates beyond DeepSpeed's own preallocated buffers."""
+    return (int(total_bytes * (1.0 - gpu_memory_utilization)) + max_sequences * vocab_size * SAMPLER_BYTES_PER_LOGIT
+            + RESERVE_MARGIN_BYTES)
+
+
+def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: Callable[[str], None],
+                        description: str = "") -> Any:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from handlers.autotp_engine import eos_token_ids
+    from handlers.correctness_gate import PROBE_LENGTHS, probe_tokens, run_gate
+    from handlers.fastgen_model import build_fastgen_engine
+    from handlers.fastgen_runner import FastGenRunner
+    from handlers.kv_blocks import BlockAllocator, KVBudget
+    from handlers.rolling_batch import DynamicBatching, RollingBatchEngine
+
+    if plan.tensor_parallel_degree != 1:
+        raise FastGenUnsupported("FastGen is wired for tensor_parallel_degree=1 only in this build")
+    if plan.dtype not in TORCH_DTYPES:
+        raise FastGenUnsupported(f"FastGen runs fp16 or bf16, not {plan.dtype}")
+    started = time.monotonic()
+    dtype = getattr(torch, TORCH_DTYPES[plan.dtype])
+    device = torch.device("cuda", torch.cuda.current_device())
+    hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=properties.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=properties.trust_remote_code)
+    context = getattr(hf_config, "max_position_embeddings", None) or properties.max_tokens
+    max_total_tokens = min(properties.max_tokens, context)
+    rolling = getattr(plan, "rolling_batch", True)
+    max_sequences = properties.max_rolling_batch_size if rolling else properties.batch_size
+
+    references = None
+    if properties.correctness_gate:
+        progress("correctness gate: HF reference logits in fp32 and " + plan.dtype)
+        references = _references(model_path, properties, tokenizer, dtype, device,
+                                 [probe_tokens(tokenizer, n) for n in PROBE_LENGTHS if n <= max_total_tokens],
+                                 AutoModelForCausalLM)
+
+    total = torch.cuda.mem_get_info(device)[1]
+    limits = EngineLimits(max_sequences=max_sequences,
+                          max_batch_tokens=properties.max_rolling_batch_prefill_tokens + max_sequences,
+                          max_context=max_total_tokens,
+                          reserve_bytes=reserve_bytes(total, properties.gpu_memory_utilization, max_sequences,
+                                                      hf_config.vocab_size))
+    progress(f"building DeepSpeed-FastGen for {hf_config.model_type} ({plan.dtype}; DeepSpeed's ops JIT-build "
+             "on first use unless the image has them)")
+    # FastGen reads the dtype from the config it loads (torch_dtype / dtype); the plan's dtype wins.
+    engine, bridges = build_fastgen_engine(model_path, hf_config, limits, dtype=dtype)
+    runner = FastGenRunner(engine, device)
+    model = engine.model()
+    kv_config = model.kv_cache_config()[0]
+    num_blocks = int(engine.free_blocks[0])  # every block is free before the first request
+    heads, head_size = kv_config.cache_shape[1], kv_config.cache_shape[2]
+    bytes_per_token = kv_config.cache_shape[0] * 2 * heads * head_size * dtype.itemsize
+    budget = KVBudget(kv_config.block_size, num_blocks, bytes_per_token,
+                      f"gpu_memory_utilization={properties.gpu_memory_utilization} of {total / 2**30:.1f} GiB; "
+                      f"{limits.reserve_bytes / 2**30:.2f} GiB kept free (DeepSpeed memory_config reserve)")
+    progress(f"KV cache: {budget.tokens} tokens in {num_blocks} blocks of {kv_config.block_size} "
+             f"({budget.bytes / 2**30:.2f} GiB)")
+
+    gate_summary: dict[str, Any] = {"correctness_gate": "off (correctness_gate=false)"}
+    if references is not None:
+        progress("correctness gate: FastGen's teacher-forced logits")
+        spare = 0  # the gate runs before any request: sequence slot 0 is free
+
+        def forward_for(_: int) -> Callable[[list[int]], Any]:
+            return lambda new_tokens: runner.ragged_forward([spare], [new_tokens])[0]
+
+        result = run_gate(references, forward_for, lambda _: runner.release(spare))
+        logger.info("%s", result.describe())
+        if not result.passed:
+            runner.shutdown()
+            del runner, engine, model
+            gc.collect()
+            torch.cuda.empty_cache()
+            raise FastGenUnsupported(result.describe())
+        gate_summary = {**result.summary(), "correctness_gate_detail": result.describe()}
+
+    generation_config = None
+    try:
+        generation_config = GenerationConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        pass  # no generation_config.json: the config's and the tokenizer's eos ids remain
+    eos = eos_token_ids(SimpleNamespace(config=hf_config, generation_config=generation_config), tokenizer)
+    batching = None if rolling else DynamicBatching(properties.batch_size, properties.max_batch_delay / 1000.0)
+    return RollingBatchEngine(
+        runner, tokenizer,
+        allocator=BlockAllocator(budget),
+        max_batch=max_sequences,
+        max_prefill_tokens=properties.max_rolling_batch_prefill_tokens,
+        max_total_tokens=max_total_tokens,
+        eos_token_ids=eos,
+        batching=batching,
+        name="fastgen",
+        summary={
+            "model": description or model_path,
+            "architecture": type(model).__name__,
+            "dtype": plan.dtype,
+            "device": str(device),
+            "tensor_parallel_degree": 1,
+            "kv_bytes_per_token": bytes_per_token,
+            "load_seconds": round(time.monotonic() - started, 2),
+            "fastgen_bridges": bridges.describe(),
+            **gate_summary,
+            "reason": getattr(plan, "reason", ""),
+        },
+    )
+
+
+def _references(model_path: str, properties: Any, tokenizer: Any, dtype: Any, device: Any, probes: list[list[int]],
+                auto_model: Any) -> Any:
+    """HF references on the GPU when fp32 weights fit in free memory, else on the CPU (slow, but the gate is
+    what keeps wrong text from being served), else None with a warning (the gate is skipped)."""
+    import psutil
+    import torch
+
+    from handlers.correctness_gate import hf_references
+
+    def load(load_dtype: Any) -> Any:
+        return auto_model.from_pretrained(model_path, dtype=load_dtype, trust_remote_code=properties.trust_remote_code)
+
+    fp32_bytes = _parameter_count(model_path, properties) * 4
+    free = torch.cuda.mem_get_info(device)[0]
+    if fp32_bytes < 0.8 * free:
+        return hf_references(load, probes, dtype, device)
+    if fp32_bytes < 0.7 * psutil.virtual_memory().available:
+        logger.info("correctness gate: fp32 weights (%.1f GiB) do not fit in free GPU memory; the reference runs "
+                    "on the CPU", fp32_bytes / 2**30)
+        return hf_references(load, probes, dtype, torch.device("cpu"))
+    logger.warning("correctness gate skipped: the model's fp32 weights (%.1f GiB) fit neither in free GPU memory "
+                   "nor in host memory", fp32_bytes / 2**30)
+    return None
+
+
+def _parameter_count(model_path: str, properties: Any) -> int:
+    """Parameters of the model, from a meta-device instance (no memory)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=properties.trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=properties.trust_remote_code)
+    return sum(p.numel() for p in model.parameters())

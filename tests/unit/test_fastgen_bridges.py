@@ -1,0 +1,199 @@
+"""The project's bridges over DeepSpeed-FastGen 0.19.8's measured defects (handlers/fastgen_model.py) and
+the start-up correctness gate (handlers/correctness_gate.py), on a CPU. The CUDA kernels they steer are
+tested on the GPU (tests/gpu/test_gpu_fastgen.py)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, PhiConfig
+
+from handlers.correctness_gate import TAIL, hf_references, run_gate
+from handlers.fastgen_model import (
+    FastGenUnsupported,
+    _set_epsilon,
+    _with_inv_freqs,
+    bridged_model_class,
+    bridged_policy_class,
+    bridges_for,
+    norm_epsilon,
+    rotary_inverse_frequencies,
+)
+from tests.support.ragged_engine import ReferenceRaggedEngine
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+
+
+def test_llama_frequencies_are_fp32_and_match_the_rope_formula():
+    config = LlamaConfig(hidden_size=256, num_attention_heads=2, rope_parameters={"rope_type": "default",
+                                                                                  "rope_theta": 10000.0})
+    freqs = rotary_inverse_frequencies(config)
+    dim = 128
+    expected = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    assert freqs.dtype == torch.float32 and freqs.shape == (64,)
+    torch.testing.assert_close(freqs, expected)
+    # what DeepSpeed's own kernel uses instead: each frequency rounded to fp16 (the defect being bridged)
+    assert (freqs.half().float() - freqs).abs().max() > 1e-5
+
+
+def test_llama3_rope_scaling_matches_deepspeeds_independent_llama3_formula():
+    """Llama 3.1+ (rope_type llama3), which v2's Llama refuses: our frequencies (HF's) against the llama3
+    formula DeepSpeed itself implements for EXAONE 4.5 (model_implementations/exaone4_5/model.py)."""
+    from deepspeed.inference.v2.model_implementations.exaone4_5.model import _llama3_inverse_frequencies
+
+    config = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072,
+                         rope_parameters=dict(LLAMA3_ROPE))
+    ours = rotary_inverse_frequencies(config)
+    theirs = _llama3_inverse_frequencies(config, torch.device("cpu")).float()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    plain = rotary_inverse_frequencies(LlamaConfig(hidden_size=4096, num_attention_heads=32,
+                                                   rope_parameters={"rope_type": "default", "rope_theta": 500000.0}))
+    assert not torch.allclose(ours, plain)  # the scaling is really applied (low frequencies divided by 8)
+
+
+def test_partial_rotary_gives_half_the_rotary_dimension():
+    config = PhiConfig(hidden_size=256, num_attention_heads=4, partial_rotary_factor=0.5)  # head 64, rotary 32
+    assert rotary_inverse_frequencies(config).shape == (16,)
+
+
+@pytest.mark.parametrize("rope, words", [
+    ({"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}, "changes the rotary frequencies"),
+    ({"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 2048},
+     "scales attention"),
+])
+def test_rotary_variants_one_tensor_cannot_express_are_refused_by_name(rope, words):
+    config = LlamaConfig(hidden_size=256, num_attention_heads=2, max_position_embeddings=8192, rope_parameters=rope)
+    with pytest.raises(FastGenUnsupported, match=words) as error:
+        rotary_inverse_frequencies(config)
+    assert rope["rope_type"] in str(error.value)
+
+
+def test_models_without_rotary_and_unknown_types():
+    assert rotary_inverse_frequencies(OPTConfig()) is None
+    assert bridges_for(OPTConfig()).inv_freqs is None
+    with pytest.raises(FastGenUnsupported, match="gpt2"):
+        from transformers import GPT2Config
+        bridges_for(GPT2Config())
+
+
+def test_norm_epsilon_is_read_from_each_familys_key():
+    assert norm_epsilon(LlamaConfig(rms_norm_eps=1e-6)) == 1e-6
+    assert norm_epsilon(PhiConfig(layer_norm_eps=1e-5)) == 1e-5
+    assert norm_epsilon(OPTConfig()) is None  # OPT's config has no eps: DeepSpeed's 1e-5 is OPT's own
+
+
+def test_bridged_llama_asks_deepspeed_for_the_trained_rotary_kernel():
+    from deepspeed.inference.v2.model_implementations import Llama2Policy
+    from deepspeed.inference.v2.model_implementations.llama_v2.model import Llama2InferenceModel
+    from deepspeed.inference.v2.modules.configs import RotateHalfConfig
+
+    bridges = bridges_for(LlamaConfig(hidden_size=256, num_attention_heads=2, rope_parameters=dict(LLAMA3_ROPE),
+                                      max_position_embeddings=131072))
+    model_cls = bridged_model_class("llama", bridges)
+    assert issubclass(model_cls, Llama2InferenceModel)
+    # DeepSpeed builds its attention from this property (make_attn_layer); v2's own Llama refuses llama3 here
+    config = model_cls.positional_embedding_config.fget(object.__new__(model_cls))
+    assert isinstance(config, RotateHalfConfig) and config.use_trained_freqs
+    assert issubclass(bridged_policy_class("llama", bridges), Llama2Policy)
+
+
+def test_attention_wrapper_passes_fp32_frequencies_and_keeps_the_modules_interface():
+    calls = []
+
+    class Attention(torch.nn.Module):
+        kv_block_size = 64
+
+        def forward(self, q_k_v, kv_cache, batch, inv_freqs=None):
+            calls.append(inv_freqs)
+            return q_k_v
+
+        def build_atoms(self, batch):
+            return "atoms"
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Attention()
+
+    model = Model()
+    freqs = torch.rand(8)
+    model.attn = _with_inv_freqs(model.attn, freqs)  # an nn.Module attribute: must be a Module itself
+    assert model.attn(torch.ones(2), None, None).tolist() == [1.0, 1.0]
+    assert calls[0] is model.attn.inv_freqs and calls[0].dtype == torch.float32
+    assert model.attn.kv_block_size == 64 and model.attn.build_atoms(None) == "atoms"
+
+
+def test_epsilon_is_set_on_every_kernel_the_norm_module_holds():
+    class Kernel:
+        def __init__(self):
+            self.epsilon = 1e-5
+
+    class Norm:
+        def __init__(self):
+            self._fp_rms, self._fp_rms_pre, self.channels = Kernel(), Kernel(), 4096
+
+    norm = Norm()
+    _set_epsilon(norm, 1e-6)
+    assert norm._fp_rms.epsilon == 1e-6 and norm._fp_rms_pre.epsilon == 1e-6 and norm.channels == 4096
+
+
+# ---- the correctness gate -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama():
+    # initializer_range 0.1 (HF's default is 0.02): attention scores large enough that positions matter,
+    # as in trained models; with 0.02 random attention is nearly uniform and hides any rotary error.
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                         rms_norm_eps=1e-5, initializer_range=0.1,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    return LlamaForCausalLM(config).eval()
+
+
+def gate(model, engine_model):
+    """The gate with HF references of `model` (fp32, fp16) and `engine_model` run in fp16 as the engine."""
+    import copy
+
+    rng = random.Random(0)
+    probes = [[rng.randrange(128) for _ in range(n)] for n in (48, 600)]
+    references = hf_references(lambda dtype: copy.deepcopy(model).to(dtype), probes, torch.float16,
+                               torch.device("cpu"))
+    engine_half = copy.deepcopy(engine_model).half()
+    rotary = engine_half.model.rotary_emb  # its frequencies as `engine_model` has them, in fp32 (as bridged)
+    rotary.inv_freq = rotary.original_inv_freq = engine_model.model.rotary_emb.inv_freq.float().clone()
+    ragged = ReferenceRaggedEngine(engine_half, num_blocks=64, max_tokens_per_put=1024, max_sequences=4)
+
+    def forward_for(index):
+        return lambda tokens: ragged.put([index], [torch.tensor(tokens)], do_checks=False)[0].float()
+
+    return run_gate(references, forward_for, ragged.flush), ragged
+
+
+def test_the_gate_passes_an_engine_that_computes_what_hf_computes(llama):
+    result, ragged = gate(llama, llama)
+    assert result.passed, result.describe()
+    assert [p.positions for p in result.probes] == [48, 600]
+    assert all(p.argmax_agreement >= 0.9 for p in result.probes), result.describe()
+    # prefix in one pass, then TAIL - 1 teacher-forced passes, per probe; each probe's sequence released
+    assert [sizes[0] for _, sizes in ragged.puts].count(1) == 2 * (TAIL - 1)
+    assert ragged.seen == {}
+
+
+def test_the_gate_fails_deepspeeds_fp16_rounded_rotary_frequencies(llama):
+    """DeepSpeed 0.19.8's defect, reproduced on the CPU: the same weights with each inverse frequency
+    rounded to fp16 before it multiplies the position. The error grows with position, so the long probe
+    fails the gate."""
+    import copy
+
+    rounded = copy.deepcopy(llama)
+    rotary = rounded.model.rotary_emb
+    rotary.inv_freq = rotary.inv_freq.half().float()
+    rotary.original_inv_freq = rotary.inv_freq
+    result, _ = gate(llama, rounded)
+    assert not result.passed
+    short, long = result.probes
+    assert long.ratio > result.tolerance and long.ratio > 3 * short.ratio
+    assert "FAILED" in result.describe() and "600 positions" in result.describe()

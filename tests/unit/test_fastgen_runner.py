@@ -1,0 +1,165 @@
+"""The FastGen engine's CPU-testable half: `FastGenRunner` and the rolling batch's ragged step (decode tokens
+and prefill chunks in one put, Dynamic SplitFuse) over a stand-in for DeepSpeed's ragged engine that keeps
+DeepSpeed's contract and limits (tests/support/ragged_engine.py), on a tiny random Llama.
+
+The random initialisation (initializer_range 0.3) makes logits peaked, so greedy decoding has no near-ties
+and token equality with HF `generate` is a meaningful check of the bookkeeping (positions, uids, flushes)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from handlers.engine import FinishReason, GenerationRequest, SamplingParams
+from handlers.fastgen_runner import FastGenRunner
+from handlers.kv_blocks import BlockAllocator, KVBudget
+from handlers.rolling_batch import RollingBatchEngine
+from tests.support.ragged_engine import ReferenceRaggedEngine
+
+VOCAB = 96
+BLOCK = 64
+
+
+class Tokenizer:
+    eos_token_id = None
+    all_special_ids: list[int] = []
+
+    def __len__(self):
+        return VOCAB
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rms_norm_eps=1e-5, initializer_range=0.3)
+    return LlamaForCausalLM(config).eval()
+
+
+def make(model, *, max_batch=4, prefill=32, num_blocks=64, max_total=512):
+    ragged = ReferenceRaggedEngine(model, num_blocks=num_blocks, block_size=BLOCK,
+                                   max_tokens_per_put=prefill + max_batch, max_sequences=max_batch)
+    budget = KVBudget(block_size=BLOCK, num_blocks=num_blocks, bytes_per_token=1, basis="test")
+    engine = RollingBatchEngine(FastGenRunner(ragged, "cpu"), Tokenizer(), allocator=BlockAllocator(budget),
+                                max_batch=max_batch, max_prefill_tokens=prefill, max_total_tokens=max_total,
+                                eos_token_ids=(), name="fastgen")
+    return engine, ragged
+
+
+def request(rid, prompt, **params):
+    return GenerationRequest(str(rid), "", list(prompt), SamplingParams(**params))
+
+
+def run(engine, max_steps=5000):
+    tokens, finals = {}, {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            break
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(t.id for t in out.tokens)
+            if out.finished:
+                finals[out.request_id] = out
+    return tokens, finals
+
+
+def hf_greedy(model, prompt, n):
+    with torch.inference_mode():
+        ids = torch.tensor([prompt])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             min_new_tokens=n, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def prompts(n, seed=1, low=3, high=90):
+    rng = random.Random(seed)
+    return [[rng.randrange(VOCAB) for _ in range(rng.randrange(low, high))] for _ in range(n)]
+
+
+def test_ragged_batches_give_hf_generates_greedy_tokens_and_fuse_decode_with_prefill(model):
+    engine, ragged = make(model, max_batch=4, prefill=32)  # prompts up to 90 tokens: chunked over steps
+    lengths = [5, 17, 1, 30, 9, 12]
+    ps = prompts(len(lengths))
+    for i, (p, n) in enumerate(zip(ps, lengths)):
+        engine.add_request(request(i, p, max_new_tokens=n))
+    tokens, finals = run(engine)
+    for i, (p, n) in enumerate(zip(ps, lengths)):
+        assert tokens[str(i)] == hf_greedy(model, p, n), f"request {i}"
+        assert finals[str(i)].finish_reason is FinishReason.LENGTH
+    # Dynamic SplitFuse: some put carried decode tokens (1 each) and a prefill chunk (>1) together
+    assert any(1 in sizes and max(sizes) > 1 for _, sizes in ragged.puts)
+    assert max(sum(sizes) for _, sizes in ragged.puts) <= 32 + 4
+    # every finished request's state was flushed from the engine, and its KV blocks are free again
+    assert ragged.seen == {} and int(ragged.free_blocks[0]) == 64
+    assert engine.stats().kv_cache_tokens == 0
+
+
+def test_admission_by_blocks_never_lets_deepspeeds_cache_run_out(model):
+    """Eight requests of 200 prompt + 56 new tokens (4 blocks each) into a 9-block cache: at most two fit
+    at once; the rest wait in the queue, and DeepSpeed's lazy allocation never runs short."""
+    engine, ragged = make(model, max_batch=8, prefill=256, num_blocks=9)
+    ps = prompts(8, seed=3, low=200, high=201)
+    for i, p in enumerate(ps):
+        engine.add_request(request(i, p, max_new_tokens=56, ignore_eos=True))
+    peak = 0
+    finished = 0
+    while engine.has_unfinished():
+        outputs = engine.step()  # ReferenceRaggedEngine raises OutOfKVBlocks if admission over-commits
+        peak = max(peak, len(ragged.seen))
+        finished += sum(out.finished for out in outputs)
+    assert finished == 8 and peak == 2
+    assert int(ragged.free_blocks[0]) == 9
+
+
+def test_cancel_flushes_the_sequence_and_its_batch_mates_are_unaffected(model):
+    engine, ragged = make(model, max_batch=4)
+    ps = prompts(3, seed=5)
+    for i, p in enumerate(ps):
+        engine.add_request(request(i, p, max_new_tokens=20))
+    for _ in range(8):
+        engine.step()
+    cancelled_uid = engine._by_id["1"].sequence
+    final = engine.cancel("1")
+    assert final.finished and final.finish_reason is FinishReason.CANCELLED
+    assert cancelled_uid in ragged.flushed and cancelled_uid not in ragged.seen
+    tokens, _ = run(engine)
+    for i in (0, 2):
+        produced = tokens[str(i)]
+        assert produced == hf_greedy(model, ps[i], 20)[-len(produced):]
+
+
+def test_prompt_log_probabilities_match_the_full_forward(model):
+    engine, _ = make(model, max_batch=2, prefill=32)
+    prompt = prompts(1, seed=7, low=40, high=41)[0]
+    engine.add_request(request("p", prompt, max_new_tokens=2, prompt_logprobs=True))
+    engine.add_request(request("q", prompts(1, seed=8)[0], max_new_tokens=5))  # batch-mate, no prompt scores
+    details = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.request_id == "p":
+                details.extend(out.prompt_token_details)
+    with torch.inference_mode():
+        reference = torch.log_softmax(model(input_ids=torch.tensor([prompt])).logits[0].float(), dim=-1)
+    expected = [reference[i, prompt[i + 1]].item() for i in range(len(prompt) - 1)]
+    got = [token.log_prob for token in details[1:]]
+    assert [token.id for token in details] == prompt
+    # the stand-in returns fp16 logits, as DeepSpeed does: log-probabilities within fp16 rounding
+    assert got == pytest.approx(expected, abs=2e-2)
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_ragged_batch(model):
+    prompt = prompts(1, seed=9)[0]
+    params = dict(max_new_tokens=12, do_sample=True, temperature=0.9, top_p=0.9, seed=1234)
+    alone, _ = make(model, max_batch=1)
+    alone.add_request(request("s", prompt, **params))
+    batched, _ = make(model, max_batch=4, prefill=16)
+    for i, p in enumerate(prompts(3, seed=10)):
+        batched.add_request(request(i, p, max_new_tokens=15, do_sample=True, temperature=1.0))
+    batched.add_request(request("s", prompt, **params))
+    assert run(alone)[0]["s"] == run(batched)[0]["s"]
