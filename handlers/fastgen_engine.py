@@ -11,7 +11,9 @@ the gate compares. Anything that makes FastGen unable to serve the model correct
 from __future__ import annotations
 
 import gc
+import importlib.util
 import logging
+import os
 import time
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -47,6 +49,9 @@ def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: C
     from handlers.kv_blocks import BlockAllocator, KVBudget
     from handlers.rolling_batch import DynamicBatching, RollingBatchEngine
 
+    if importlib.util.find_spec("deepspeed_kernels") is None:
+        raise FastGenUnsupported("the deepspeed-kernels package is not installed (FastGen's blocked flash attention "
+                                 "lives in it): pip install 'lmi-deepspeed[gpu]' or deepspeed-kernels")
     if plan.tensor_parallel_degree != 1:
         raise FastGenUnsupported("FastGen is wired for tensor_parallel_degree=1 only in this build")
     if plan.dtype not in TORCH_DTYPES:
@@ -143,7 +148,6 @@ def _references(model_path: str, properties: Any, tokenizer: Any, dtype: Any, de
                 auto_model: Any) -> Any:
     """HF references on the GPU when fp32 weights fit in free memory, else on the CPU (slow, but the gate is
     what keeps wrong text from being served), else None with a warning (the gate is skipped)."""
-    import psutil
     import torch
 
     from handlers.correctness_gate import hf_references
@@ -155,13 +159,25 @@ def _references(model_path: str, properties: Any, tokenizer: Any, dtype: Any, de
     free = torch.cuda.mem_get_info(device)[0]
     if fp32_bytes < 0.8 * free:
         return hf_references(load, probes, dtype, device)
-    if fp32_bytes < 0.7 * psutil.virtual_memory().available:
+    if fp32_bytes < 0.7 * _host_available_bytes():
         logger.info("correctness gate: fp32 weights (%.1f GiB) do not fit in free GPU memory; the reference runs "
                     "on the CPU", fp32_bytes / 2**30)
         return hf_references(load, probes, dtype, torch.device("cpu"))
     logger.warning("correctness gate skipped: the model's fp32 weights (%.1f GiB) fit neither in free GPU memory "
                    "nor in host memory", fp32_bytes / 2**30)
     return None
+
+
+def _host_available_bytes() -> int:
+    """The kernel's estimate of memory available without swapping (MemAvailable), or the free pages."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _parameter_count(model_path: str, properties: Any) -> int:

@@ -119,7 +119,8 @@ def bridges_for(hf_config: Any) -> Bridges:
 def _set_epsilon(module: Any, eps: float) -> None:
     """DeepSpeed's norm kernels read `self.epsilon` at every call (kernels/core_ops/cuda_rms_norm,
     cuda_layer_norm); the norm and unembedding modules hold them as plain attributes."""
-    for value in vars(module).values():
+    children = list(vars(module).values()) + list(getattr(module, "_modules", {}).values())
+    for value in children:
         if hasattr(value, "epsilon") and isinstance(value.epsilon, float):
             value.epsilon = eps
 
