@@ -109,10 +109,41 @@ def rotary_inverse_frequencies(hf_config: Any) -> Any:
     return rotary.inv_freq.detach().float().contiguous()
 
 
+def attention_shape(hf_config: Any) -> tuple[int, int]:
+    """(head size, query heads per KV head) as DeepSpeed's v2 models compute them."""
+    heads = getattr(hf_config, "num_attention_heads", None) or getattr(hf_config, "n_head")
+    head_size = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    if hf_config.model_type == "falcon":  # falcon/model.py's n_heads_kv: multi-query unless the new decoder
+        new = getattr(hf_config, "new_decoder_architecture", False)
+        kv_heads = hf_config.num_kv_heads if (new or not getattr(hf_config, "multi_query", False)) else 1
+    else:
+        kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    return int(head_size), int(heads) // int(kv_heads)
+
+
+def _check_kernel_shapes(hf_config: Any, trained_rotary: bool) -> None:
+    """The KV-copy/rotary kernel each model uses accepts only some head sizes and query-per-KV-head ratios
+    (`supported_head_sizes` / `supported_q_ratios` of deepspeed/inference/v2/kernels/ragged_ops/
+    linear_blocked_kv_rotary): refuse here, by name, instead of failing inside DeepSpeed's build. The trained
+    (fp32-frequency) rotary kernel the bridge uses accepts fewer ratios than the one it replaces."""
+    from deepspeed.inference.v2.kernels.ragged_ops import BlockedTrainedRotaryEmbeddings, LinearBlockedKVCopy
+
+    kernel = BlockedTrainedRotaryEmbeddings if trained_rotary else LinearBlockedKVCopy
+    head_size, ratio = attention_shape(hf_config)
+    if head_size not in kernel.supported_head_sizes:
+        raise FastGenUnsupported(f"head size {head_size}: DeepSpeed's {kernel.__name__} supports "
+                                 f"{kernel.supported_head_sizes}")
+    if ratio not in kernel.supported_q_ratios:
+        raise FastGenUnsupported(f"{ratio} query heads per KV head: DeepSpeed's {kernel.__name__} supports "
+                                 f"{kernel.supported_q_ratios}")
+
+
 def bridges_for(hf_config: Any) -> Bridges:
     if hf_config.model_type not in POLICIES:
         raise FastGenUnsupported(f"DeepSpeed 0.19.8's inference v2 has no implementation of {hf_config.model_type!r}")
     inv_freqs = None if hf_config.model_type in OWN_TRAINED_ROTARY else rotary_inverse_frequencies(hf_config)
+    if hf_config.model_type not in OWN_TRAINED_ROTARY:
+        _check_kernel_shapes(hf_config, trained_rotary=inv_freqs is not None)
     return Bridges(norm_epsilon(hf_config), inv_freqs)
 
 

@@ -197,3 +197,16 @@ def test_the_gate_fails_deepspeeds_fp16_rounded_rotary_frequencies(llama):
     short, long = result.probes
     assert long.ratio > result.tolerance and long.ratio > 3 * short.ratio
     assert "FAILED" in result.describe() and "600 positions" in result.describe()
+
+
+def test_shapes_deepspeeds_kernels_cannot_take_are_refused_by_name():
+    from transformers import FalconConfig
+
+    # Falcon-7B: 71 query heads share one KV head; the fp32-frequency rotary kernel takes ratios up to 8
+    falcon7b = FalconConfig(hidden_size=4544, num_attention_heads=71, multi_query=True, new_decoder_architecture=False)
+    with pytest.raises(FastGenUnsupported, match="71 query heads per KV head.*BlockedTrainedRotaryEmbeddings"):
+        bridges_for(falcon7b)
+    with pytest.raises(FastGenUnsupported, match=r"head size 32: .*\[64, 80, 96, 128\]"):
+        bridges_for(LlamaConfig(hidden_size=256, num_attention_heads=8))
+    llama2_7b = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32)
+    assert bridges_for(llama2_7b).inv_freqs.shape == (64,)
