@@ -44,7 +44,7 @@ def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: C
 
     from handlers.autotp_engine import eos_token_ids
     from handlers.correctness_gate import PROBE_LENGTHS, probe_tokens, run_gate
-    from handlers.fastgen_model import build_fastgen_engine
+    from handlers.fastgen_model import build_fastgen_engine, preflight
     from handlers.fastgen_runner import FastGenRunner
     from handlers.kv_blocks import BlockAllocator, KVBudget
     from handlers.rolling_batch import DynamicBatching, RollingBatchEngine
@@ -65,6 +65,7 @@ def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: C
     max_total_tokens = min(properties.max_tokens, context)
     rolling = getattr(plan, "rolling_batch", True)
     max_sequences = properties.max_rolling_batch_size if rolling else properties.batch_size
+    preflight(hf_config, max_total_tokens)  # refusals that need no weights come before the gate's references
 
     references = None
     if properties.correctness_gate:

@@ -231,6 +231,18 @@ def bridged_policy_class(model_type: str, bridges: Bridges) -> type:
     return BridgedPolicy
 
 
+def preflight(hf_config: Any, max_context: int) -> Bridges:
+    """Everything that can be decided from the config before anything loads: raises FastGenUnsupported for
+    what FastGen cannot serve correctly, else returns the bridges the model needs."""
+    if hf_config.model_type == "opt" and not getattr(hf_config, "do_layer_norm_before", True):
+        raise FastGenUnsupported("DeepSpeed's FastGen refuses OPT with do_layer_norm_before=false (OPT-350m)")
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True) is not False and window < max_context:
+        raise FastGenUnsupported(f"sliding_window={window} is shorter than max_tokens={max_context}, and "
+                                 "DeepSpeed's blocked attention attends over the whole context")
+    return bridges_for(hf_config)
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     """The sizes DeepSpeed's state manager is built with (its buffers are allocated once, from these)."""
@@ -249,13 +261,7 @@ def build_fastgen_engine(model_path: str, hf_config: Any, limits: EngineLimits, 
     from deepspeed.inference.v2 import InferenceEngineV2, RaggedInferenceEngineConfig
     from deepspeed.inference.v2.checkpoint import HuggingFaceCheckpointEngine
 
-    bridges = bridges_for(hf_config)
-    if hf_config.model_type == "opt" and not getattr(hf_config, "do_layer_norm_before", True):
-        raise FastGenUnsupported("DeepSpeed's FastGen refuses OPT with do_layer_norm_before=false (OPT-350m)")
-    window = getattr(hf_config, "sliding_window", None)
-    if window and getattr(hf_config, "use_sliding_window", True) is not False and window < limits.max_context:
-        raise FastGenUnsupported(f"sliding_window={window} is shorter than max_tokens={limits.max_context}, and "
-                                 "DeepSpeed's blocked attention attends over the whole context")
+    bridges = preflight(hf_config, limits.max_context)
     config = RaggedInferenceEngineConfig(
         tensor_parallel={"tp_size": tensor_parallel},
         state_manager={

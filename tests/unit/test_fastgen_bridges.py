@@ -210,3 +210,17 @@ def test_shapes_deepspeeds_kernels_cannot_take_are_refused_by_name():
         bridges_for(LlamaConfig(hidden_size=256, num_attention_heads=8))
     llama2_7b = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32)
     assert bridges_for(llama2_7b).inv_freqs.shape == (64,)
+
+
+def test_preflight_refuses_what_deepspeeds_attention_would_serve_wrongly():
+    from transformers import MistralConfig
+
+    from handlers.fastgen_model import preflight
+
+    mistral_v01 = MistralConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, sliding_window=4096,
+                                max_position_embeddings=32768)
+    with pytest.raises(FastGenUnsupported, match="sliding_window=4096 is shorter than max_tokens=8192"):
+        preflight(mistral_v01, 8192)
+    assert preflight(mistral_v01, 4096).inv_freqs is not None  # the window covers every position served
+    with pytest.raises(FastGenUnsupported, match="OPT-350m"):
+        preflight(OPTConfig(do_layer_norm_before=False), 2048)
