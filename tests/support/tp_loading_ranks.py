@@ -81,6 +81,12 @@ def main() -> int:
             raise
         return 0
 
+    # Rank 0 handles SIGTERM, as the server's rank 0 does (uvicorn): when a worker dies, DeepSpeed's launcher
+    # sends every rank SIGTERM within its 1 s poll and SIGKILL 30 s later. Killed by the SIGTERM at once, this
+    # rank's watchdog (which is what is under test) would have under a second to see the death and record it,
+    # and a loaded 2-core machine, its other ranks spinning in the shared-memory all-reduce, missed that.
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: None)
     tp = TensorParallelRunner(runner, groups)
     tokens: list[int] = []
     outcome: dict = {"tokens": tokens}  # what was generated before a failure, whichever way it is reported
