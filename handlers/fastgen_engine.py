@@ -153,17 +153,19 @@ def _references(model_path: str, properties: Any, tokenizer: Any, dtype: Any, de
 
     from handlers.correctness_gate import hf_references
 
-    def load(load_dtype: Any) -> Any:
-        return auto_model.from_pretrained(model_path, dtype=load_dtype, trust_remote_code=properties.trust_remote_code)
+    def loader(target: Any) -> Callable[[Any], Any]:
+        # straight onto the target device: a 7B model's fp32 weights (27 GB) need not fit in host memory too
+        return lambda load_dtype: auto_model.from_pretrained(model_path, dtype=load_dtype, device_map={"": str(target)},
+                                                             trust_remote_code=properties.trust_remote_code)
 
     fp32_bytes = _parameter_count(model_path, properties) * 4
     free = torch.cuda.mem_get_info(device)[0]
     if fp32_bytes < 0.8 * free:
-        return hf_references(load, probes, dtype, device)
+        return hf_references(loader(device), probes, dtype, device)
     if fp32_bytes < 0.7 * _host_available_bytes():
         logger.info("correctness gate: fp32 weights (%.1f GiB) do not fit in free GPU memory; the reference runs "
                     "on the CPU", fp32_bytes / 2**30)
-        return hf_references(load, probes, dtype, torch.device("cpu"))
+        return hf_references(loader("cpu"), probes, dtype, torch.device("cpu"))
     logger.warning("correctness gate skipped: the model's fp32 weights (%.1f GiB) fit neither in free GPU memory "
                    "nor in host memory", fp32_bytes / 2**30)
     return None
