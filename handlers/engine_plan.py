@@ -232,6 +232,8 @@ def plan_engine(properties: ServingProperties, model_config: Mapping[str, Any], 
 
     def blocker(name: str) -> str | None:
         reason = _blocker(ENGINES[name], arch, model_config, properties, quant, dtype, device)
+        if reason is None and name == FASTGEN and not properties.fastgen:
+            reason = "fastgen=false: FastGen turned off by configuration"
         if reason is None and name == FASTGEN and degree > 1:
             reason = (f"tensor_parallel_degree={degree}: this build drives FastGen on one GPU only (its ranks are "
                       "not wired to the container's rank launcher yet)")

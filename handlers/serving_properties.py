@@ -154,6 +154,7 @@ class ServingProperties(BaseModel):
     quantize: Quantize | None = Field(None, description="W8A8 quantization of the linear layers (int8 weights per channel, activations per token at run time): smoothquant (after SmoothQuant calibration and smoothing) or dynamic_int8 (no smoothing).")
     smoothquant_alpha: float | None = Field(None, description="SmoothQuant migration strength alpha in [0, 1]; unset: chosen by a search on the calibration data (logged); only with quantize=smoothquant.")
     smoothquant_calibration_data: str | None = Field(None, description="UTF-8 text file SmoothQuant calibrates on; unset: the calibration half of Python's pydoc_data topics. Calibrations are saved under model_cache_dir and reused.")
+    fastgen: bool = Field(True, description="On a GPU, serve with DeepSpeed-FastGen where the plan allows it (one GPU, fp16/bf16, an architecture it implements); false serves with AutoTP (the Hugging Face layers) instead.")
     correctness_gate: bool = Field(True, description="At start-up, compare FastGen's teacher-forced next-token logits on a short and a long probe with the Hugging Face model's in fp32 (relative to HF's own fp16 deviation) and fall back to the next engine if they differ more; false skips it (faster start-up).")
     enable_cuda_graph: bool = Field(False, description="Capture CUDA graphs for decoding (DeepSpeed kernel injection on GPU only).")
     triangular_masking: bool = Field(True, description="Causal (triangular) attention; always on for the causal language models served here, so false is refused.")
@@ -204,7 +205,7 @@ class ServingProperties(BaseModel):
     def _output_formatter(cls, v: Any) -> Any:
         return _parse_enum(OutputFormatter, v)
 
-    @field_validator("trust_remote_code", "low_cpu_mem_usage", "enable_cuda_graph", "correctness_gate",
+    @field_validator("trust_remote_code", "low_cpu_mem_usage", "enable_cuda_graph", "correctness_gate", "fastgen",
                      "triangular_masking", "return_tuple",
                      mode="before")
     @classmethod

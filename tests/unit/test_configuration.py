@@ -241,6 +241,7 @@ INVALID = [
     ("smoothquant_alpha", "strong", "expected a number"),
     ("enable_cuda_graph", "perhaps", "expected true or false"),
     ("correctness_gate", "sometimes", "expected true or false"),
+    ("fastgen", "auto", "expected true or false"),
     ("triangular_masking", "2", "expected true or false"),
     ("return_tuple", "nope", "expected true or false"),
     ("engine", "vllm", "allowed values are deepspeed, python, mpi"),

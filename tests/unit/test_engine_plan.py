@@ -377,6 +377,12 @@ def test_plan_says_a_correctness_gate_will_run_and_how_to_turn_it_off():
     assert not any("correctness gate runs" in note for note in plan_engine(props(), SMOL, CPU).notes)
 
 
+def test_fastgen_false_serves_a_fastgen_model_with_autotp_on_a_gpu():
+    plan = plan_engine(props(fastgen="false"), LLAMA_7B, GPU1)
+    assert plan.engine == AUTOTP and plan.rolling_batch
+    assert dict(plan.ruled_out)[FASTGEN] == "fastgen=false: FastGen turned off by configuration"
+
+
 def test_fastgen_at_tensor_parallel_degree_2_is_ruled_out_with_the_reason():
     plan = plan_engine(props(tensor_parallel_degree=2), LLAMA_7B, GPU8)
     assert plan.engine == AUTOTP
