@@ -29,13 +29,13 @@ for part in "$@"; do
       make_model
       python3 benchmarks/serving_benchmark.py --start-server --model-dir $MODEL --skip-baseline --port 8091 \
           --prompt-tokens 128 --max-tokens 128 --concurrency 32 --repetitions 2 --sampling greedy sampled \
-          --server-env OPTION_DTYPE=fp16 --log-file "$OUT/core.jsonl" 2>&1 | tee -a "$OUT/core.txt"
+          --server-env OPTION_DTYPE=fp16 OPTION_FASTGEN=false --log-file "$OUT/core.jsonl" 2>&1 | tee -a "$OUT/core.txt"
       cp /tmp/serving-benchmark-server.log "$OUT/core-server-128.log" ;;
     core)
       make_model
       python3 benchmarks/serving_benchmark.py --start-server --model-dir $MODEL --skip-baseline --port 8092 \
           --prompt-tokens 3500 --max-tokens 500 --concurrency 64 --repetitions 1 --sequential-requests 1 \
-          --sampling sampled --server-env OPTION_DTYPE=fp16 OPTION_MAX_ROLLING_BATCH_SIZE=64 \
+          --sampling sampled --server-env OPTION_DTYPE=fp16 OPTION_FASTGEN=false OPTION_MAX_ROLLING_BATCH_SIZE=64 \
           --log-file "$OUT/core.jsonl" 2>&1 | tee -a "$OUT/core.txt"
       cp /tmp/serving-benchmark-server.log "$OUT/core-server-overload.log" ;;
     fastgen)
