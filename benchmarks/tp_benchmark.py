@@ -88,7 +88,9 @@ def main() -> int:
     rows = []
     for degree in args.degrees:
         env = {"OPTION_MODEL_ID": str(model_dir), "OPTION_TENSOR_PARALLEL_DEGREE": str(degree),
-               "OPTION_DTYPE": args.dtype, "OPTION_MAX_ROLLING_BATCH_SIZE": str(max(args.concurrency))}
+               "OPTION_DTYPE": args.dtype, "OPTION_MAX_ROLLING_BATCH_SIZE": str(max(args.concurrency)),
+               # the same engine at every degree: FastGen serves degree 1 on a GPU by default, AutoTP degree > 1
+               "OPTION_FASTGEN": "false"}
         log_path = Path(f"/tmp/tp-benchmark-server-tp{degree}.log")
         started = time.perf_counter()
         process = start_server(str(empty_dir), args.port, env, log_path=log_path)
