@@ -52,16 +52,12 @@ def checkpoint_parameters(model_dir: Path) -> int | None:
 
 def host_budget() -> Budget:
     """The host memory a process may still take: MemAvailable, bounded by the cgroup limit (containers)."""
-    candidates = []
-    available = _meminfo_bytes("MemAvailable")
-    if available is not None:
-        candidates.append((available, f"{available / GIB:.1f} GiB available on this host (MemAvailable)"))
-    cgroup = _cgroup_headroom()
-    if cgroup is not None:
-        candidates.append(cgroup)
-    if not candidates:
+    from handlers.host_memory import available_host_memory
+
+    available = available_host_memory()
+    if available is None:
         return Budget([], "unknown")
-    free, where = min(candidates)
+    free, where = available
     return Budget([free], where)
 
 
@@ -106,32 +102,3 @@ def check_weights_fit(report: dict[str, Any], budget: Budget | None = None) -> N
         "model", model["path"],
         f"too large for this machine: it needs {needs}, but there are only {budget.where}. "
         f"Use {', or '.join(remedies)}. (Only the weights are counted; the KV cache needs memory too.)")])
-
-
-def _meminfo_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def _cgroup_headroom() -> tuple[int, str] | None:
-    """(limit - usage, description) of this process's memory cgroup, v2 or v1, if it has a limit."""
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            limit_text = Path(limit_file).read_text().strip()
-            usage = int(Path(usage_file).read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if limit_text == "max" or int(limit_text) >= 2**60:  # v1 writes "no limit" as a huge number
-            return None
-        limit = int(limit_text)
-        return (max(limit - usage, 0),
-                f"{(limit - usage) / GIB:.1f} GiB left under this container's memory limit of {limit / GIB:.1f} GiB")
-    return None

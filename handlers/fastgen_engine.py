@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import importlib.util
 import logging
-import os
 import time
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -172,15 +171,10 @@ def _references(model_path: str, properties: Any, tokenizer: Any, dtype: Any, de
 
 
 def _host_available_bytes() -> int:
-    """The kernel's estimate of memory available without swapping (MemAvailable), or the free pages."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    from handlers.host_memory import available_host_memory
+
+    available = available_host_memory()
+    return available[0] if available is not None else 0  # unknown: do not count on host memory
 
 
 def _parameter_count(model_path: str, properties: Any) -> int:
