@@ -35,9 +35,7 @@ def load_autotp_engine(properties: Any, plan: Any, model_path: str, progress: Ca
         runner = TensorParallelRunner(runner, model.groups)
     module = model.module
     load_seconds = time.monotonic() - started
-    batching = None
-    if not getattr(plan, "rolling_batch", True):
-        batching = DynamicBatching(properties.batch_size, properties.max_batch_delay / 1000.0)
+    batching = DynamicBatching.for_plan(properties, plan)
     return RollingBatchEngine(
         runner, model.tokenizer,
         allocator=BlockAllocator(model.budget),

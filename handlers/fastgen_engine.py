@@ -119,7 +119,7 @@ def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: C
     except (OSError, ValueError):
         pass  # no generation_config.json: the config's and the tokenizer's eos ids remain
     eos = eos_token_ids(SimpleNamespace(config=hf_config, generation_config=generation_config), tokenizer)
-    batching = None if rolling else DynamicBatching(properties.batch_size, properties.max_batch_delay / 1000.0)
+    batching = DynamicBatching.for_plan(properties, plan)
     return RollingBatchEngine(
         runner, tokenizer,
         allocator=BlockAllocator(budget),

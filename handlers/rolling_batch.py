@@ -65,6 +65,13 @@ class DynamicBatching:
     batch_size: int
     max_batch_delay: float
 
+    @classmethod
+    def for_plan(cls, properties: Any, plan: Any) -> "DynamicBatching | None":
+        """None (continuous batching) unless the plan turned rolling batch off; `max_batch_delay` is in ms."""
+        if getattr(plan, "rolling_batch", True):
+            return None
+        return cls(properties.batch_size, properties.max_batch_delay / 1000.0)
+
 
 @dataclass
 class _Active:
