@@ -73,21 +73,38 @@ class PairList:
         return self.values
 
 
-def _get_as_bytes(content: PairList, key: str | None) -> bytes | bytearray | None:
-    """djl_python's lookup: the value under `key` (KeyError if absent), else under "data", else the first."""
-    if content.is_empty():
-        return None
-    if key:
-        value = content.get(key)
-        if value is None:
-            raise KeyError(f"requested data for key:{key} is not found!")
-        return value
-    value = content.get("data")
-    return content.value_at(0) if value is None else value
+class _ContentAccess:
+    """djl_python's content accessors, shared by Input and Output (both hold a `PairList` in `content`)."""
+
+    content: PairList
+    _noun = "content"  # "the input" / "the output" in the error for missing content
+
+    def get_as_bytes(self, key: str | None = None) -> bytes | bytearray | None:
+        """djl_python's lookup: the value under `key` (KeyError if absent), else under "data", else the first."""
+        if self.content.is_empty():
+            return None
+        if key:
+            value = self.content.get(key)
+            if value is None:
+                raise KeyError(f"requested data for key:{key} is not found!")
+            return value
+        value = self.content.get("data")
+        return self.content.value_at(0) if value is None else value
+
+    def get_as_string(self, key: str | None = None) -> str:
+        data = self.get_as_bytes(key)
+        if data is None:
+            raise ValueError(f"the {self._noun} has no content")
+        return bytes(data).decode("utf-8")
+
+    def get_as_json(self, key: str | None = None) -> Any:
+        return json.loads(self.get_as_string(key))
 
 
-class Input:
+class Input(_ContentAccess):
     """One request (or a batch of them, see the module docstring) as DJL hands it to `handle()`."""
+
+    _noun = "input"
 
     def __init__(self, properties: dict[str, Any] | None = None, content: PairList | None = None):
         self.function_name: str | None = None
@@ -120,17 +137,6 @@ class Input:
     def is_empty(self) -> bool:
         return self.content.is_empty()
 
-    def get_as_bytes(self, key: str | None = None) -> bytes | bytearray | None:
-        return _get_as_bytes(self.content, key)
-
-    def get_as_string(self, key: str | None = None) -> str:
-        data = self.get_as_bytes(key)
-        if data is None:
-            raise ValueError("the input has no content")
-        return bytes(data).decode("utf-8")
-
-    def get_as_json(self, key: str | None = None) -> Any:
-        return json.loads(self.get_as_string(key))
 
     # ---- batches ------------------------------------------------------------------------------------
     def is_batch(self) -> bool:
@@ -177,8 +183,10 @@ def encode_json(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode("utf-8")
 
 
-class Output:
+class Output(_ContentAccess):
     """What `handle()` returns: a status code and message, properties (response headers) and content."""
+
+    _noun = "output"
 
     def __init__(self, code: int = 200, message: str = "OK"):
         self.code = code
@@ -246,17 +254,6 @@ class Output:
     def get_content(self) -> PairList:
         return self.content
 
-    def get_as_bytes(self, key: str | None = None) -> bytes | bytearray | None:
-        return _get_as_bytes(self.content, key)
-
-    def get_as_string(self, key: str | None = None) -> str:
-        data = self.get_as_bytes(key)
-        if data is None:
-            raise ValueError("the output has no content")
-        return bytes(data).decode("utf-8")
-
-    def get_as_json(self, key: str | None = None) -> Any:
-        return json.loads(self.get_as_string(key))
 
 
 def split_batch_output(output: Output, batch_size: int) -> list[Output]:
