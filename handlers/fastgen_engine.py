@@ -21,7 +21,8 @@ from handlers.fastgen_model import EngineLimits, FastGenUnsupported
 
 logger = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+#: the plan's dtypes FastGen's models run (their activation_dtype raises for anything else)
+HALF_DTYPES = ("fp16", "bf16")
 #: memory kept free beyond (1 - gpu_memory_utilization) of the device, per sequence of the batch and vocabulary
 #: entry: the step's logits in fp32 and the sampler's working copies (scores, probabilities, sort indices)
 SAMPLER_BYTES_PER_LOGIT = 32
@@ -41,7 +42,7 @@ def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: C
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from handlers.autotp_engine import eos_token_ids
+    from handlers.autotp_engine import TORCH_DTYPES, eos_token_ids
     from handlers.correctness_gate import PROBE_LENGTHS, probe_tokens, run_gate
     from handlers.fastgen_model import build_fastgen_engine, preflight
     from handlers.fastgen_runner import FastGenRunner
@@ -53,7 +54,7 @@ def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: C
                                  "lives in it): pip install 'lmi-deepspeed[gpu]' or deepspeed-kernels")
     if plan.tensor_parallel_degree != 1:
         raise FastGenUnsupported("FastGen is wired for tensor_parallel_degree=1 only in this build")
-    if plan.dtype not in TORCH_DTYPES:
+    if plan.dtype not in HALF_DTYPES:
         raise FastGenUnsupported(f"FastGen runs fp16 or bf16, not {plan.dtype}")
     started = time.monotonic()
     dtype = getattr(torch, TORCH_DTYPES[plan.dtype])
@@ -69,7 +70,7 @@ def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: C
     references = None
     if properties.correctness_gate:
         progress("correctness gate: HF reference logits in fp32 and " + plan.dtype)
-        references = _references(model_path, properties, tokenizer, dtype, device,
+        references = _references(model_path, properties, dtype, device,
                                  [probe_tokens(tokenizer, n) for n in PROBE_LENGTHS if n <= max_total_tokens],
                                  AutoModelForCausalLM)
 
@@ -144,7 +145,7 @@ def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: C
     )
 
 
-def _references(model_path: str, properties: Any, tokenizer: Any, dtype: Any, device: Any, probes: list[list[int]],
+def _references(model_path: str, properties: Any, dtype: Any, device: Any, probes: list[list[int]],
                 auto_model: Any) -> Any:
     """HF references on the GPU when fp32 weights fit in free memory, else on the CPU (slow, but the gate is
     what keeps wrong text from being served), else None with a warning (the gate is skipped)."""

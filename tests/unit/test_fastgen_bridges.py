@@ -242,13 +242,13 @@ def test_gate_references_run_where_fp32_weights_fit_or_the_gate_is_skipped_with_
     properties = SimpleNamespace(trust_remote_code=False)
     probes = [list(range(40))]
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1024, 80 * 2**30))  # a full GPU
-    references = fastgen_engine._references(str(tmp_path), properties, None, torch.float16, torch.device("cuda"),
+    references = fastgen_engine._references(str(tmp_path), properties, torch.float16, torch.device("cuda"),
                                             probes, AutoModelForCausalLM)
     assert len(references) == 1 and references[0].fp32.shape == (TAIL, 128)
     assert references[0].half.dtype == torch.float32  # logits compared in fp32, computed by the fp16 model
     assert not torch.equal(references[0].fp32, references[0].half)
     monkeypatch.setattr(fastgen_engine, "_host_available_bytes", lambda: 1024)
     with caplog.at_level("WARNING"):
-        assert fastgen_engine._references(str(tmp_path), properties, None, torch.float16, torch.device("cuda"),
+        assert fastgen_engine._references(str(tmp_path), properties, torch.float16, torch.device("cuda"),
                                           probes, AutoModelForCausalLM) is None
     assert "correctness gate skipped" in caplog.text
