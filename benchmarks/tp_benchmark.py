@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving_benchmark import build_prompts, load_test, start_server, wait_ready  # noqa: E402
 
 
-def make_random_llama7b(target: Path, tokenizer_dir: Path) -> None:
+def make_random_llama7b(target: Path, tokenizer_dir: Path, context: int = 4096) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -33,7 +33,7 @@ def make_random_llama7b(target: Path, tokenizer_dir: Path) -> None:
         return
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=len(tokenizer), max_position_embeddings=4096,
+                         num_key_value_heads=32, vocab_size=len(tokenizer), max_position_embeddings=context,
                          rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()

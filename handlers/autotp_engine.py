@@ -43,6 +43,7 @@ def load_autotp_engine(properties: Any, plan: Any, model_path: str, progress: Ca
         max_prefill_tokens=properties.max_rolling_batch_prefill_tokens,
         max_total_tokens=model.max_total_tokens,
         eos_token_ids=eos_token_ids(module, model.tokenizer),
+        vocab_size=getattr(module.config, "vocab_size", None),
         batching=batching,
         name="autotp",
         summary={

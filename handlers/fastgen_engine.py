@@ -43,13 +43,13 @@ def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: C
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from handlers.autotp_engine import TORCH_DTYPES, eos_token_ids
-    from handlers.correctness_gate import PROBE_LENGTHS, probe_tokens, run_gate
-    from handlers.fastgen_model import build_fastgen_engine, preflight
+    from handlers.correctness_gate import probe_lengths, probe_tokens, run_gate
+    from handlers.fastgen_model import KERNELS_MODULE, build_fastgen_engine, preflight
     from handlers.fastgen_runner import FastGenRunner
     from handlers.kv_blocks import BlockAllocator, KVBudget
     from handlers.rolling_batch import DynamicBatching, RollingBatchEngine
 
-    if importlib.util.find_spec("deepspeed_kernels") is None:
+    if importlib.util.find_spec(KERNELS_MODULE) is None:
         raise FastGenUnsupported("the deepspeed-kernels package is not installed (FastGen's blocked flash attention "
                                  "lives in it): pip install 'lmi-deepspeed[gpu]' or deepspeed-kernels")
     if plan.tensor_parallel_degree != 1:
@@ -71,20 +71,20 @@ def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: C
     if properties.correctness_gate:
         progress("correctness gate: HF reference logits in fp32 and " + plan.dtype)
         references = _references(model_path, properties, dtype, device,
-                                 [probe_tokens(tokenizer, n) for n in PROBE_LENGTHS if n <= max_total_tokens],
+                                 [probe_tokens(hf_config.vocab_size, n) for n in probe_lengths(max_total_tokens)],
                                  AutoModelForCausalLM)
 
     total = torch.cuda.mem_get_info(device)[1]
     limits = EngineLimits(max_sequences=max_sequences,
-                          max_batch_tokens=properties.max_rolling_batch_prefill_tokens + max_sequences,
+                          max_prefill_tokens=properties.max_rolling_batch_prefill_tokens,
                           max_context=max_total_tokens,
                           reserve_bytes=reserve_bytes(total, properties.gpu_memory_utilization, max_sequences,
                                                       hf_config.vocab_size))
     progress(f"building DeepSpeed-FastGen for {hf_config.model_type} ({plan.dtype}; DeepSpeed's ops JIT-build "
              "on first use unless the image has them)")
     # FastGen reads the dtype from the config it loads (torch_dtype / dtype); the plan's dtype wins.
-    engine, bridges = build_fastgen_engine(model_path, hf_config, limits, dtype=dtype)
-    runner = FastGenRunner(engine, device)
+    engine, bridges, atoms = build_fastgen_engine(model_path, hf_config, limits, dtype=dtype)
+    runner = FastGenRunner(engine, device, atoms)
     model = engine.model()
     kv_config = model.kv_cache_config()[0]
     num_blocks = int(engine.free_blocks[0])  # every block is free before the first request
@@ -98,13 +98,11 @@ def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: C
 
     gate_summary: dict[str, Any] = {"correctness_gate": "off (correctness_gate=false)"}
     if references is not None:
-        progress("correctness gate: FastGen's teacher-forced logits")
-        spare = 0  # the gate runs before any request: sequence slot 0 is free
-
-        def forward_for(_: int) -> Callable[[list[int]], Any]:
-            return lambda new_tokens: runner.ragged_forward([spare], [new_tokens])[0]
-
-        result = run_gate(references, forward_for, lambda _: runner.release(spare))
+        progress("correctness gate: FastGen's teacher-forced logits, each probe alone and all in one full batch")
+        # before any request: every sequence slot is free
+        result = run_gate(references, runner.ragged_forward, runner.release, max_sequences=max_sequences,
+                          max_prefill_tokens=properties.max_rolling_batch_prefill_tokens,
+                          vocab_size=hf_config.vocab_size)
         logger.info("%s", result.describe())
         if not result.passed:
             runner.shutdown()
@@ -128,6 +126,7 @@ def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: C
         max_prefill_tokens=properties.max_rolling_batch_prefill_tokens,
         max_total_tokens=max_total_tokens,
         eos_token_ids=eos,
+        vocab_size=hf_config.vocab_size,
         batching=batching,
         name="fastgen",
         summary={
@@ -139,6 +138,8 @@ def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: C
             "kv_bytes_per_token": bytes_per_token,
             "load_seconds": round(time.monotonic() - started, 2),
             "fastgen_bridges": bridges.describe(),
+            "attention_atoms": f"{atoms.atoms} of {atoms.q_block} query tokens: the most a step of {max_sequences} "
+                               f"sequences with a {limits.max_prefill_tokens}-token prefill budget needs",
             **gate_summary,
             "reason": getattr(plan, "reason", ""),
         },

@@ -13,6 +13,12 @@ of DeepSpeed 0.19.8's inference v2 that were measured on an H200 (shared/FACTS.m
    serves Llama 3.1+ `rope_scaling`, which v2 refuses.
 3. Scheduling. `put(do_checks=True)` raises TypeError in `can_schedule`; the rolling batch admits by free
    blocks itself and puts with `do_checks=False` (handlers.fastgen_runner).
+4. Attention atoms. The blocked attention sizes its buffer of attention atoms by `max_ragged_sequence_count`
+   (`modules/implementations/attention/dense_blocked_attention.py`: `self._max_atoms = max_sequences`), but a
+   `put` needs one atom per `q_block_size` query tokens of each sequence, and the C++ atom builder has no
+   bounds check: the tokens of every atom past the buffer get no attention (garbage logits for the sequences
+   placed last; 170-410x HF fp16's deviation measured on an H200, shared/FACTS.md). The state manager is
+   therefore built with room for the most atoms any step our scheduler can build needs (`attention_atoms`).
 
 Everything here patches DeepSpeed's classes by subclassing them at build time, so an upgrade that fixes a
 defect upstream only makes a bridge redundant, never wrong.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -243,37 +250,125 @@ def preflight(hf_config: Any, max_context: int) -> Bridges:
     return bridges_for(hf_config)
 
 
+#: the module the `deepspeed-kernels` package installs (its wheel holds dskernels/libblockedflash.so, the
+#: blocked flash attention FastGen's ops link against); `deepspeed_kernels` does not exist
+KERNELS_MODULE = "dskernels"
+
+
+def q_block_size(head_size: int, capability: tuple[int, int]) -> int:
+    """Query tokens per attention atom, as DeepSpeed 0.19.8's `get_q_block_size`
+    (kernels/ragged_ops/blocked_flash/blocked_flash.py) chooses them for a device of compute `capability`:
+    128 up to head size 64, and up to 160 on x.0 devices (A100, H100, H200); 64 otherwise."""
+    major, minor = capability
+    if major < 8:
+        raise FastGenUnsupported(f"DeepSpeed's blocked attention needs compute capability 8.0 or newer, not "
+                                 f"{major}.{minor}")
+    if head_size <= 64:
+        return 128
+    if head_size <= 160:
+        return 128 if minor == 0 else 64
+    if head_size <= 256:
+        return 64
+    raise FastGenUnsupported(f"head size {head_size}: DeepSpeed's blocked attention supports at most 256")
+
+
+def attention_atoms(max_sequences: int, max_prefill_tokens: int, q_block: int) -> int:
+    """The most attention atoms one step of the rolling batch can need: DeepSpeed's atom builder makes
+    ceil(n / q) = 1 + floor((n - 1) / q) atoms for a sequence of n new tokens. A step puts one token for each
+    of r running sequences and prefill chunks n_1..n_p (sum at most the prefill budget B) for p more
+    (r + p <= S): r + sum(ceil(n_i / q)) <= r + p + floor((B - p) / q) <= S + floor((B - 1) / q), reached
+    by S - 1 decodes and one chunk of a full budget (64 sequences, 4,096 tokens, q = 128: 95 atoms; the
+    server's 64 before this was sized here)."""
+    if max_sequences < 1 or max_prefill_tokens < 1:
+        raise ValueError(f"max_sequences={max_sequences} and max_prefill_tokens={max_prefill_tokens} must be >= 1")
+    return max_sequences + (max_prefill_tokens - 1) // q_block
+
+
+def atoms_needed(token_counts: typing.Iterable[int], q_block: int) -> int:
+    """Atoms DeepSpeed's atom builder makes for one `put` (atom_builder.cpp: ceil(n_tokens / q_block_size)
+    per sequence)."""
+    return sum(math.ceil(n / q_block) for n in token_counts)
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     """The sizes DeepSpeed's state manager is built with (its buffers are allocated once, from these)."""
 
     max_sequences: int  # sequences in one ragged batch, and tracked at once
-    max_batch_tokens: int  # tokens in one ragged batch: every decode token plus the prefill budget
+    max_prefill_tokens: int  # prompt tokens in one ragged batch (the decode tokens come on top)
     max_context: int  # tokens of one sequence, prompt and generation
     reserve_bytes: int  # device memory left free after the KV cache
+    kv_blocks: int | None = None  # a fixed number of KV blocks instead (memory_config "allocate"; tests)
+
+    @property
+    def max_batch_tokens(self) -> int:
+        """Tokens in one ragged batch: one per running sequence plus the prefill budget."""
+        return self.max_prefill_tokens + self.max_sequences
+
+    def atoms(self, q_block: int) -> int:
+        return attention_atoms(self.max_sequences, self.max_prefill_tokens, q_block)
+
+    def state_manager(self, q_block: int) -> dict[str, Any]:
+        """DeepSpeed's `DSStateManagerConfig` for these limits on a device with this `q_block_size`.
+        `max_ragged_sequence_count` sizes the attention-atom buffer (bridge 4), and its validator wants
+        `max_tracked_sequences` and `max_ragged_batch_size` at least as large. DeepSpeed does not limit a
+        put's sequences to anything smaller: our scheduler keeps each put to `max_sequences` sequences and
+        `max_batch_tokens` tokens (and the runner checks every put's atoms, `AtomRoom`)."""
+        atoms = self.atoms(q_block)
+        memory = ({"mode": "allocate", "size": self.kv_blocks} if self.kv_blocks is not None
+                  else {"mode": "reserve", "size": max(1, self.reserve_bytes)})
+        return {"max_tracked_sequences": atoms, "max_ragged_sequence_count": atoms,
+                "max_ragged_batch_size": max(self.max_batch_tokens, atoms), "max_context": self.max_context,
+                "memory_config": memory}
+
+
+@dataclass(frozen=True)
+class AtomRoom:
+    """The attention-atom buffer of a built engine: every put must need at most `atoms`."""
+
+    atoms: int
+    q_block: int
+
+    def check(self, token_counts: typing.Sequence[int]) -> None:
+        needed = atoms_needed(token_counts, self.q_block)
+        if needed > self.atoms:  # DeepSpeed would compute garbage for the sequences placed last
+            raise RuntimeError(f"a put of {len(token_counts)} sequences ({sum(token_counts)} tokens) needs {needed} "
+                               f"attention atoms of {self.q_block} tokens; DeepSpeed's buffer holds {self.atoms}")
 
 
 def build_fastgen_engine(model_path: str, hf_config: Any, limits: EngineLimits, dtype: Any,
-                         tensor_parallel: int = 1) -> tuple[Any, Bridges]:
+                         tensor_parallel: int = 1, bridges: Bridges | None = None) -> tuple[Any, Bridges, AtomRoom]:
     """DeepSpeed's `InferenceEngineV2` for the checkpoint at `model_path` in `dtype` (fp16/bf16), with the
-    bridges applied; the KV cache takes what device memory is left after the weights and
-    `limits.reserve_bytes`."""
+    bridges applied (`bridges`: others than the config's, to measure DeepSpeed without them); the KV cache
+    takes what device memory is left after the weights and `limits.reserve_bytes`. Also returns the room its
+    attention has for atoms, read back from the built module."""
+    import torch
     from deepspeed.inference.v2 import InferenceEngineV2, RaggedInferenceEngineConfig
     from deepspeed.inference.v2.checkpoint import HuggingFaceCheckpointEngine
 
-    bridges = preflight(hf_config, limits.max_context)
-    config = RaggedInferenceEngineConfig(
-        tensor_parallel={"tp_size": tensor_parallel},
-        state_manager={
-            "max_tracked_sequences": limits.max_sequences,
-            "max_ragged_sequence_count": limits.max_sequences,
-            "max_ragged_batch_size": max(limits.max_batch_tokens, limits.max_sequences),
-            "max_context": limits.max_context,
-            "memory_config": {"mode": "reserve", "size": max(1, limits.reserve_bytes)},
-        })
+    checked = preflight(hf_config, limits.max_context)
+    bridges = checked if bridges is None else bridges
+    head_size, _ = attention_shape(hf_config)
+    q_block = q_block_size(head_size, torch.cuda.get_device_capability())
+    config = RaggedInferenceEngineConfig(tensor_parallel={"tp_size": tensor_parallel},
+                                         state_manager=limits.state_manager(q_block))
     checkpoint = HuggingFaceCheckpointEngine(model_path)
     # v2's models take their activation dtype from the config (`torch_dtype`), which says float32 for many
     # checkpoints saved that way; the plan's dtype is what is served.
     checkpoint.model_config.dtype = dtype
     policy = bridged_policy_class(hf_config.model_type, bridges)(checkpoint.model_config, checkpoint_engine=checkpoint)
-    return InferenceEngineV2(policy, config), bridges
+    engine = InferenceEngineV2(policy, config)
+    return engine, bridges, built_atom_room(engine, limits.atoms(q_block), q_block)
+
+
+def built_atom_room(engine: Any, wanted: int, q_block: int) -> AtomRoom:
+    """What the built attention module really holds (DeepSpeed's private `_max_atoms`, `q_block_size`): a
+    DeepSpeed that sizes or blocks differently from what `state_manager` assumed is refused here instead of
+    computing wrong logits."""
+    attention = engine.model().attn
+    held = int(getattr(attention, "_max_atoms", wanted))
+    built_q_block = int(getattr(attention, "q_block_size", q_block))
+    if built_q_block != q_block or held < wanted:
+        raise FastGenUnsupported(f"DeepSpeed's attention holds {held} atoms of {built_q_block} query tokens; a step "
+                                 f"of this engine can need {wanted} atoms of {q_block}")
+    return AtomRoom(held, built_q_block)

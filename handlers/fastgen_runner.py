@@ -22,11 +22,13 @@ from handlers.runner import Runner
 class FastGenRunner(Runner):
     ragged = True
 
-    def __init__(self, engine: Any, device: torch.device | str):
+    def __init__(self, engine: Any, device: torch.device | str, atoms: Any = None):
         """`engine`: an `InferenceEngineV2` (or anything with its `put(uids, tokens, do_checks)` and
-        `flush(uid)`)."""
+        `flush(uid)`); `atoms`: its `AtomRoom` (handlers.fastgen_model), checked before every put, since
+        DeepSpeed itself computes garbage for a put that needs more attention atoms than it has room for."""
         self.engine = engine
         self.device = torch.device(device)
+        self.atoms = atoms
         self.cache = None  # the KV cache lives inside the engine
         self._known: set[int] = set()  # uids the engine holds state for
 
@@ -41,6 +43,8 @@ class FastGenRunner(Runner):
 
     def ragged_forward(self, sequences: list[int], tokens: list[list[int]]) -> torch.Tensor:
         batch = [torch.tensor(ids, dtype=torch.int64) for ids in tokens]
+        if self.atoms is not None:
+            self.atoms.check([len(ids) for ids in tokens])
         try:
             logits = self.engine.put(sequences, batch, do_checks=False)
         except torch.OutOfMemoryError as error:

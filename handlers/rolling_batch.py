@@ -25,6 +25,7 @@ it has no stop sequences or per-request penalties, and it runs its own thread.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import math
 import time
@@ -56,6 +57,19 @@ MAX_DISTINCT_CHUNK_LENGTHS = 4
 #: requests that asked for prompt log-probabilities are prefilled alone, in chunks of at most this many
 #: tokens: every position's logits ([chunk, vocab] floats) are kept for them
 PROMPT_LOGPROB_CHUNK = 512
+
+
+def split_prefill_budget(remaining: list[int], budget: int) -> list[int]:
+    """One step's prefill chunks (Dynamic SplitFuse): prefilling sequences, first come first served, each take
+    what is left of their prompt (`remaining`) until `budget` tokens are spent; the one that does not fit
+    whole takes the rest of the budget and ends the step. The start-up correctness gate uses the same split."""
+    chunks: list[int] = []
+    for left in remaining:
+        if budget <= 0:
+            break
+        chunks.append(min(left, budget))
+        budget -= chunks[-1]
+    return chunks
 
 
 @dataclass(frozen=True)
@@ -99,7 +113,7 @@ class _Active:
 class RollingBatchEngine(Engine):
     def __init__(self, runner: Runner, tokenizer: Any, *, allocator: BlockAllocator, max_batch: int,
                  max_prefill_tokens: int, max_total_tokens: int, eos_token_ids: Iterable[int],
-                 batching: DynamicBatching | None = None, name: str = "autotp",
+                 vocab_size: int | None = None, batching: DynamicBatching | None = None, name: str = "autotp",
                  summary: dict[str, Any] | None = None):
         self.runner = runner
         self.tokenizer = tokenizer
@@ -110,6 +124,9 @@ class RollingBatchEngine(Engine):
         # A request longer than the whole KV cache could never be admitted: refuse it at validation.
         self.max_total_tokens = min(max_total_tokens, allocator.budget.tokens)
         self.eos_token_ids = frozenset(eos_token_ids)
+        # the model's embedding rows: a larger id would index past them on the device (a CUDA device-side
+        # assert that takes every request of the process down), e.g. a tokenizer with more tokens than the model
+        self.vocab_size = vocab_size
         self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ()) | self.eos_token_ids
         self._special_by_text = _special_tokens(tokenizer)
         self.name = name
@@ -128,6 +145,13 @@ class RollingBatchEngine(Engine):
         if request.request_id in self._by_id:
             raise InvalidRequest(f"request id {request.request_id!r} is already active", "request_id")
         self.validate(request)
+        ids = request.prompt_token_ids
+        if self.vocab_size is not None and (max(ids) >= self.vocab_size or min(ids) < 0):
+            outside = [t for t in ids if not 0 <= t < self.vocab_size]
+            if outside:
+                raise InvalidRequest(f"the prompt holds token ids {sorted(set(outside))[:5]} outside this model's "
+                                     f"vocabulary (0..{self.vocab_size - 1}): the tokenizer has more tokens than the "
+                                     "model has embeddings", "inputs")
         params = request.params
         special_stops = [text for text in params.stop_sequences if text in self._special_by_text]
         text_stops = [text for text in params.stop_sequences if text not in self._special_by_text]
@@ -238,15 +262,9 @@ class RollingBatchEngine(Engine):
         if self._prefilling and self._prefilling[0].params.prompt_logprobs:
             outputs += self._prefill_group(*self._next_group(self.max_prefill_tokens))
         running = list(self._running)
-        group: list[_Active] = []
-        chunks: list[int] = []
-        budget = self.max_prefill_tokens
-        for active in self._prefilling:
-            if budget <= 0 or active.params.prompt_logprobs:
-                break
-            chunks.append(min(len(active.prompt) - active.prefilled, budget))
-            group.append(active)
-            budget -= chunks[-1]
+        eligible = list(itertools.takewhile(lambda a: not a.params.prompt_logprobs, self._prefilling))
+        chunks = split_prefill_budget([len(a.prompt) - a.prefilled for a in eligible], self.max_prefill_tokens)
+        group = eligible[:len(chunks)]
         if not running and not group:
             return outputs
         pieces = [active.prompt[active.prefilled:active.prefilled + size] for active, size in zip(group, chunks)]

@@ -98,7 +98,12 @@ def test_budget_respects_gpu_memory_utilization():
     from handlers.autotp_engine import _runner_within_budget
     from handlers.serving_properties import ServingProperties
 
+    import gc
+
     model = tiny_llama()
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # as the budget does before it measures: earlier tests' cached blocks are not in use
     free, total = torch.cuda.mem_get_info()
     share = round((total - free) / total + 0.05, 3)  # what is in use now, plus about 5% of the device
     properties = ServingProperties(gpu_memory_utilization=share, max_rolling_batch_size=8, max_tokens=1024)

@@ -23,4 +23,4 @@ def make_engine(model: Any, tokenizer: Any, *, max_batch: int = 4, prefill: int 
                          device=device, sliding_window=window, layer_types=layer_types)
     return RollingBatchEngine(ModelRunner(model, cache, device), tokenizer, allocator=BlockAllocator(budget),
                               max_batch=max_batch, max_prefill_tokens=prefill, max_total_tokens=max_total,
-                              eos_token_ids=eos, batching=batching)
+                              eos_token_ids=eos, vocab_size=model.config.vocab_size, batching=batching)

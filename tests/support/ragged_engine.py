@@ -20,13 +20,21 @@ class OutOfKVBlocks(AssertionError):
 
 class ReferenceRaggedEngine:
     def __init__(self, model: Any, *, num_blocks: int, block_size: int = 64, max_tokens_per_put: int = 768,
-                 max_sequences: int = 32):
+                 max_sequences: int = 32, q_block: int = 128, max_atoms: int | None = None):
+        """`max_atoms`: DeepSpeed's attention-atom buffer (one atom per `q_block` new tokens of each sequence);
+        as in DeepSpeed 0.19.8, a put that needs more is not refused: the sequences whose atoms fall past
+        the buffer get no attention, emulated here by computing them (then and from then on: their cached KV is
+        wrong too) without their context."""
         self.model = model
         self._cache_keyword = cache_keyword(model)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.max_tokens_per_put = max_tokens_per_put
         self.max_sequences = max_sequences
+        self.q_block = q_block
+        self.max_atoms = max_atoms
+        self.atoms: list[int] = []  # atoms each put needed
+        self.poisoned: set[int] = set()  # uids a put computed past the atom buffer
         self.caches: dict[int, DynamicCache] = {}
         self.seen: dict[int, int] = {}
         self.puts: list[tuple[list[int], list[int]]] = []  # (uids, tokens per uid) of every put
@@ -52,15 +60,23 @@ class ReferenceRaggedEngine:
         if used > self.num_blocks:
             raise OutOfKVBlocks(f"{used} KV blocks needed, {self.num_blocks} exist")
         self.puts.append((uids, [t.numel() for t in batch_tokens]))
+        atoms = 0
         rows = []
         with torch.inference_mode():
             for uid, tokens in zip(uids, batch_tokens):
                 cache = self.caches.setdefault(uid, DynamicCache())
                 out = self.model(input_ids=tokens.view(1, -1), use_cache=True, **{self._cache_keyword: cache})
+                atoms += -(-tokens.numel() // self.q_block)
+                if self.max_atoms is not None and atoms > self.max_atoms:  # past DeepSpeed's buffer
+                    self.poisoned.add(uid)  # its KV of every later layer came from unattended hidden states
+                if uid in self.poisoned:
+                    out = self.model(input_ids=tokens[-1:].view(1, -1))
                 rows.append(out.logits[0, -1].to(torch.float16))  # DeepSpeed returns the activation dtype
+        self.atoms.append(atoms)
         return torch.stack(rows)
 
     def flush(self, uid: int) -> None:
         self.caches.pop(uid, None)
+        self.poisoned.discard(uid)
         self.seen.pop(uid, None)
         self.flushed.append(uid)

@@ -10,9 +10,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, PhiConfig
 
-from handlers.correctness_gate import TAIL, hf_references, run_gate
+from handlers.correctness_gate import FILLER_PROMPT, TAIL, hf_references, probe_lengths, probe_tokens, run_gate
 from handlers.fastgen_model import (
     FastGenUnsupported,
+    attention_atoms,
     _set_epsilon,
     _with_inv_freqs,
     bridged_model_class,
@@ -153,33 +154,62 @@ def llama():
     return LlamaForCausalLM(config).eval()
 
 
-def gate(model, engine_model):
-    """The gate with HF references of `model` (fp32, fp16) and `engine_model` run in fp16 as the engine."""
+def gate(model, engine_model, *, max_atoms=None, max_sequences=4, max_prefill_tokens=1024):
+    """The gate with HF references of `model` (fp32, fp16) and `engine_model` run in fp16 as the engine, the
+    stand-in's attention-atom buffer holding `max_atoms` (None: unbounded)."""
     import copy
 
-    rng = random.Random(0)
-    probes = [[rng.randrange(128) for _ in range(n)] for n in (48, 600)]
+    probes = [probe_tokens(128, n) for n in (48, 600)]
     references = hf_references(lambda dtype: copy.deepcopy(model).to(dtype), probes, torch.float16,
                                torch.device("cpu"))
     engine_half = copy.deepcopy(engine_model).half()
     rotary = engine_half.model.rotary_emb  # its frequencies as `engine_model` has them, in fp32 (as bridged)
     rotary.inv_freq = rotary.original_inv_freq = engine_model.model.rotary_emb.inv_freq.float().clone()
-    ragged = ReferenceRaggedEngine(engine_half, num_blocks=64, max_tokens_per_put=1024, max_sequences=4)
+    ragged = ReferenceRaggedEngine(engine_half, num_blocks=64, max_tokens_per_put=max_prefill_tokens + max_sequences,
+                                   max_sequences=max_sequences, max_atoms=max_atoms)
 
-    def forward_for(index):
-        return lambda tokens: ragged.put([index], [torch.tensor(tokens)], do_checks=False)[0].float()
+    def forward(sequences, tokens):
+        return ragged.put(sequences, [torch.tensor(t) for t in tokens], do_checks=False).float()
 
-    return run_gate(references, forward_for, ragged.flush), ragged
+    result = run_gate(references, forward, ragged.flush, max_sequences=max_sequences,
+                      max_prefill_tokens=max_prefill_tokens, vocab_size=128)
+    return result, ragged
 
 
 def test_the_gate_passes_an_engine_that_computes_what_hf_computes(llama):
     result, ragged = gate(llama, llama)
     assert result.passed, result.describe()
-    assert [p.positions for p in result.probes] == [48, 600]
+    assert [p.key for p in result.probes] == ["48", "600", "48@batch4", "600@batch4"]
     assert all(p.argmax_agreement >= 0.9 for p in result.probes), result.describe()
-    # prefix in one pass, then TAIL - 1 teacher-forced passes, per probe; each probe's sequence released
-    assert [sizes[0] for _, sizes in ragged.puts].count(1) == 2 * (TAIL - 1)
-    assert ragged.seen == {}
+    # alone: the prefix in one step, then TAIL - 1 teacher-forced steps of one token
+    assert ragged.puts[0] == ([0], [48 - TAIL]) and ragged.puts[1:TAIL] == [([0], [1])] * (TAIL - 1)
+    # in the batch, the two free slots hold fillers (admitted first, prefilled first), which then decode ahead
+    # of the probes in every step, as running requests do; the first probe step is the widest a step gets
+    first = next(index for index, (uids, _) in enumerate(ragged.puts) if uids[:2] == [2, 3] and len(uids) == 4)
+    assert ragged.puts[first - 1] == ([2, 3], [FILLER_PROMPT, FILLER_PROMPT])
+    assert ragged.puts[first] == ([2, 3, 0, 1], [1, 1, 48 - TAIL, 600 - TAIL])
+    assert ragged.seen == {}  # every sequence released
+
+
+def test_the_gate_chunks_prompts_with_the_servers_prefill_budget(llama):
+    result, ragged = gate(llama, llama, max_prefill_tokens=256)
+    assert result.passed, result.describe()
+    assert max(sum(sizes) for _, sizes in ragged.puts) <= 256 + 4
+    assert ([0], [256]) in ragged.puts and ([0], [600 - TAIL - 512]) in ragged.puts  # 584 = 256 + 256 + 72
+
+
+def test_the_gate_fails_an_attention_atom_buffer_sized_by_sequences(llama):
+    """DeepSpeed 0.19.8's defect (its buffer holds max_ragged_sequence_count atoms; a put needs one per 128
+    new tokens of each sequence), reproduced by the stand-in: with room for as many atoms as sequences, the
+    600-token probe's 584-token prefix (5 atoms) loses attention, and the gate fails; with the room
+    `attention_atoms` gives, it passes and no put needed more."""
+    result, _ = gate(llama, llama, max_atoms=4)
+    assert not result.passed
+    assert {p.key for p in result.probes if p.ratio > result.tolerance} >= {"600", "600@batch4"}, result.describe()
+    room = attention_atoms(4, 1024, 128)
+    result, ragged = gate(llama, llama, max_atoms=room)
+    assert result.passed, result.describe()
+    assert max(ragged.atoms) <= room
 
 
 def test_the_gate_fails_deepspeeds_fp16_rounded_rotary_frequencies(llama):
@@ -194,9 +224,17 @@ def test_the_gate_fails_deepspeeds_fp16_rounded_rotary_frequencies(llama):
     rotary.original_inv_freq = rotary.inv_freq
     result, _ = gate(llama, rounded)
     assert not result.passed
-    short, long = result.probes
+    short, long = result.probes[:2]
     assert long.ratio > result.tolerance and long.ratio > 3 * short.ratio
-    assert "FAILED" in result.describe() and "600 positions" in result.describe()
+    assert "FAILED" in result.describe() and "600 positions alone" in result.describe()
+
+
+def test_probes_are_seeded_random_ids_from_the_whole_vocabulary():
+    probe = probe_tokens(49152, 2000)
+    assert probe == probe_tokens(49152, 2000) and len(probe) == 2000
+    assert len(set(probe)) > 1900 and max(probe) > 45000  # no period for a position error to hide in
+    assert probe_lengths(8192) == [48, 600, 2000] and probe_lengths(1000) == [48, 600, 1000]
+    assert probe_lengths(16) == []
 
 
 def test_shapes_deepspeeds_kernels_cannot_take_are_refused_by_name():

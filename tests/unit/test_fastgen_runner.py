@@ -163,3 +163,112 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_ragged_batch(model):
         batched.add_request(request(i, p, max_new_tokens=15, do_sample=True, temperature=1.0))
     batched.add_request(request("s", prompt, **params))
     assert run(alone)[0]["s"] == run(batched)[0]["s"]
+
+
+# ---- attention atoms: DeepSpeed's buffer sized for every step the scheduler can build ----------------------
+def test_q_block_size_follows_deepspeeds_choice_per_head_size_and_device():
+    from handlers.fastgen_model import FastGenUnsupported, q_block_size
+
+    assert q_block_size(64, (9, 0)) == 128 and q_block_size(64, (8, 6)) == 128
+    assert q_block_size(128, (9, 0)) == 128 and q_block_size(128, (8, 0)) == 128  # H100/H200, A100
+    assert q_block_size(128, (8, 9)) == 64 and q_block_size(256, (9, 0)) == 64  # L40S; large heads
+    with pytest.raises(FastGenUnsupported, match="compute capability 8.0 or newer, not 7.5"):
+        q_block_size(128, (7, 5))
+
+
+def _scheduler_steps(max_sequences, budget):
+    """Every step shape the rolling batch can build: r running sequences put one token each, p prefilling
+    sequences put chunks of at least one token whose sum is within the budget (r + p <= max_sequences)."""
+    def chunks(p, left):
+        if p == 0:
+            yield []
+            return
+        for first in range(1, left - p + 2):
+            for rest in chunks(p - 1, left - first):
+                yield [first] + rest
+    for r in range(max_sequences + 1):
+        for p in range(max_sequences - r + 1):
+            for prefill in chunks(p, budget):
+                yield [1] * r + prefill
+
+
+@pytest.mark.parametrize("max_sequences, budget, q", [(3, 10, 4), (2, 9, 4), (4, 8, 3), (1, 5, 2), (3, 7, 8)])
+def test_attention_atoms_is_the_most_any_scheduler_step_needs(max_sequences, budget, q):
+    from handlers.fastgen_model import atoms_needed, attention_atoms
+
+    needed = max(atoms_needed(step, q) for step in _scheduler_steps(max_sequences, budget))
+    assert attention_atoms(max_sequences, budget, q) == needed
+    # the server's defaults on an H200 (64 sequences, 4,096 prefill tokens, 128-token atoms): 95, not 64
+    assert attention_atoms(64, 4096, 128) == 95
+
+
+def test_deepspeeds_state_manager_gets_room_for_the_atoms_and_passes_its_own_validator():
+    pytest.importorskip("deepspeed")
+    from deepspeed.inference.v2.ragged.manager_configs import DSStateManagerConfig
+
+    from handlers.fastgen_model import EngineLimits
+
+    limits = EngineLimits(max_sequences=64, max_prefill_tokens=4096, max_context=8192, reserve_bytes=2**30)
+    config = limits.state_manager(128)
+    assert config["max_ragged_sequence_count"] == 95 and config["max_ragged_batch_size"] == 4096 + 64
+    DSStateManagerConfig(**config)  # its validator: count <= tracked sequences and <= batch size
+    tiny = EngineLimits(max_sequences=8, max_prefill_tokens=1, max_context=64, reserve_bytes=1, kv_blocks=16)
+    assert tiny.state_manager(128)["memory_config"] == {"mode": "allocate", "size": 16}
+    DSStateManagerConfig(**tiny.state_manager(128))
+
+
+def test_the_runner_refuses_a_put_deepspeed_would_compute_wrongly(model):
+    from handlers.fastgen_model import AtomRoom
+
+    ragged = ReferenceRaggedEngine(model, num_blocks=64, max_tokens_per_put=64, max_sequences=4, q_block=8)
+    runner = FastGenRunner(ragged, "cpu", AtomRoom(atoms=5, q_block=8))
+    runner.ragged_forward([0, 1], [[1] * 32, [2]])  # 4 + 1 atoms: exactly the room
+    with pytest.raises(RuntimeError, match="needs 6 attention atoms of 8 tokens; DeepSpeed's buffer holds 5"):
+        runner.ragged_forward([2, 3], [[1] * 33, [2]])
+    assert ragged.atoms == [5]  # the refused put never reached the engine
+
+
+def test_a_step_that_exactly_fills_the_atom_buffer_is_correct_and_one_short_is_not(model):
+    """Three running requests decode while a long prompt arrives: the step of 3 decodes and a full 32-token
+    chunk needs 3 + 32/8 = 7 atoms, exactly `attention_atoms(4, 32, 8)`; longer prompts are split over steps
+    by the prefill budget, so no step needs more. With the buffer one atom short (DeepSpeed computing the
+    last sequence without attention, as the stand-in emulates) the long request's text changes."""
+    from handlers.fastgen_model import attention_atoms
+
+    room = attention_atoms(4, 32, 8)
+    assert room == 7
+    short = prompts(3, seed=11, low=4, high=8)
+    long = prompts(1, seed=12, low=100, high=101)[0]
+
+    def serve(max_atoms):
+        ragged = ReferenceRaggedEngine(model, num_blocks=64, block_size=BLOCK, max_tokens_per_put=36, max_sequences=4,
+                                       q_block=8, max_atoms=max_atoms)
+        budget = KVBudget(block_size=BLOCK, num_blocks=64, bytes_per_token=1, basis="test")
+        engine = RollingBatchEngine(FastGenRunner(ragged, "cpu"), Tokenizer(), allocator=BlockAllocator(budget),
+                                    max_batch=4, max_prefill_tokens=32, max_total_tokens=512, eos_token_ids=(),
+                                    name="fastgen")
+        for i, p in enumerate(short):
+            engine.add_request(request(i, p, max_new_tokens=30))
+        first = {out.request_id: [t.id for t in out.tokens] for out in engine.step()}  # the three prefill together
+        engine.add_request(request("long", long, max_new_tokens=8))
+        tokens = run(engine)[0]
+        return {rid: first.get(rid, []) + ids for rid, ids in tokens.items()}, ragged
+
+    tokens, ragged = serve(room)
+    assert max(ragged.atoms) == room and ragged.puts[1] == ([0, 1, 2, 3], [1, 1, 1, 32])
+    assert all(atoms <= room for atoms in ragged.atoms)
+    assert tokens["long"] == hf_greedy(model, long, 8)
+    for i, p in enumerate(short):
+        assert tokens[str(i)] == hf_greedy(model, p, 30)
+    tokens, _ = serve(room - 1)
+    assert tokens["long"] != hf_greedy(model, long, 8)
+
+
+def test_split_prefill_budget_is_first_come_first_served():
+    from handlers.rolling_batch import split_prefill_budget
+
+    assert split_prefill_budget([10, 20, 30], 35) == [10, 20, 5]
+    assert split_prefill_budget([100], 32) == [32]
+    assert split_prefill_budget([3, 4], 100) == [3, 4]
+    assert split_prefill_budget([5, 6], 5) == [5]
+    assert split_prefill_budget([], 8) == []

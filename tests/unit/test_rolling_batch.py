@@ -193,6 +193,19 @@ def test_prompt_plus_max_new_tokens_over_limit_is_rejected_naming_both_numbers(m
     assert not engine.has_unfinished()
 
 
+def test_prompt_ids_past_the_models_vocabulary_are_refused_and_batch_mates_run_on(model):
+    """A tokenizer with more tokens than the model has embeddings (on a GPU, an id past them is a device-side
+    assert that ends the process): the request is refused by name, its batch-mates are served."""
+    engine = make_engine(model)
+    engine.add_request(request("ok", [1, 2, 3], max_new_tokens=4))
+    with pytest.raises(InvalidRequest) as error:
+        engine.add_request(request("bad", [5, VOCAB, VOCAB + 7], max_new_tokens=4))
+    assert error.value.field == "inputs"
+    assert f"[{VOCAB}, {VOCAB + 7}]" in str(error.value) and f"(0..{VOCAB - 1})" in str(error.value)
+    tokens, finals, _ = run(engine)
+    assert list(finals) == ["ok"] and len(tokens["ok"]) == 4
+
+
 def test_cancel_frees_the_slot_and_keeps_others_running(model):
     engine = make_engine(model, max_batch=2)
     engine.add_request(request("a", [1, 2, 3], max_new_tokens=20))
