@@ -59,7 +59,7 @@ def tiny_config(kind: str, context: int = 8192):
     if kind == "falcon":
         return FalconConfig(vocab_size=VOCAB, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
                             new_decoder_architecture=True, num_kv_heads=2, max_position_embeddings=context,
-                            initializer_range=0.1)
+                            initializer_range=0.1, tie_word_embeddings=False)  # as Falcon checkpoints ship
     if kind == "opt":
         return OPTConfig(vocab_size=VOCAB, hidden_size=512, ffn_dim=1024, num_hidden_layers=4, num_attention_heads=8,
                          max_position_embeddings=context, word_embed_proj_dim=512, init_std=0.1)

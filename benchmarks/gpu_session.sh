@@ -47,6 +47,9 @@ for part in "$@"; do
       python3 -m pytest -q -rs tests/gpu/test_gpu_autotp.py tests/gpu/test_gpu_engine_core.py \
           tests/unit/test_token_sampler.py -p no:cacheprovider > "$OUT/gpu-tests-core.txt" 2>&1
       wait $BUILD
+      ;&
+    fg-fastgen)
+      [ -f "$OUT/build-RaggedOpsBuilder.txt" ] || build_v2_ops
       python3 benchmarks/fastgen_gate_table.py --out "$OUT/gate-table.jsonl" > "$OUT/gate-table.txt" 2>&1 &
       TABLE=$!
       python3 -m pytest -q -rs tests/gpu/test_gpu_fastgen.py -p no:cacheprovider > "$OUT/gpu-tests-fastgen.txt" 2>&1

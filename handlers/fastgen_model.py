@@ -357,8 +357,33 @@ def build_fastgen_engine(model_path: str, hf_config: Any, limits: EngineLimits, 
     # checkpoints saved that way; the plan's dtype is what is served.
     checkpoint.model_config.dtype = dtype
     policy = bridged_policy_class(hf_config.model_type, bridges)(checkpoint.model_config, checkpoint_engine=checkpoint)
-    engine = InferenceEngineV2(policy, config)
+    if tensor_parallel == 1:
+        _single_process_group()
+    try:
+        engine = InferenceEngineV2(policy, config)
+    except (AttributeError, KeyError, ValueError) as error:
+        # DeepSpeed's containers expect the checkpoint's own names (a Falcon with tied embeddings saves no
+        # lm_head.weight: "'UnembedParameter' object has no attribute 'dtype'"): another engine serves it
+        raise FastGenUnsupported(f"DeepSpeed's FastGen could not build this checkpoint ({type(error).__name__}: "
+                                 f"{error})") from error
     return engine, bridges, built_atom_room(engine, limits.atoms(q_block), q_block)
+
+
+def _single_process_group() -> None:
+    """DeepSpeed's engine joins a torch.distributed group even on one GPU; left to itself it rendezvouses on
+    MASTER_PORT (29500), which a second server or test process on the host already holds (EADDRINUSE, measured
+    on the H200). One process needs no network: a file store, which DeepSpeed then adopts."""
+    import tempfile
+
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if dist.is_initialized():
+        return
+    with tempfile.NamedTemporaryFile(prefix="fastgen-group-", delete=False) as store:
+        path = store.name
+    dist.init_process_group(backend=get_accelerator().communication_backend_name(), init_method=f"file://{path}",
+                            rank=0, world_size=1)
 
 
 def built_atom_room(engine: Any, wanted: int, q_block: int) -> AtomRoom:
