@@ -116,12 +116,18 @@ def engine_for(path: str, variant: str, max_sequences: int, prefill: int, kv_blo
 def gate_rows(kind: str, variants: list[str], lengths: list[int], max_sequences: int, prefill: int,
               workdir: Path) -> list[dict]:
     from handlers.correctness_gate import run_gate
+    from handlers.fastgen_model import FastGenUnsupported
 
     path = saved_model(kind, workdir / kind)
     references = references_for(path, lengths)
     rows = []
     for variant in variants:
-        runner, room = engine_for(path, variant, max_sequences, prefill)
+        try:
+            runner, room = engine_for(path, variant, max_sequences, prefill)
+        except FastGenUnsupported as refusal:  # DeepSpeed without a bridge refuses some configs outright
+            rows.append({"arch": kind, "variant": variant, "refused": str(refusal)})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         started = time.perf_counter()
         result = run_gate(references, runner.ragged_forward, runner.release, max_sequences=max_sequences,
                           max_prefill_tokens=prefill, vocab_size=VOCAB, tolerance=1.5)
