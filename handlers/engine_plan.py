@@ -267,8 +267,9 @@ def plan_engine(properties: ServingProperties, model_config: Mapping[str, Any], 
             notes.append(f"FastGen (DeepSpeed 0.19.8) builds its norms with eps={_FASTGEN_NORM_EPS:g}; this model's "
                          f"rms_norm_eps={shape.rms_norm_eps:g} is set on them at load (handlers/fastgen_model.py)")
         notes.append("a correctness gate runs at start-up: FastGen's teacher-forced logits against the HF model's in "
-                     "fp32 on a short and a long probe; if they deviate more than twice as much as HF's own half "
-                     "precision, the next engine serves instead (correctness_gate=false skips it)"
+                     "fp32 on random-id probes of 48, 600 and 2,000 positions, alone and in a full batch; if they "
+                     "deviate more than twice as much as HF's own half precision, the next engine serves instead "
+                     "(correctness_gate=false skips it)"
                      if properties.correctness_gate else
                      "correctness_gate=false: FastGen's logits are not checked against HF's at start-up")
     if shape.context is not None and properties.max_tokens > shape.context:
