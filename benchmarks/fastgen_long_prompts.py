@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_benchmark import _versions  # noqa: E402
+from serving_benchmark import versions  # noqa: E402
 
 WORKLOADS = {
     "burst-long": [(3400, 400)] * 64,
@@ -107,7 +107,7 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.node(),
-               "versions": _versions(), "command": " ".join(sys.argv), "workloads": []}
+               "versions": versions(), "command": " ".join(sys.argv), "workloads": []}
     for name in args.workloads:
         result = asyncio.run(workload(args.url, args.model, name, WORKLOADS[name], args.vocab, args.seed))
         results["workloads"].append(result)

@@ -207,7 +207,7 @@ def main() -> int:
     result: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.node(),
                     "cpus": os.cpu_count(), "command": " ".join(sys.argv), "prompt_tokens": args.prompt_tokens,
                     "max_tokens": args.max_tokens, "concurrency": args.concurrency,
-                    "versions": _versions()}
+                    "versions": versions()}
     if not args.skip_baseline:
         result.update(hf_baseline(model_path, prompts, args.max_tokens, args.concurrency, args.device))
 
@@ -258,7 +258,7 @@ def _kv_metrics(url: str) -> dict[str, float]:
     return found
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
     found = {}
     for name in ("torch", "transformers", "deepspeed"):

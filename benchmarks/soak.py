@@ -47,7 +47,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_benchmark import _versions, percentile, start_server, wait_ready  # noqa: E402
+from serving_benchmark import versions, percentile, start_server, wait_ready  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "def fibonacci(n):",
@@ -344,7 +344,7 @@ def main() -> int:
         process = start_server(None, args.port, server_env, Path(f"/tmp/soak-server-{args.port}.log"))
         pid = process.pid
     meta: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-                  "versions": _versions(), "commit": git_commit(), "command": command, "clients": args.clients,
+                  "versions": versions(), "commit": git_commit(), "command": command, "clients": args.clients,
                   "duration": args.duration, "disconnect_share": args.disconnect_share, "drain": args.drain,
                   "server_env": server_env if process else {}}
     server_log = ""

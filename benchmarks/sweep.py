@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_benchmark import _versions, build_prompts, percentile  # noqa: E402
+from serving_benchmark import versions, build_prompts, percentile  # noqa: E402
 
 SAMPLED = {"temperature": 0.8, "top_p": 0.95}
 
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     common = {"label": args.label, "url": args.url, "model": args.model, "sampled": args.sampled,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.node(),
-              "command": " ".join(sys.argv), "versions": _versions()}
+              "command": " ".join(sys.argv), "versions": versions()}
     rows = []
     with tqdm(total=total, desc="requests", unit="req") as progress:
         for prompt_tokens, max_tokens in shapes:

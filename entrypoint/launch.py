@@ -100,10 +100,9 @@ class _Server(uvicorn.Server):
     """uvicorn's server, whose graceful shutdown (SIGTERM) also ends the work still running after `drain_s`.
 
     uvicorn alone waits for running requests up to its timeout and then cancels their tasks, which answers
-    the non-streamed ones with a bare text/plain 500 (unlogged) and cuts streams without an error event
-    (issue 11). Here the engine loop is stopped after `drain_s` instead: every request still running gets
-    its "server shutting down" output, so each HTTP handler answers in the documented error shape and logs
-    it, and uvicorn's own timeout (SHUTDOWN_WRITE_SECONDS later) is only a backstop."""
+    the non-streamed ones with a bare text/plain 500 (unlogged) and cuts streams without an error event.
+    Here the engine loop is stopped after `drain_s` instead: every request still running gets its "server
+    shutting down" output, so each HTTP handler answers in the documented error shape and logs it, and uvicorn's own timeout (SHUTDOWN_WRITE_SECONDS later) is only a backstop."""
 
     def __init__(self, config: uvicorn.Config, drain_s: float):
         super().__init__(config)

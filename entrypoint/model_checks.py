@@ -1,6 +1,6 @@
 """Faults in a model directory that can be seen without loading it, found by `plan` (and so by `serve`
 before the port opens) instead of by a loader 10 s later with a message that names neither the file nor
-the property to change (issue 11):
+the property to change:
 
   - config.json without a model_type (`{}` included): transformers cannot tell the architecture;
   - a model_type this transformers does not know, without remote code (`auto_map`) to define it;

@@ -122,7 +122,7 @@ _NOT_A_MODEL = ("serving.properties",)
 def _require_unconfigured(model_dir: Path, cache_dir: Path) -> None:
     """The embedded default is for "nothing configured at all": a model directory that holds files (weights,
     a tokenizer) but no config.json is a mis-packed model, and serving a 135M toy model in its place would
-    go unnoticed in production (issue 11). Only serving.properties and hidden files may be there."""
+    go unnoticed in production. Only serving.properties and hidden files may be there."""
     try:
         cache = cache_dir.absolute()
         present = sorted(child.name for child in model_dir.iterdir()

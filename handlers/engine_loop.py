@@ -223,7 +223,7 @@ class EngineLoop:
         """`stream()` for several requests, admitted all or none."""
         aloop = asyncio.get_running_loop()
         streams = [OutputStream(self, request.request_id, aloop) for request in requests]
-        self.submit_many([(request, s._sink) for request, s in zip(requests, streams, strict=True)])
+        self.submit_many([(request, s.deliver) for request, s in zip(requests, streams, strict=True)])
         return streams
 
     def generate(self, requests: Sequence[GenerationRequest],
@@ -480,7 +480,8 @@ class OutputStream:
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._done = False
 
-    def _sink(self, output: RequestOutput) -> None:  # loop thread
+    def deliver(self, output: RequestOutput) -> None:
+        """Hand one output to the reader; called on the engine loop's thread."""
         try:
             self._aloop.call_soon_threadsafe(self._queue.put_nowait, output)
         except RuntimeError:

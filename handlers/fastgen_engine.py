@@ -40,22 +40,16 @@ def reserve_bytes(total_bytes: int, gpu_memory_utilization: float, max_sequences
 def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: Callable[[str], None],
                         description: str = "") -> Any:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from handlers.autotp_engine import TORCH_DTYPES, eos_token_ids
-    from handlers.correctness_gate import probe_lengths, probe_tokens, run_gate
-    from handlers.fastgen_model import KERNELS_MODULE, build_fastgen_engine, preflight
+    from handlers.autotp_engine import TORCH_DTYPES
+    from handlers.correctness_gate import probe_lengths, probe_tokens
+    from handlers.fastgen_model import build_fastgen_engine, preflight
     from handlers.fastgen_runner import FastGenRunner
-    from handlers.kv_blocks import BlockAllocator, KVBudget
+    from handlers.kv_blocks import BlockAllocator
     from handlers.rolling_batch import DynamicBatching, RollingBatchEngine
 
-    if importlib.util.find_spec(KERNELS_MODULE) is None:
-        raise FastGenUnsupported("the deepspeed-kernels package is not installed (FastGen's blocked flash attention "
-                                 "lives in it): pip install 'lmi-deepspeed[gpu]' or deepspeed-kernels")
-    if plan.tensor_parallel_degree != 1:
-        raise FastGenUnsupported("FastGen is wired for tensor_parallel_degree=1 only in this build")
-    if plan.dtype not in HALF_DTYPES:
-        raise FastGenUnsupported(f"FastGen runs fp16 or bf16, not {plan.dtype}")
+    _require_servable(plan)
     started = time.monotonic()
     dtype = getattr(torch, TORCH_DTYPES[plan.dtype])
     device = torch.device("cuda", torch.cuda.current_device())
@@ -86,38 +80,23 @@ def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: C
     engine, bridges, atoms = build_fastgen_engine(model_path, hf_config, limits, dtype=dtype)
     runner = FastGenRunner(engine, device, atoms)
     model = engine.model()
-    kv_config = model.kv_cache_config()[0]
-    num_blocks = int(engine.free_blocks[0])  # every block is free before the first request
-    heads, head_size = kv_config.cache_shape[1], kv_config.cache_shape[2]
-    bytes_per_token = kv_config.cache_shape[0] * 2 * heads * head_size * dtype.itemsize
-    budget = KVBudget(kv_config.block_size, num_blocks, bytes_per_token,
-                      f"gpu_memory_utilization={properties.gpu_memory_utilization} of {total / 2**30:.1f} GiB; "
-                      f"{limits.reserve_bytes / 2**30:.2f} GiB kept free (DeepSpeed memory_config reserve)")
-    progress(f"KV cache: {budget.tokens} tokens in {num_blocks} blocks of {kv_config.block_size} "
+    budget = _kv_budget(engine, dtype, properties.gpu_memory_utilization, total, limits.reserve_bytes)
+    progress(f"KV cache: {budget.tokens} tokens in {budget.num_blocks} blocks of {budget.block_size} "
              f"({budget.bytes / 2**30:.2f} GiB)")
 
     gate_summary: dict[str, Any] = {"correctness_gate": "off (correctness_gate=false)"}
     if references is not None:
         progress("correctness gate: FastGen's teacher-forced logits, each probe alone and all in one full batch")
-        # before any request: every sequence slot is free
-        result = run_gate(references, runner.ragged_forward, runner.release, max_sequences=max_sequences,
-                          max_prefill_tokens=properties.max_rolling_batch_prefill_tokens,
-                          vocab_size=hf_config.vocab_size)
-        logger.info("%s", result.describe())
-        if not result.passed:
+        try:
+            gate_summary = _run_gate(references, runner, limits, hf_config.vocab_size)
+        except FastGenUnsupported:
             runner.shutdown()
-            del runner, engine, model
+            del runner, engine, model  # the next engine needs this memory
             gc.collect()
             torch.cuda.empty_cache()
-            raise FastGenUnsupported(result.describe())
-        gate_summary = {**result.summary(), "correctness_gate_detail": result.describe()}
+            raise
 
-    generation_config = None
-    try:
-        generation_config = GenerationConfig.from_pretrained(model_path)
-    except (OSError, ValueError):
-        pass  # no generation_config.json: the config's and the tokenizer's eos ids remain
-    eos = eos_token_ids(SimpleNamespace(config=hf_config, generation_config=generation_config), tokenizer)
+    eos = _eos_token_ids(model_path, hf_config, tokenizer)
     batching = DynamicBatching.for_plan(properties, plan)
     return RollingBatchEngine(
         runner, tokenizer,
@@ -135,7 +114,7 @@ def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: C
             "dtype": plan.dtype,
             "device": str(device),
             "tensor_parallel_degree": 1,
-            "kv_bytes_per_token": bytes_per_token,
+            "kv_bytes_per_token": budget.bytes_per_token,
             "load_seconds": round(time.monotonic() - started, 2),
             "fastgen_bridges": bridges.describe(),
             "attention_atoms": f"{atoms.atoms} of {atoms.q_block} query tokens: the most a step of {max_sequences} "
@@ -144,6 +123,58 @@ def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: C
             "reason": getattr(plan, "reason", ""),
         },
     )
+
+
+def _require_servable(plan: Any) -> None:
+    """What FastGen needs before anything loads: its kernels, one GPU, a half dtype."""
+    from handlers.fastgen_model import KERNELS_MODULE
+
+    if importlib.util.find_spec(KERNELS_MODULE) is None:
+        raise FastGenUnsupported("the deepspeed-kernels package is not installed (FastGen's blocked flash attention "
+                                 "lives in it): pip install 'lmi-deepspeed[gpu]' or deepspeed-kernels")
+    if plan.tensor_parallel_degree != 1:
+        raise FastGenUnsupported("FastGen is wired for tensor_parallel_degree=1 only in this build")
+    if plan.dtype not in HALF_DTYPES:
+        raise FastGenUnsupported(f"FastGen runs fp16 or bf16, not {plan.dtype}")
+
+
+def _kv_budget(engine: Any, dtype: Any, gpu_memory_utilization: float, total_bytes: int, reserved: int) -> Any:
+    """The KV cache DeepSpeed allocated (every block is free before the first request), in the budget terms
+    the rolling batch admits by."""
+    from handlers.kv_blocks import KVBudget
+
+    kv_config = engine.model().kv_cache_config()[0]
+    layers, heads, head_size = kv_config.cache_shape[0], kv_config.cache_shape[1], kv_config.cache_shape[2]
+    bytes_per_token = layers * 2 * heads * head_size * dtype.itemsize  # K and V
+    return KVBudget(kv_config.block_size, int(engine.free_blocks[0]), bytes_per_token,
+                    f"gpu_memory_utilization={gpu_memory_utilization} of {total_bytes / 2**30:.1f} GiB; "
+                    f"{reserved / 2**30:.2f} GiB kept free (DeepSpeed memory_config reserve)")
+
+
+def _run_gate(references: Any, runner: Any, limits: EngineLimits, vocab_size: int) -> dict[str, Any]:
+    """The correctness gate on the built engine, before any request (every sequence slot is free): its
+    summary, or FastGenUnsupported saying what deviated."""
+    from handlers.correctness_gate import run_gate
+
+    result = run_gate(references, runner.ragged_forward, runner.release, max_sequences=limits.max_sequences,
+                      max_prefill_tokens=limits.max_prefill_tokens, vocab_size=vocab_size)
+    logger.info("%s", result.describe())
+    if not result.passed:
+        raise FastGenUnsupported(result.describe())
+    return {**result.summary(), "correctness_gate_detail": result.describe()}
+
+
+def _eos_token_ids(model_path: str, hf_config: Any, tokenizer: Any) -> Any:
+    from transformers import GenerationConfig
+
+    from handlers.autotp_engine import eos_token_ids
+
+    generation_config = None
+    try:
+        generation_config = GenerationConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        pass  # no generation_config.json: the config's and the tokenizer's eos ids remain
+    return eos_token_ids(SimpleNamespace(config=hf_config, generation_config=generation_config), tokenizer)
 
 
 def _references(model_path: str, properties: Any, dtype: Any, device: Any, probes: list[list[int]],

@@ -12,7 +12,7 @@ loaded fresh in float32 on the CPU and quantized through the serving code (`quan
                    alpha searched, factors folded into the norms, then as dynamic_int8.
 Perplexity is exp(mean next-token loss) over windows of the evaluation half of the standard library's
 `pydoc_data.topics` (disjoint from the calibration half; quantization/corpus.py). The JSON also carries the
-quantized weight bytes against their fp16 size, the chosen alpha, the targets of issue 14 (smoothquant
+quantized weight bytes against their fp16 size, the chosen alpha, the quality targets (smoothquant
 within 3% of fp32 and better than naive W8A8; int8 weights <= 55% of fp16) and the versions and machine.
 """
 

@@ -1,4 +1,4 @@
-"""A read timeout for request headers, which uvicorn does not have (issue 11: clients that sent partial
+"""A read timeout for request headers, which uvicorn does not have (measured: clients that sent partial
 headers held their connections forever; 20 were still open after 157 s).
 
 uvicorn's h11 protocol times out only idle keep-alive connections, after a response. This subclass also

@@ -63,6 +63,11 @@ class LmiRequest(BaseModel):
         """(returned, generated) sequences per input."""
         return self._returned, self._generated
 
+    def with_sequences(self, returned: int, generated: int) -> "LmiRequest":
+        """This request, answering `returned` of `generated` sequences per input (from its parameters)."""
+        self._returned, self._generated = returned, generated
+        return self
+
     @property
     def is_batch(self) -> bool:
         """`inputs` is a list: the response is a list then, even of one."""
@@ -167,8 +172,7 @@ def parse_lmi(data: dict[str, Any], count: Any = None) -> tuple[LmiRequest, Samp
     ignored = [*(request.model_extra or {}), *(f"parameters.{name}" for name in parameters.model_extra or {})]
     IGNORED_FIELDS.note("lmi", ignored, count)
     params = parameters.sampling_params()
-    request._returned, request._generated = parameters.sequences()
-    return request, params
+    return request.with_sequences(*parameters.sequences()), params
 
 
 def sequence_params(params: SamplingParams, generated: int) -> list[SamplingParams]:

@@ -76,7 +76,7 @@ class Predictor:
         sequences = len(lmi.prompts) * lmi.sequences[1]  # best_of sequences per input
         if sequences > loop.job_queue_size:
             # All or none is admitted, so this request could never fit: a 503 would make clients that honour
-            # Retry-After resend it forever (issue 11). Checked before tokenizing anything.
+            # Retry-After resend it forever. Checked before tokenizing anything.
             raise InvalidRequest(f"this request asks for {sequences} sequences ({len(lmi.prompts)} inputs x best_of "
                                  f"{lmi.sequences[1]}), more than this server ever admits at once "
                                  f"(job_queue_size={loop.job_queue_size}); send fewer inputs per request", "inputs")

@@ -6,7 +6,7 @@ block it. Hugging Face fast tokenizers are not safe to call concurrently, so eac
 tokenizer object. The engine contract allows the server to use `engine.tokenizer` from its own thread (see
 `handlers.engine`).
 
-Two defences against huge prompts (issue 11: three concurrent 9 MB prompts, rejected in the end as too
+Two defences against huge prompts (measured: three concurrent 9 MB prompts, rejected in the end as too
 long, delayed a one-token request from 0.5 s to 31 s):
   - the work per prompt is bounded before tokenizing: one token never covers more than the longest string
     in the vocabulary, so a prompt with more characters than that times the engine's token limit cannot

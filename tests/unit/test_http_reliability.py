@@ -125,4 +125,4 @@ def test_outputs_for_a_closed_event_loop_are_dropped_without_an_error():
     aloop = asyncio.new_event_loop()
     stream = OutputStream(None, "r-1", aloop)  # type: ignore[arg-type]
     aloop.close()
-    stream._sink(RequestOutput("r-1", (), "", finished=True, finish_reason=FinishReason.ERROR, error="shutting down"))
+    stream.deliver(RequestOutput("r-1", (), "", finished=True, finish_reason=FinishReason.ERROR, error="shutting down"))

@@ -1,4 +1,4 @@
-"""Drop-in compatibility of the LMI routes (issue 10) and request validation (issue 11 items 3, 7, 9, 10),
+"""Drop-in compatibility of the LMI routes and their request validation,
 on the fake engine: what LMI's clients send and look for, per LMI's schema documentation
 (djl-serving lmi_input_output_schema.md) and its integration-test client (tests/integration/llm/client.py)."""
 

@@ -1,5 +1,4 @@
-"""Drop-in compatibility of the OpenAI routes (issue 10 items 1, 5) and strict request types (issue 11
-item 9), on the fake engine: what benchmark clients and evaluation harnesses send."""
+"""Drop-in compatibility of the OpenAI routes and their strict request types, on the fake engine: what benchmark clients and evaluation harnesses send."""
 
 from __future__ import annotations
 
