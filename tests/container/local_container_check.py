@@ -50,6 +50,25 @@ EXPECTED_ANSWER = "The capital of France is Paris."
 SAGEMAKER_STOP_SECONDS = 30  # SageMaker (and `docker stop`'s -t here) kill the container after this
 STARTUP_TIMEOUT_SECONDS = 900  # generous: a loaded 2-core machine loads the 135M model in well under this
 MAX_ROLLING_BATCH_SIZE = "4"  # an OPTION_* value the check expects the container's configuration to resolve
+#: the CPU image's base: the official Python image, or with --make-base one made here from Debian's packages,
+#: under a name of its own so that it never shadows the official image
+OFFICIAL_BASE_IMAGE = "python:3.11-slim-bookworm"
+MADE_BASE_IMAGE = "localhost/lmi-debian-base:bookworm"
+FALLBACK_DEBIAN_MIRROR = "http://deb.debian.org/debian"
+#: podman's settings for hosts without a container daemon's usual set-up (shared/FACTS.md, measured
+#: 2026-11-30): vfs storage (no overlay mounts), runc (crun cannot set rlimits under cgroups hybrid mode)
+#: and explicit nofile/nproc limits
+PODMAN_STORAGE_CONF = """[storage]
+driver = "vfs"
+graphroot = "{root}/storage"
+runroot = "{root}/run"
+"""
+PODMAN_CONTAINERS_CONF = """[engine]
+runtime = "runc"
+
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]
+"""
 
 
 class CheckFailed(AssertionError):
@@ -118,6 +137,7 @@ class ContainerCheck:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.report = Report()
+        self.made: list[str] = []  # images this run created (reported at the end; removed with --cleanup)
 
     # ---- steps ----------------------------------------------------------------------------------------
     def make_base(self) -> str:
@@ -129,7 +149,8 @@ class ContainerCheck:
                   f"--include=python3,python3-venv,python3-pip,ca-certificates bookworm - 'deb {mirror} bookworm main' "
                   f"| {self.engine} import - {self.args.base_image}")
         run(["bash", "-o", "pipefail", "-c", script])
-        return f"made {self.args.base_image}"
+        self.made.append(self.args.base_image)
+        return f"made {self.args.base_image} from {mirror}"
 
     def build(self) -> str:
         command = [self.engine, "build", "-f", str(REPO / "Dockerfile"), "-t", self.args.image,
@@ -147,6 +168,7 @@ class ContainerCheck:
             command += ["--format", "docker", "--layers=false"]
         command += self.args.build_option + [str(self.args.context)]
         run(command, capture=False)
+        self.made.append(self.args.image)
         size = run([self.engine, "image", "inspect", self.args.image, "--format", "{{.Size}}"]).stdout.strip()
         return f"{self.args.image}, {int(size) / 1e6:.0f} MB" if size.isdigit() else self.args.image
 
@@ -297,6 +319,21 @@ class ContainerCheck:
     def remove(self) -> None:
         run([self.engine, "rm", "-f", self.name], check=False)
 
+    def left_behind(self) -> None:
+        """The images this run built stay for a re-run (--skip-build) unless --cleanup; say which and how big."""
+        if not self.made:
+            return
+        if self.args.cleanup:
+            run([self.engine, "rmi", "-f", *self.made], check=False)
+            print(f"removed the images this run made: {', '.join(self.made)}")
+            return
+        sizes = []
+        for image in self.made:
+            size = run([self.engine, "image", "inspect", image, "--format", "{{.Size}}"], check=False).stdout.strip()
+            sizes.append(f"{image} ({int(size) / 1e6:.0f} MB)" if size.isdigit() else image)
+        print(f"left behind for a re-run: {', '.join(sizes)}; remove them with: {self.engine} rmi {' '.join(self.made)}"
+              " (or pass --cleanup)")
+
     def main(self) -> int:
         report = self.report
         try:
@@ -319,6 +356,7 @@ class ContainerCheck:
             if not passed:
                 print(self.logs()[-5000:], file=sys.stderr)
             self.remove()
+            self.left_behind()
         print("\n" + report.table())
         if self.args.report:
             Path(self.args.report).write_text(json.dumps({"passed": passed, "engine": self.engine,
@@ -335,16 +373,76 @@ def _is_error_shape(body: str) -> bool:
     return isinstance(error, dict) and isinstance(error.get("message"), str)
 
 
+def debian_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
+    """The Debian mirror this machine's apt uses (sources.list, sources.list.d/*.list one-line entries, or
+    *.sources deb822 stanzas), so the made base comes from where this machine's packages come from; the
+    public mirror when none is configured."""
+    files = [apt_dir / "sources.list", *sorted((apt_dir / "sources.list.d").glob("*.list")),
+             *sorted((apt_dir / "sources.list.d").glob("*.sources"))]
+    for path in files:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for uri, suites, components in _apt_entries(text, deb822=path.suffix == ".sources"):
+            if uri.rstrip("/").endswith("/debian") and "main" in components and any(
+                    s in ("bookworm", "stable") for s in suites):
+                return uri.rstrip("/")
+    return FALLBACK_DEBIAN_MIRROR
+
+
+def _apt_entries(text: str, deb822: bool) -> list[tuple[str, list[str], list[str]]]:
+    """(uri, suites, components) of each binary-package source in an apt sources file."""
+    entries = []
+    if not deb822:
+        for line in text.splitlines():
+            words = [w for w in line.split("#")[0].split() if not w.startswith("[")]  # drop [options]
+            if len(words) >= 4 and words[0] == "deb":
+                entries.append((words[1], [words[2]], words[3:]))
+        return entries
+    for stanza in text.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in stanza.splitlines():
+            if line.startswith("#") or ":" not in line:
+                continue
+            key, _, value = line.partition(":")
+            fields[key.strip().lower()] = value.strip()
+        if "deb" in fields.get("types", "").split() and fields.get("enabled", "yes").lower() != "no":
+            for uri in fields.get("uris", "").split():
+                entries.append((uri, fields.get("suites", "").split(), fields.get("components", "").split()))
+    return entries
+
+
+def private_podman_config(directory: Path) -> dict[str, str]:
+    """Write podman's storage and containers configuration for this check into `directory` (its images live
+    there too, apart from the machine's) and return the environment that points podman at it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    storage, containers = directory / "storage.conf", directory / "containers.conf"
+    storage.write_text(PODMAN_STORAGE_CONF.format(root=directory.resolve()))
+    containers.write_text(PODMAN_CONTAINERS_CONF)
+    # buildah's chroot isolation: no user namespaces or OCI runtime needed to run the build's RUN steps
+    return {"CONTAINERS_STORAGE_CONF": str(storage), "CONTAINERS_CONF": str(containers), "BUILDAH_ISOLATION": "chroot"}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--model-dir", required=True, help="a Hugging Face model directory (the embedded model)")
     parser.add_argument("--engine", default=shutil.which("podman") and "podman" or "docker")
     parser.add_argument("--image", default="localhost/lmi-deepspeed:cpu-check")
-    parser.add_argument("--base-image", default="python:3.11-slim-bookworm", help="the CPU image's base (CPU_IMAGE)")
+    parser.add_argument("--base-image", help=f"the CPU image's base (CPU_IMAGE; default {OFFICIAL_BASE_IMAGE}, or "
+                        f"{MADE_BASE_IMAGE} with --make-base)")
     parser.add_argument("--make-base", action="store_true",
-                        help="build --base-image from Debian's packages with mmdebstrap if it does not exist")
-    parser.add_argument("--debian-mirror", default="http://deb.debian.org/debian")
+                        help="make the base from Debian's packages with mmdebstrap (no registry needed) unless it exists")
+    parser.add_argument("--debian-mirror", help="Debian mirror for --make-base (default: the one this machine's apt "
+                        f"sources name, else {FALLBACK_DEBIAN_MIRROR})")
+    parser.add_argument("--podman-config", choices=("system", "private"), default="system",
+                        help="private: run podman with a configuration of this check's own (vfs storage, runc, "
+                        "nofile/nproc limits; images kept under --podman-dir), for hosts where podman's defaults "
+                        "cannot run containers")
+    parser.add_argument("--podman-dir", default=str(Path("~/.cache/lmi-deepspeed/podman").expanduser()),
+                        help="where --podman-config private keeps its configuration and images")
+    parser.add_argument("--cleanup", action="store_true", help="remove the images this run made when it ends")
     parser.add_argument("--wheels", help="a directory of wheels for pip in the build (build context 'wheels')")
     parser.add_argument("--torch-index-url", help="TORCH_INDEX_URL build argument")
     parser.add_argument("--ca-bundle", help="CA bundle for pip in the build, passed as the build secret 'cacert'")
@@ -354,9 +452,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--build-option", action="append", default=[], help="extra build argument (repeatable)")
     parser.add_argument("--run-option", action="append", default=[], help="extra run argument (repeatable)")
     parser.add_argument("--report", help="write the steps as JSON here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.base_image is None:
+        args.base_image = MADE_BASE_IMAGE if args.make_base else OFFICIAL_BASE_IMAGE
+    if args.make_base and args.debian_mirror is None:
+        args.debian_mirror = debian_mirror()
+    return args
 
 
 if __name__ == "__main__":
     os.chdir(REPO)
-    sys.exit(ContainerCheck(parse_args()).main())
+    arguments = parse_args()
+    if arguments.podman_config == "private":
+        if arguments.engine != "podman":
+            sys.exit("--podman-config private is for --engine podman")
+        environment = private_podman_config(Path(arguments.podman_dir))
+        os.environ.update(environment)
+        print(f"podman: a private configuration in {arguments.podman_dir} (vfs storage, runc, nofile/nproc "
+              "limits); its images stay there, apart from the machine's", flush=True)
+    sys.exit(ContainerCheck(arguments).main())
