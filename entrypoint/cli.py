@@ -95,6 +95,8 @@ def _serve(args: argparse.Namespace) -> int:
         return report_user_error(error)
     for note in configuration.notes:
         log.info("%s", note)
+    for warning in configuration.warnings:
+        log.warning("%s", warning)
     _normalize_cuda_arch_list(os.environ)
     # Plan before anything starts (config.json only, no weights): a model that cannot be found or a plan
     # that cannot work (e.g. a tensor-parallel degree that does not divide the heads) exits here, before
@@ -161,7 +163,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def build_report(configuration: Configuration) -> dict[str, Any]:
-    """{"properties", "notes", "model", "plan"} for `configuration`, reading only the model's config."""
+    """{"properties", "notes", "warnings", "model", "plan"} for `configuration`, reading only the model's config."""
     from entrypoint.model_resolution import read_model_config, resolve_model
     from handlers.engine_plan import ModelShape, detect_device, plan_engine
 
@@ -176,8 +178,8 @@ def build_report(configuration: Configuration) -> dict[str, Any]:
     shape = ModelShape.from_config(model_config)
     model = {"source": _plain(resolved.source), "description": str(resolved.description), "path": str(resolved.path)}
     model.update({key: value for key, value in shape.to_dict().items()})
-    return {"properties": configuration.resolved(), "notes": list(configuration.notes), "model": model,
-            "plan": plan.to_dict()}
+    return {"properties": configuration.resolved(), "notes": list(configuration.notes),
+            "warnings": list(configuration.warnings), "model": model, "plan": plan.to_dict()}
 
 
 def render_report(report: dict[str, Any]) -> str:
@@ -194,6 +196,13 @@ def render_report(report: dict[str, Any]) -> str:
         out.append("")
         out.append("Configuration notes")
         out += [_wrap(note, "  - ", "    ") for note in report["notes"]]
+    if report.get("warnings"):
+        out.append("")
+        out.append("Configuration warnings")
+        for warning in report["warnings"]:  # a warning's first line heads it, each further line is one item
+            first, *items = warning.split("\n")
+            out.append(_wrap(first, "  ! ", "    "))
+            out += [_wrap(item.strip(), "    - ", "      ") for item in items]
 
     model = report["model"]
     out.append("")

@@ -78,6 +78,9 @@ _REJECTED_WITH_HINT: dict[tuple[type[Enum], str], str] = {
     (RollingBatch, "vllm"): "vLLM is not part of this container; use rolling_batch=deepspeed or auto",
     (RollingBatch, "scheduler"): "the old DJL scheduler is replaced by the built-in rolling batch; use rolling_batch=deepspeed or auto",
     (Quantize, "bitsandbytes"): "bitsandbytes is not supported by the DeepSpeed engines; use quantize=dynamic_int8",
+    (Quantize, "bitsandbytes8"): "bitsandbytes is not supported by the DeepSpeed engines; use quantize=dynamic_int8",
+    (Quantize, "bitsandbytes4"): "bitsandbytes is not supported by the DeepSpeed engines; use quantize=dynamic_int8",
+    (Quantize, "fp8"): "fp8 is not supported by the DeepSpeed engines; use quantize=dynamic_int8 (int8)",
     (Quantize, "awq"): "AWQ checkpoints are not supported by the DeepSpeed engines; use quantize=smoothquant or dynamic_int8",
     (Quantize, "gptq"): "GPTQ checkpoints are not supported by the DeepSpeed engines; use quantize=smoothquant or dynamic_int8",
 }

@@ -62,7 +62,9 @@ def test_plan_json_prints_one_object_with_properties_sources_and_plan(tmp_path):
         "value": 1024, "source": "environment variable MAX_BATCH_PREFILL_TOKENS"}
     assert properties["port"] == {"value": 8080, "source": "default"}
     assert properties["model_id"] == {"value": None, "source": "default"}
-    assert any("minWorkers is ignored" in note for note in report["notes"])
+    assert report["warnings"] == [f"1 LMI key accepted but ignored (no effect in this container; docs/lmi-migration.md):"
+                                  f"\n  minWorkers ({location}:4): one process group (one rank per tensor-parallel "
+                                  "GPU) serves the one model; there is no worker pool"]
 
     model = report["model"]
     assert model["source"] == "local"
