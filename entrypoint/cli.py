@@ -1,8 +1,9 @@
-"""The command line: `python -m entrypoint plan|serve` (console scripts `lmi-plan`, `lmi-serve`).
+"""The command line: `python -m entrypoint plan|serve|docs` (console scripts `lmi-plan`, `lmi-serve`).
 
 `plan` shows what `serve` would do — every property with its source, the resolved model, its architecture
 and the engine plan — without loading weights. `serve` validates the same way, then hands over to
-`entrypoint.launch`. A user error (bad configuration, model not found, a plan that cannot work) prints its
+`entrypoint.launch`. `docs` writes docs/configuration.md and docs/lmi-migration.md from the code
+(`entrypoint.reference_docs`). A user error (bad configuration, model not found, a plan that cannot work) prints its
 message on stderr and exits with status 2 before anything is started; stdout carries only `plan`'s output.
 """
 
@@ -34,12 +35,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m entrypoint plan|serve ...`"""
     parser = argparse.ArgumentParser(prog="python -m entrypoint",
                                      description="LMI-style DeepSpeed serving container.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{plan,serve}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{plan,serve,docs}")
     _plan_arguments(commands.add_parser("plan", help="show the resolved configuration and engine plan; loads no weights",
                                         description=_plan.__doc__))
     _serve_arguments(commands.add_parser("serve", help="load the model and serve HTTP", description=_serve.__doc__))
+    _docs_arguments(commands.add_parser("docs", help="write docs/configuration.md and docs/lmi-migration.md from the "
+                                                     "code", description=_docs.__doc__))
     args = parser.parse_args(argv)
-    return _plan(args) if args.command == "plan" else _serve(args)
+    return {"plan": _plan, "serve": _serve, "docs": _docs}[args.command](args)
 
 
 def plan_main(argv: Sequence[str] | None = None) -> int:
@@ -69,6 +72,29 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     _model_dir_argument(parser)
+
+
+def _docs_arguments(parser: argparse.ArgumentParser) -> None:
+    from entrypoint.reference_docs import DOCS_DIR
+
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if a generated file differs from what the code says")
+    parser.add_argument("--docs-dir", type=Path, default=DOCS_DIR, help=f"where the files are; default {DOCS_DIR}")
+
+
+def _docs(args: argparse.Namespace) -> int:
+    """Write the configuration reference (docs/configuration.md, from ServingProperties) and the LMI migration
+    table (docs/lmi-migration.md, from entrypoint/lmi_keys.py); with --check, only say whether they are current."""
+    from entrypoint import reference_docs
+
+    if args.check:
+        stale = reference_docs.stale(args.docs_dir)
+        for path in stale:
+            print(f"{path} is out of date: run {reference_docs.REGENERATE}", file=sys.stderr)
+        return 1 if stale else 0
+    for path in reference_docs.write(args.docs_dir):
+        print(f"wrote {path}")
+    return 0
 
 
 def configure_logging(level: int = logging.INFO, rank_prefix: str = "") -> None:

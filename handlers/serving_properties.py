@@ -13,6 +13,7 @@ several fields live in `_cross_field_rules`, so a bad combination fails before a
 from __future__ import annotations
 
 import re
+import typing
 from enum import Enum
 from typing import Any, Literal, Union
 
@@ -300,6 +301,15 @@ def _show(value: Any) -> str:
 
 def property_names() -> list[str]:
     return list(ServingProperties.model_fields)
+
+
+def rejected_values() -> list[tuple[str, str, str]]:
+    """(property, value, hint) for each value LMI accepted that is refused here with a hint (the migration
+    table lists them: entrypoint/reference_docs.py)."""
+    def field_of(enum: type[Enum]) -> str:
+        return next(name for name, field in ServingProperties.model_fields.items()
+                    if enum is field.annotation or enum in typing.get_args(field.annotation))
+    return [(field_of(enum), value, hint) for (enum, value), hint in _REJECTED_WITH_HINT.items()]
 
 
 def describe_value(value: Any) -> Any:
