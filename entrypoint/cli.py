@@ -1,8 +1,9 @@
-"""The command line: `python -m entrypoint plan|serve` (console scripts `lmi-plan`, `lmi-serve`).
+"""The command line: `python -m entrypoint plan|serve|docs` (console scripts `lmi-plan`, `lmi-serve`).
 
 `plan` shows what `serve` would do — every property with its source, the resolved model, its architecture
 and the engine plan — without loading weights. `serve` validates the same way, then hands over to
-`entrypoint.launch`. A user error (bad configuration, model not found, a plan that cannot work) prints its
+`entrypoint.launch`. `docs` writes docs/configuration.md and docs/lmi-migration.md from the code
+(`entrypoint.reference_docs`). A user error (bad configuration, model not found, a plan that cannot work) prints its
 message on stderr and exits with status 2 before anything is started; stdout carries only `plan`'s output.
 """
 
@@ -34,12 +35,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m entrypoint plan|serve ...`"""
     parser = argparse.ArgumentParser(prog="python -m entrypoint",
                                      description="LMI-style DeepSpeed serving container.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{plan,serve}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{plan,serve,docs}")
     _plan_arguments(commands.add_parser("plan", help="show the resolved configuration and engine plan; loads no weights",
                                         description=_plan.__doc__))
     _serve_arguments(commands.add_parser("serve", help="load the model and serve HTTP", description=_serve.__doc__))
+    _docs_arguments(commands.add_parser("docs", help="write docs/configuration.md and docs/lmi-migration.md from the "
+                                                     "code", description=_docs.__doc__))
     args = parser.parse_args(argv)
-    return _plan(args) if args.command == "plan" else _serve(args)
+    return {"plan": _plan, "serve": _serve, "docs": _docs}[args.command](args)
 
 
 def plan_main(argv: Sequence[str] | None = None) -> int:
@@ -71,6 +74,29 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     _model_dir_argument(parser)
 
 
+def _docs_arguments(parser: argparse.ArgumentParser) -> None:
+    from entrypoint.reference_docs import DOCS_DIR
+
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if a generated file differs from what the code says")
+    parser.add_argument("--docs-dir", type=Path, default=DOCS_DIR, help=f"where the files are; default {DOCS_DIR}")
+
+
+def _docs(args: argparse.Namespace) -> int:
+    """Write the configuration reference (docs/configuration.md, from ServingProperties) and the LMI migration
+    table (docs/lmi-migration.md, from entrypoint/lmi_keys.py); with --check, only say whether they are current."""
+    from entrypoint import reference_docs
+
+    if args.check:
+        stale = reference_docs.stale(args.docs_dir)
+        for path in stale:
+            print(f"{path} is out of date: run {reference_docs.REGENERATE}", file=sys.stderr)
+        return 1 if stale else 0
+    for path in reference_docs.write(args.docs_dir):
+        print(f"wrote {path}")
+    return 0
+
+
 def configure_logging(level: int = logging.INFO, rank_prefix: str = "") -> None:
     """Log to stderr with time, level and logger name (and the rank, for tensor-parallel ranks), without the
     third-party lines that say nothing to a user (`log_filters`); once per process (every command calls it)."""
@@ -95,6 +121,8 @@ def _serve(args: argparse.Namespace) -> int:
         return report_user_error(error)
     for note in configuration.notes:
         log.info("%s", note)
+    for warning in configuration.warnings:
+        log.warning("%s", warning)
     _normalize_cuda_arch_list(os.environ)
     # Plan before anything starts (config.json only, no weights): a model that cannot be found or a plan
     # that cannot work (e.g. a tensor-parallel degree that does not divide the heads) exits here, before
@@ -161,7 +189,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def build_report(configuration: Configuration) -> dict[str, Any]:
-    """{"properties", "notes", "model", "plan"} for `configuration`, reading only the model's config."""
+    """{"properties", "notes", "warnings", "model", "plan"} for `configuration`, reading only the model's config."""
     from entrypoint.model_resolution import read_model_config, resolve_model
     from handlers.engine_plan import ModelShape, detect_device, plan_engine
 
@@ -176,8 +204,8 @@ def build_report(configuration: Configuration) -> dict[str, Any]:
     shape = ModelShape.from_config(model_config)
     model = {"source": _plain(resolved.source), "description": str(resolved.description), "path": str(resolved.path)}
     model.update({key: value for key, value in shape.to_dict().items()})
-    return {"properties": configuration.resolved(), "notes": list(configuration.notes), "model": model,
-            "plan": plan.to_dict()}
+    return {"properties": configuration.resolved(), "notes": list(configuration.notes),
+            "warnings": list(configuration.warnings), "model": model, "plan": plan.to_dict()}
 
 
 def render_report(report: dict[str, Any]) -> str:
@@ -194,6 +222,13 @@ def render_report(report: dict[str, Any]) -> str:
         out.append("")
         out.append("Configuration notes")
         out += [_wrap(note, "  - ", "    ") for note in report["notes"]]
+    if report.get("warnings"):
+        out.append("")
+        out.append("Configuration warnings")
+        for warning in report["warnings"]:  # a warning's first line heads it, each further line is one item
+            first, *items = warning.split("\n")
+            out.append(_wrap(first, "  ! ", "    "))
+            out += [_wrap(item.strip(), "    - ", "      ") for item in items]
 
     model = report["model"]
     out.append("")

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from pydantic import ValidationError
 
-from entrypoint import property_sources
+from entrypoint import lmi_keys, property_sources
 from handlers.serving_properties import CrossFieldError, RollingBatch, ServingProperties, describe_value
 from entrypoint.property_sources import DEFAULT_SOURCE, Source
 
@@ -61,6 +61,9 @@ class Configuration:
     sources: dict[str, Source]
     model_dir: Path
     notes: list[str] = field(default_factory=list)
+    # Worth a WARNING at start-up: the LMI keys that were accepted but have no effect here (one entry naming
+    # them all, so a migrated serving.properties gets one message, not one per key).
+    warnings: list[str] = field(default_factory=list)
 
     def source_of(self, name: str) -> Source:
         return self.sources.get(name, DEFAULT_SOURCE)
@@ -80,7 +83,7 @@ def load_configuration(model_dir: Path | str | None = None, environ: Mapping[str
     properties_file = model_dir / PROPERTIES_FILE
 
     try:
-        raw_values, unknown, notes = property_sources.collect(properties_file, environ)
+        found = property_sources.collect(properties_file, environ)
     except UnicodeDecodeError as error:  # found by fuzzing (tests/unit/test_configuration_fuzz.py)
         line = properties_file.read_bytes()[:error.start].count(b"\n") + 1
         raise ConfigurationError([Problem(f"{properties_file}:{line}", None, _NO_VALUE,
@@ -89,7 +92,7 @@ def load_configuration(model_dir: Path | str | None = None, environ: Mapping[str
     except OSError as error:
         raise ConfigurationError([Problem(str(properties_file), None, _NO_VALUE,
                                           f"cannot be read ({error.strerror})")]) from None
-    return _validated(raw_values, unknown, notes, model_dir)
+    return _validated(found, model_dir)
 
 
 def load_configuration_from_properties(properties: Mapping[str, Any], model_dir: Path | str | None = None,
@@ -102,21 +105,23 @@ def load_configuration_from_properties(properties: Mapping[str, Any], model_dir:
     environ = os.environ if environ is None else environ
     if model_dir is None:
         model_dir = properties.get("model_dir") or DEFAULT_MODEL_DIR
-    djl_values, djl_unknown, djl_notes = property_sources.collect_djl(properties)
-    env_values, env_unknown, env_notes = property_sources.collect(None, environ)
-    return _validated(djl_values + env_values, djl_unknown + env_unknown, djl_notes + env_notes, Path(model_dir))
+    found = property_sources.collect_djl(properties) + property_sources.collect(None, environ)
+    return _validated(found, Path(model_dir))
 
 
-def _validated(raw_values: list[property_sources.RawValue], unknown: list[property_sources.UnknownKey],
-               notes: list[str], model_dir: Path) -> Configuration:
+def _validated(found: property_sources.Collected, model_dir: Path) -> Configuration:
     problems = [
         Problem(u.key, u.source, _NO_VALUE,
                 "unknown key" + (f"; did you mean {u.suggestion}?" if u.suggestion else
-                                 "; see serving.properties.example for every key"))
-        for u in unknown
+                                 "; see serving.properties.example for every key (docs/lmi-migration.md for "
+                                 "LMI's)"))
+        for u in found.unknown
     ]
-    values, sources, override_notes = property_sources.resolve(raw_values)
-    notes = notes + override_notes
+    problems += [Problem(bad.key, bad.source, bad.value, bad.message) for bad in found.bad_values]
+    values, sources, override_notes = property_sources.resolve(found.values)
+    notes = found.notes + override_notes
+    warnings = [lmi_keys.ignored_warning([(entry, str(source)) for entry, source in found.ignored])] \
+        if found.ignored else []
 
     try:
         properties = ServingProperties(**values)
@@ -134,7 +139,7 @@ def _validated(raw_values: list[property_sources.RawValue], unknown: list[proper
                   if name in sources and getattr(properties, name) != ServingProperties.model_fields[name].default]
         properties = properties.model_copy(update={name: ServingProperties.model_fields[name].default
                                                    for name in ("batch_size", "max_batch_delay")})
-    return Configuration(properties=properties, sources=sources, model_dir=model_dir, notes=notes)
+    return Configuration(properties=properties, sources=sources, model_dir=model_dir, notes=notes, warnings=warnings)
 
 
 def _explain(error: ValidationError, values: dict[str, str], sources: dict[str, Source]) -> list[Problem]:

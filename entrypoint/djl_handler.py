@@ -142,6 +142,8 @@ class DeepSpeedService:
             return _failure(400, "ConfigurationError", str(exc))
         for note in configuration.notes:
             logger.info("%s", note)
+        for warning in configuration.warnings:
+            logger.warning("%s", warning)
         factory = self.engine_factory or default_engine_factory
         try:
             engine = factory(configuration, lambda text: logger.info("loading: %s", text))

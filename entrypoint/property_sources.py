@@ -12,16 +12,23 @@ Precedence, highest first:
      `HF_MODEL_QUANTIZE`, `HF_MODEL_TRUST_REMOTE_CODE`, `MAX_BATCH_SIZE`, `MAX_BATCH_PREFILL_TOKENS`,
      `MAX_CONCURRENT_REQUESTS`.
   6. The default in `handlers.serving_properties.ServingProperties`.
+
+LMI's own keys that are no property here (`option.max_model_len`, `option.enable_prefix_caching`, `minWorkers`,
+...) are read through the table in `entrypoint.lmi_keys`: mapped onto a property, or accepted and named in
+one start-up warning. A value set through an LMI key ranks as its source does, just below the property's own
+name from the same source.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from entrypoint import lmi_keys
+from entrypoint.lmi_keys import LmiKey, normalize_key
 from handlers.serving_properties import property_names
 
 
@@ -50,6 +57,11 @@ class RawValue:
     value: str
     source: Source
     rank: int  # lower wins
+    via_lmi_key: bool = False  # set through an LMI key of another name (option.max_model_len -> max_tokens)
+
+    @property
+    def where(self) -> str:
+        return f"{self.source} ({self.source.key})" if self.via_lmi_key else str(self.source)
 
 
 # Rank of each source kind (lower wins).
@@ -85,20 +97,6 @@ KEY_ALIASES: dict[str, str] = {
 TOP_LEVEL_KEYS: dict[str, str] = {"engine": "engine", "job_queue_size": "job_queue_size", "batch_size": "batch_size",
                                   "max_batch_delay": "max_batch_delay"}
 
-# DJL Serving worker-pool keys that mean nothing to this single-model server; accepted with a note so that
-# an LMI serving.properties keeps working, never silently.
-IGNORED_DJL_KEYS: dict[str, str] = {
-    "minworkers": "one worker process group serves the model",
-    "maxworkers": "one worker process group serves the model",
-    "gpu.minworkers": "one worker process group serves the model",
-    "gpu.maxworkers": "one worker process group serves the model",
-    "max_idle_time": "workers are not scaled down",
-    "load_on_devices": "tensor_parallel_degree decides the devices",
-    "required_memory_mb": "memory is not reserved per worker",
-    "reserved_memory_mb": "memory is not reserved per worker",
-}
-
-
 # Keys DJL Serving's Python engine adds to the properties it hands `handle()` (see `collect_djl`); they
 # describe DJL's own worker process, not the model, so they are skipped without a note. (`content-type`:
 # a first call that carries a request, as djl_python's test_model sends, has the request's header too.)
@@ -106,11 +104,6 @@ DJL_RUNTIME_KEYS = frozenset({
     "model_dir", "device_id", "handler", "pythonexecutable", "env", "mpi_mode", "enable_venv",
     "parallel_loading", "async_mode", "input_formatter", "recommended_entry_point", "content-type",
 })
-# DJL runtime keys this container can only honour as 1 (it has no pipeline parallelism or multi-node).
-DJL_MUST_BE_ONE: dict[str, str] = {"pipeline_parallel_degree": "tensor_parallel_degree",
-                                   "cluster_size": "tensor_parallel_degree"}
-
-
 @dataclass(frozen=True)
 class UnknownKey:
     key: str
@@ -118,10 +111,44 @@ class UnknownKey:
     suggestion: str | None
 
 
-def normalize_key(key: str) -> str:
-    """`entryPoint` -> `entry_point`, `MAX-TOKENS` -> `max_tokens`."""
-    snake = re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", key.strip())
-    return snake.replace("-", "_").lower()
+@dataclass(frozen=True)
+class BadValue:
+    """A known LMI key whose value has no meaning here (`option.load_in_8bit=true`)."""
+
+    key: str
+    source: Source
+    value: str
+    message: str
+
+
+@dataclass
+class Collected:
+    """Everything read from one or more sources, before precedence is applied."""
+
+    values: list[RawValue] = field(default_factory=list)
+    unknown: list[UnknownKey] = field(default_factory=list)
+    bad_values: list[BadValue] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    ignored: list[tuple[LmiKey, Source]] = field(default_factory=list)  # LMI keys with no effect here
+
+    def __add__(self, other: "Collected") -> "Collected":
+        return Collected(self.values + other.values, self.unknown + other.unknown, self.bad_values + other.bad_values,
+                         self.notes + other.notes, self.ignored + other.ignored)
+
+    def add_lmi_key(self, entry: LmiKey, value: str, source: Source, rank: int) -> None:
+        """Apply one row of the LMI key table (`entrypoint.lmi_keys`) to a key found in a source."""
+        if entry.kind == lmi_keys.IGNORED:
+            self.ignored.append((entry, source))
+            return
+        try:
+            converted = entry.convert(value) if entry.convert is not None else value
+        except ValueError as error:
+            self.bad_values.append(BadValue(source.key, source, value, str(error)))
+            return
+        if entry.kind == lmi_keys.MAPPED and converted is not None:
+            assert entry.target is not None
+            self.values.append(RawValue(entry.target, converted, source, rank, via_lmi_key=True))
+            self.notes.append(f"{source}: {source.key} is LMI's key for {entry.target} here: {entry.meaning}")
 
 
 def known_names() -> list[str]:
@@ -135,7 +162,8 @@ def canonical_name(normalized: str) -> str | None:
 
 
 def suggest(normalized: str) -> str | None:
-    candidates = property_names() + list(KEY_ALIASES)
+    # LMI's option keys are candidates too: `max_model_length` is a typo of an accepted key.
+    candidates = property_names() + list(KEY_ALIASES) + list(lmi_keys.OPTION_KEYS)
     match = difflib.get_close_matches(normalized, candidates, n=1, cutoff=0.75)
     if not match:
         return None
@@ -168,11 +196,9 @@ def parse_properties_text(text: str) -> list[tuple[int, str, str]]:
     return entries
 
 
-def collect(properties_file: Path | None, environ: Mapping[str, str]) -> tuple[list[RawValue], list[UnknownKey], list[str]]:
-    """Gather every raw value with its source. Returns (values, unknown keys, notes)."""
-    values: list[RawValue] = []
-    unknown: list[UnknownKey] = []
-    notes: list[str] = []
+def collect(properties_file: Path | None, environ: Mapping[str, str]) -> Collected:
+    """Gather every raw value with its source from serving.properties and the environment."""
+    found = Collected()
 
     if properties_file is not None and properties_file.is_file():
         for line_no, key, value in parse_properties_text(properties_file.read_text(encoding="utf-8")):
@@ -181,19 +207,22 @@ def collect(properties_file: Path | None, environ: Mapping[str, str]) -> tuple[l
             if lowered.startswith("option."):
                 normalized = normalize_key(key[len("option."):])
                 name = canonical_name(normalized)
-                if name is None:
-                    hint = suggest(normalized)
-                    unknown.append(UnknownKey(key, source, f"option.{hint}" if hint else None))
+                entry = lmi_keys.option_key(normalized) if name is None else None
+                if name is not None:
+                    found.values.append(RawValue(name, value, source, RANK_FILE))
+                elif entry is not None:
+                    found.add_lmi_key(entry, value, source, RANK_FILE)
                 else:
-                    values.append(RawValue(name, value, source, RANK_FILE))
+                    hint = suggest(normalized)
+                    found.unknown.append(UnknownKey(key, source, f"option.{hint}" if hint else None))
             elif lowered in TOP_LEVEL_KEYS:
-                values.append(RawValue(TOP_LEVEL_KEYS[lowered], value, source, RANK_FILE))
-            elif lowered in IGNORED_DJL_KEYS:
-                notes.append(f"{source}: {key} is ignored: {IGNORED_DJL_KEYS[lowered]}")
+                found.values.append(RawValue(TOP_LEVEL_KEYS[lowered], value, source, RANK_FILE))
+            elif (entry := lmi_keys.top_level_key(key)) is not None:
+                found.add_lmi_key(entry, value, source, RANK_FILE)
             else:
                 normalized = normalize_key(key)
                 hint = canonical_name(normalized) or suggest(normalized)
-                unknown.append(UnknownKey(key, source, f"option.{hint}" if hint else None))
+                found.unknown.append(UnknownKey(key, source, f"option.{hint}" if hint else None))
 
     for variable in sorted(environ):
         value = environ[variable]
@@ -201,26 +230,28 @@ def collect(properties_file: Path | None, environ: Mapping[str, str]) -> tuple[l
             source = Source("env", variable, variable)
             normalized = normalize_key(variable[len("OPTION_"):])
             name = canonical_name(normalized)
-            if name is None:
-                unknown.append(UnknownKey(variable, source, suggest(normalized)))
+            entry = lmi_keys.option_key(normalized) if name is None else None
+            if name is not None:
+                found.values.append(RawValue(name, value, source, RANK_OPTION_ENV))
+            elif entry is not None:
+                found.add_lmi_key(entry, value, source, RANK_OPTION_ENV)
             else:
-                values.append(RawValue(name, value, source, RANK_OPTION_ENV))
+                found.unknown.append(UnknownKey(variable, source, suggest(normalized)))
         elif variable in LMI_ENV:
-            values.append(RawValue(LMI_ENV[variable], value, Source("env", variable, variable), RANK_LMI_ENV))
+            found.values.append(RawValue(LMI_ENV[variable], value, Source("env", variable, variable), RANK_LMI_ENV))
         elif variable in COMPAT_ENV:
-            values.append(RawValue(COMPAT_ENV[variable], value, Source("env", variable, variable), RANK_COMPAT_ENV))
+            found.values.append(RawValue(COMPAT_ENV[variable], value, Source("env", variable, variable),
+                                         RANK_COMPAT_ENV))
         elif variable == "SAGEMAKER_BIND_TO_PORT":
-            values.append(RawValue("port", value, Source("env", variable, variable), RANK_SAGEMAKER_PORT))
-    return values, unknown, notes
+            found.values.append(RawValue("port", value, Source("env", variable, variable), RANK_SAGEMAKER_PORT))
+    return found
 
 
-def collect_djl(properties: Mapping[str, object]) -> tuple[list[RawValue], list[UnknownKey], list[str]]:
+def collect_djl(properties: Mapping[str, object]) -> Collected:
     """Raw values from the properties DJL Serving passes to `handle()` on its first (initialization) call:
     serving.properties' `option.*` keys without the prefix (`model_id`, `entryPoint`, ...), which rank as
     serving.properties values, plus keys DJL adds for its worker (`DJL_RUNTIME_KEYS`, skipped)."""
-    values: list[RawValue] = []
-    unknown: list[UnknownKey] = []
-    notes: list[str] = []
+    found = Collected()
     for key, raw in properties.items():
         value = "" if raw is None else str(raw)
         source = Source("djl", "DJL properties", key)
@@ -228,20 +259,16 @@ def collect_djl(properties: Mapping[str, object]) -> tuple[list[RawValue], list[
         lowered = bare.lower()
         if lowered in DJL_RUNTIME_KEYS:
             continue
-        if lowered in DJL_MUST_BE_ONE:
-            if value.strip() not in ("", "1"):
-                unknown.append(UnknownKey(key, source, DJL_MUST_BE_ONE[lowered]))
-            continue
-        if lowered in IGNORED_DJL_KEYS:
-            notes.append(f"{source}: {key} is ignored: {IGNORED_DJL_KEYS[lowered]}")
-            continue
         normalized = normalize_key(bare)
         name = canonical_name(normalized)
-        if name is None:
-            unknown.append(UnknownKey(key, source, suggest(normalized)))
+        entry = None if name is not None else (lmi_keys.option_key(normalized) or lmi_keys.top_level_key(bare))
+        if name is not None:
+            found.values.append(RawValue(name, value, source, RANK_FILE))
+        elif entry is not None:
+            found.add_lmi_key(entry, value, source, RANK_FILE)
         else:
-            values.append(RawValue(name, value, source, RANK_FILE))
-    return values, unknown, notes
+            found.unknown.append(UnknownKey(key, source, suggest(normalized)))
+    return found
 
 
 #: properties whose values are never printed (plan, notes, logs)
@@ -252,14 +279,15 @@ def resolve(values: list[RawValue]) -> tuple[dict[str, str], dict[str, Source], 
     """Pick the winning value per property. Returns (raw values, their sources, notes on overridden values)."""
     winners: dict[str, RawValue] = {}
     notes: list[str] = []
-    for raw in sorted(values, key=lambda r: r.rank):
+    # Within one rank a property's own name wins over an LMI key that sets it (max_tokens over max_model_len).
+    for raw in sorted(values, key=lambda r: (r.rank, r.via_lmi_key)):
         current = winners.get(raw.name)
         if current is None:
             winners[raw.name] = raw
         elif current.value.strip() != raw.value.strip():
             if raw.name in SECRET_PROPERTIES:  # notes are printed and logged: never the secret itself
-                notes.append(f"{raw.name}: {current.source} overrides {raw.source}")
+                notes.append(f"{raw.name}: {current.where} overrides {raw.where}")
             else:
-                notes.append(f"{raw.name}: {current.source} ({current.value!r}) overrides {raw.source} ({raw.value!r})")
+                notes.append(f"{raw.name}: {current.where} ({current.value!r}) overrides {raw.where} ({raw.value!r})")
     return ({name: raw.value for name, raw in winners.items()},
             {name: raw.source for name, raw in winners.items()}, notes)

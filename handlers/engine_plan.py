@@ -9,6 +9,7 @@ The per-architecture knowledge lives in `handlers.engine_policy`; this module on
 from __future__ import annotations
 
 import glob
+import importlib.util
 import math
 import os
 import platform
@@ -48,6 +49,25 @@ _FASTGEN_NORM_EPS = 1e-5
 # Device nodes the NVIDIA driver creates (/dev/dxg: WSL). Without any, CUDA cannot work, and checking them
 # costs microseconds where `import torch` costs seconds.
 _GPU_DEVICE_NODES = ("/dev/nvidia[0-9]*", "/dev/dxg")
+
+
+# ---- what is installed --------------------------------------------------------------------------------
+def module_importable(name: str) -> bool:
+    """Whether `name` could be imported, without importing it (find_spec reads the path only: `plan` stays
+    fast and imports no torch). `plan_engine` takes another checker in tests that fake a GPU machine."""
+    return importlib.util.find_spec(name) is not None
+
+
+def _fastgen_kernels_missing(importable: Callable[[str], bool]) -> str | None:
+    """Why FastGen cannot start on this machine before any weight is read, or None. The same check
+    `handlers.fastgen_engine.load_fastgen_engine` makes at load time (which stays as a second line of
+    defence): without it `plan` named fastgen where `serve` then fell back to the next engine."""
+    from handlers.fastgen_model import KERNELS_MODULE  # no torch at import; the module name lives there
+
+    if importable(KERNELS_MODULE):
+        return None
+    return (f"the deepspeed-kernels package (module {KERNELS_MODULE}) is not installed: "
+            "pip install 'lmi-deepspeed[gpu]' (FastGen's blocked flash attention lives in it)")
 
 
 # ---- the device -----------------------------------------------------------------------------------------
@@ -214,11 +234,15 @@ class EnginePlan:
 def plan_engine(properties: ServingProperties, model_config: Mapping[str, Any], device: Device,
                 available: Collection[str] | None = None,
                 quantizers: Collection[str] | None = None,
-                failed: Mapping[str, str] | None = None) -> EnginePlan:
+                failed: Mapping[str, str] | None = None,
+                importable: Callable[[str], bool] | None = None) -> EnginePlan:
     """`available`: the engines this build can start (`entrypoint.engine_factory.ENGINE_BUILDERS`) and
     `quantizers` the quantization methods it can apply (`entrypoint.engine_factory.QUANTIZERS`); None plans
     with the whole policy table, as if everything were built. `failed`: engines that were tried for this
-    model and could not serve it, with why (the engine factory plans again without them)."""
+    model and could not serve it, with why (the engine factory plans again without them). `importable`:
+    whether a Python module is installed (default `module_importable`), for the packages an engine needs
+    before it loads weights."""
+    importable = importable if importable is not None else module_importable
     shape = ModelShape.from_config(model_config)
     arch = policy_for(shape.model_type)
     quant = QUANTIZATION[properties.quantize.value] if properties.quantize is not None else None
@@ -237,6 +261,8 @@ def plan_engine(properties: ServingProperties, model_config: Mapping[str, Any], 
         if reason is None and name == FASTGEN and degree > 1:
             reason = (f"tensor_parallel_degree={degree}: this build drives FastGen on one GPU only (its ranks are "
                       "not wired to the container's rank launcher yet)")
+        if reason is None and name == FASTGEN and device.kind == CUDA:
+            reason = _fastgen_kernels_missing(importable)
         if failed and name in failed:
             reason = f"tried first and could not serve this model: {failed[name]}"
         if reason is None and available is not None and name not in available:

@@ -13,6 +13,7 @@ several fields live in `_cross_field_rules`, so a bad combination fails before a
 from __future__ import annotations
 
 import re
+import typing
 from enum import Enum
 from typing import Any, Literal, Union
 
@@ -78,6 +79,9 @@ _REJECTED_WITH_HINT: dict[tuple[type[Enum], str], str] = {
     (RollingBatch, "vllm"): "vLLM is not part of this container; use rolling_batch=deepspeed or auto",
     (RollingBatch, "scheduler"): "the old DJL scheduler is replaced by the built-in rolling batch; use rolling_batch=deepspeed or auto",
     (Quantize, "bitsandbytes"): "bitsandbytes is not supported by the DeepSpeed engines; use quantize=dynamic_int8",
+    (Quantize, "bitsandbytes8"): "bitsandbytes is not supported by the DeepSpeed engines; use quantize=dynamic_int8",
+    (Quantize, "bitsandbytes4"): "bitsandbytes is not supported by the DeepSpeed engines; use quantize=dynamic_int8",
+    (Quantize, "fp8"): "fp8 is not supported by the DeepSpeed engines; use quantize=dynamic_int8 (int8)",
     (Quantize, "awq"): "AWQ checkpoints are not supported by the DeepSpeed engines; use quantize=smoothquant or dynamic_int8",
     (Quantize, "gptq"): "GPTQ checkpoints are not supported by the DeepSpeed engines; use quantize=smoothquant or dynamic_int8",
 }
@@ -297,6 +301,15 @@ def _show(value: Any) -> str:
 
 def property_names() -> list[str]:
     return list(ServingProperties.model_fields)
+
+
+def rejected_values() -> list[tuple[str, str, str]]:
+    """(property, value, hint) for each value LMI accepted that is refused here with a hint (the migration
+    table lists them: entrypoint/reference_docs.py)."""
+    def field_of(enum: type[Enum]) -> str:
+        return next(name for name, field in ServingProperties.model_fields.items()
+                    if enum is field.annotation or enum in typing.get_args(field.annotation))
+    return [(field_of(enum), value, hint) for (enum, value), hint in _REJECTED_WITH_HINT.items()]
 
 
 def describe_value(value: Any) -> Any:

@@ -62,7 +62,9 @@ def test_plan_json_prints_one_object_with_properties_sources_and_plan(tmp_path):
         "value": 1024, "source": "environment variable MAX_BATCH_PREFILL_TOKENS"}
     assert properties["port"] == {"value": 8080, "source": "default"}
     assert properties["model_id"] == {"value": None, "source": "default"}
-    assert any("minWorkers is ignored" in note for note in report["notes"])
+    assert report["warnings"] == [f"1 LMI key accepted but ignored (no effect in this container; docs/lmi-migration.md):"
+                                  f"\n  minWorkers ({location}:4): one process group (one rank per tensor-parallel "
+                                  "GPU) serves the one model; there is no worker pool"]
 
     model = report["model"]
     assert model["source"] == "local"
@@ -151,6 +153,25 @@ def test_plan_main_in_process(tmp_path, monkeypatch, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["properties"]["max_tokens"]["value"] == 512
     assert report["plan"]["engine"] == "autotp"
+
+
+def test_plan_of_an_lmi_file_shows_the_mapped_value_and_the_ignored_keys(tmp_path, monkeypatch, capsys):
+    for key in list(os.environ):
+        if key.startswith("OPTION_") or key in LMI_ENV or key in COMPAT_ENV or key == "SAGEMAKER_BIND_TO_PORT":
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    directory = model_dir(tmp_path, "option.max_model_len=512\noption.enable_prefix_caching=true\n"
+                                    "option.enforce_eager=true\n")
+    assert plan_main(["--model-dir", str(directory)]) == 0
+    out = capsys.readouterr().out
+    location = directory / "serving.properties"
+    row = next(line for line in out.splitlines() if line.strip().startswith("max_tokens"))
+    assert row.split()[1] == "512" and row.rstrip().endswith(f"{location}:1")
+    section = out[out.index("Configuration warnings"):out.index("\nModel")]
+    words = " ".join(section.split())  # long paths wrap the lines
+    assert words.startswith("Configuration warnings ! 2 LMI keys accepted but ignored")
+    assert f"- option.enable_prefix_caching ({location}:2): no prefix cache" in words
+    assert f"- option.enforce_eager ({location}:3): PyTorch runs eagerly here" in words
 
 
 @pytest.mark.parametrize("args", [["plan", "--help"], ["serve", "--help"]])

@@ -171,14 +171,22 @@ def test_properties_syntax_separators_comments_and_continuations():
     ]
 
 
-@pytest.mark.parametrize("key", ["minWorkers", "maxWorkers", "gpu.minWorkers", "batch_size", "max_batch_delay",
-                                 "load_on_devices"])
-def test_ignored_djl_keys_make_a_note_not_an_error(tmp_path, key):
+@pytest.mark.parametrize("key", ["batch_size", "max_batch_delay"])
+def test_dynamic_batching_keys_with_the_rolling_batch_make_a_note_not_an_error(tmp_path, key):
     configuration = load(tmp_path, f"engine=DeepSpeed\n{key}=2\n")
     assert configuration.properties == ServingProperties()
-    assert len(configuration.notes) == 1
+    assert len(configuration.notes) == 1 and configuration.warnings == []
     note = configuration.notes[0]
     assert f"{file_location(tmp_path, 2)}: {key} is ignored" in note
+
+
+@pytest.mark.parametrize("key", ["minWorkers", "maxWorkers", "gpu.minWorkers", "load_on_devices"])
+def test_djl_worker_keys_make_a_warning_not_an_error(tmp_path, key):
+    configuration = load(tmp_path, f"engine=DeepSpeed\n{key}=2\n")
+    assert configuration.properties == ServingProperties()
+    assert configuration.notes == []
+    assert len(configuration.warnings) == 1
+    assert f"{key} ({file_location(tmp_path, 2)}): " in configuration.warnings[0]
 
 
 # ---- case-insensitive values --------------------------------------------------------------------------

@@ -142,7 +142,7 @@ def test_engine_load_failure_is_an_error_output(djl):
 
 
 def test_properties_map_like_serving_properties():
-    """DJL's runtime keys are skipped, worker-pool keys noted, others validated; the environment ranks below."""
+    """DJL's runtime keys are skipped, worker-pool keys warned about, others validated; the environment ranks below."""
     configuration = load_configuration_from_properties(
         {"model_id": "m", "entryPoint": "djl_python.deepspeed", "model_dir": "/models/m", "device_id": "0",
          "handler": "handle", "gpu.maxWorkers": "1", "option.dtype": "fp16", "tensor_parallel_degree": 2,
@@ -153,7 +153,8 @@ def test_properties_map_like_serving_properties():
     assert (properties.model_id, properties.dtype.value, properties.tensor_parallel_degree, properties.max_tokens) \
         == ("m", "fp16", 2, 1024)
     assert configuration.source_of("max_tokens").kind == "env"
-    assert any("gpu.maxWorkers is ignored" in note for note in configuration.notes)
+    assert len(configuration.warnings) == 1 and "gpu.maxWorkers (DJL properties): one process group" in \
+        configuration.warnings[0]
     assert any("overrides environment variable OPTION_DTYPE" in note for note in configuration.notes)
 
 

@@ -31,6 +31,9 @@ def planned_on_a_gpu(monkeypatch):
         return plan_engine(configuration.properties, LLAMA, GPU, available=available,
                            quantizers=engine_factory.QUANTIZERS, failed=failed)
 
+    # the pretend GPU machine has deepspeed-kernels, so the plan names FastGen first (test_engine_plan.py
+    # covers the machine without it)
+    monkeypatch.setattr("handlers.engine_plan.module_importable", lambda name: True)
     monkeypatch.setattr(engine_factory, "_plan", plan)
     monkeypatch.setattr(engine_factory, "resolve_and_plan",
                         lambda configuration, progress: (resolved, plan(configuration, resolved,

@@ -27,6 +27,13 @@ GPTJ = {"model_type": "gptj", "architectures": ["GPTJForCausalLM"], "n_head": 16
         "n_positions": 2048, "torch_dtype": "float32"}
 
 
+@pytest.fixture(autouse=True)
+def gpu_machine_has_the_fastgen_kernels(monkeypatch):
+    """The pretend GPU machines here have the [gpu] extra (deepspeed-kernels) installed, whatever this machine
+    has; the tests of a machine without it pass `importable` themselves."""
+    monkeypatch.setattr("handlers.engine_plan.module_importable", lambda name: True)
+
+
 def props(**values) -> ServingProperties:
     return ServingProperties(**values)
 
@@ -375,6 +382,48 @@ def test_plan_says_a_correctness_gate_will_run_and_how_to_turn_it_off():
     off = plan_engine(props(correctness_gate="false"), LLAMA_7B, GPU1)
     assert any("not checked" in note for note in off.notes)
     assert not any("correctness gate runs" in note for note in plan_engine(props(), SMOL, CPU).notes)
+
+
+def test_without_deepspeed_kernels_plan_chooses_autotp_and_names_the_package():
+    """What `serve` checks before loading FastGen, `plan` checks too, so both name the same engine."""
+    asked = []
+
+    def importable(name):
+        asked.append(name)
+        return False
+
+    plan = plan_engine(props(), LLAMA_7B, GPU1, importable=importable)
+    assert asked == ["dskernels"]
+    assert plan.engine == AUTOTP and plan.rolling_batch
+    assert dict(plan.ruled_out)[FASTGEN].startswith(
+        "the deepspeed-kernels package (module dskernels) is not installed: pip install 'lmi-deepspeed[gpu]'")
+    assert "best engine on GPU that can serve this configuration" in plan.reason
+
+
+def test_with_deepspeed_kernels_installed_plan_chooses_fastgen():
+    plan = plan_engine(props(), LLAMA_7B, GPU1, importable=lambda name: name == "dskernels")
+    assert plan.engine == FASTGEN
+    assert FASTGEN not in dict(plan.ruled_out)
+
+
+def test_deepspeed_kernels_are_not_asked_for_on_cpu_or_when_fastgen_is_already_refused():
+    def importable(name):
+        raise AssertionError(f"asked for {name}")
+
+    assert plan_engine(props(), SMOL, CPU, importable=importable).engine == AUTOTP
+    plan = plan_engine(props(), GPTJ, GPU1, importable=importable)  # no FastGen implementation for GPT-J
+    assert "no inference-v2 implementation" in dict(plan.ruled_out)[FASTGEN]
+
+
+def test_the_default_check_looks_for_the_module_without_importing_it(monkeypatch):
+    monkeypatch.undo()  # the real check, not this file's pretend GPU machine
+    from handlers import engine_plan
+
+    assert engine_plan.module_importable("json") is True
+    assert engine_plan.module_importable("no_such_module_lmi_test") is False
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    plan = plan_engine(props(), LLAMA_7B, GPU1)
+    assert plan.engine == AUTOTP and "module dskernels" in dict(plan.ruled_out)[FASTGEN]
 
 
 def test_fastgen_false_serves_a_fastgen_model_with_autotp_on_a_gpu():

@@ -1,4 +1,5 @@
-"""serving.properties.example documents every property exactly as handlers/serving_properties.py defines it.
+"""serving.properties.example documents every property exactly as handlers/serving_properties.py defines it, with
+the environment variables and defaults docs/configuration.md gives (both from `entrypoint.reference_docs`).
 
 Each entry in the file is three comment lines:
     # <description>
@@ -10,12 +11,13 @@ When a property is added or changed, a failure prints the entry to paste.
 from __future__ import annotations
 
 import re
-from enum import Enum
 from pathlib import Path
 
 import pytest
 
 from entrypoint.configuration import load_configuration
+from entrypoint.reference_docs import environment_variables as env_variables
+from entrypoint.reference_docs import written_default
 from handlers.serving_properties import ServingProperties
 from entrypoint.property_sources import COMPAT_ENV, LMI_ENV
 
@@ -36,28 +38,6 @@ def parse_example(text: str) -> dict[str, list[tuple[int, str, str, str]]]:
         env = lines[index - 1] if index >= 1 else ""
         entries.setdefault(name, []).append((index + 1, match.group("value"), description, env))
     return entries
-
-
-def written_default(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def env_variables(name: str) -> list[str]:
-    """The variables that set `name`, highest precedence first (entrypoint.property_sources)."""
-    variables = [f"OPTION_{name.upper()}"]
-    variables += [variable for variable, target in LMI_ENV.items() if target == name]
-    variables += [variable for variable, target in COMPAT_ENV.items() if target == name]
-    if name == "port":
-        variables.insert(0, "SAGEMAKER_BIND_TO_PORT")
-    return variables
 
 
 def expected_entry(name: str) -> str:
