@@ -8,12 +8,15 @@ The per-architecture knowledge lives in `handlers.engine_policy`; this module on
 
 from __future__ import annotations
 
+import ast
 import glob
 import importlib.util
 import math
 import os
 import platform
+import shutil
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Collection, Literal, Mapping
 
 from handlers.serving_properties import DType, RollingBatch, ServingProperties
@@ -68,6 +71,54 @@ def _fastgen_kernels_missing(importable: Callable[[str], bool]) -> str | None:
         return None
     return (f"the deepspeed-kernels package (module {KERNELS_MODULE}) is not installed: "
             "pip install 'lmi-deepspeed[gpu]' (FastGen's blocked flash attention lives in it)")
+
+
+#: DeepSpeed's ops FastGen runs, by the names `installed_ops` records (the Dockerfile prebuilds them)
+FASTGEN_OPS = ("inference_core_ops", "ragged_device_ops", "ragged_ops")
+
+
+def deepspeed_prebuilt_ops() -> dict[str, bool]:
+    """The installed DeepSpeed's `installed_ops` (which ops its wheel carries compiled), read from its
+    git_version_info_installed.py without importing deepspeed (that imports torch: `plan` stays fast)."""
+    spec = importlib.util.find_spec("deepspeed")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    path = Path(list(spec.submodule_search_locations)[0]) / "git_version_info_installed.py"
+    try:
+        tree = ast.parse(path.read_text())
+    except (OSError, SyntaxError):
+        return {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "installed_ops" for t in node.targets):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                return {}
+            return {str(k): bool(v) for k, v in value.items()} if isinstance(value, dict) else {}
+    return {}
+
+
+def cuda_compiler() -> str | None:
+    """The nvcc DeepSpeed's just-in-time build would use, found where torch.utils.cpp_extension looks for the
+    CUDA toolkit (CUDA_HOME / CUDA_PATH, then nvcc on PATH, then /usr/local/cuda), or None."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    for candidate in ([Path(home, "bin", "nvcc")] if home else []) + [Path("/usr/local/cuda/bin/nvcc")]:
+        if candidate.is_file():
+            return str(candidate)
+    return shutil.which("nvcc")
+
+
+def fastgen_ops_unavailable() -> str | None:
+    """Why DeepSpeed's FastGen ops could not load here, or None: each is prebuilt, or nvcc can build it on
+    first use (about 2 minutes for all in parallel on 16 cores, longer serially). Without either, building
+    FastGen would fail after the gate's reference had loaded; `plan` and the loader refuse it first."""
+    prebuilt = deepspeed_prebuilt_ops()
+    missing = [op for op in FASTGEN_OPS if not prebuilt.get(op)]
+    if not missing or cuda_compiler() is not None:
+        return None
+    return (f"DeepSpeed's FastGen ops ({', '.join(missing)}) are not prebuilt in this installation and no CUDA "
+            "compiler (nvcc) was found to build them: use the GPU image, which prebuilds them, or install the CUDA "
+            "toolkit")
 
 
 # ---- the device -----------------------------------------------------------------------------------------
@@ -262,7 +313,7 @@ def plan_engine(properties: ServingProperties, model_config: Mapping[str, Any], 
             reason = (f"tensor_parallel_degree={degree}: this build drives FastGen on one GPU only (its ranks are "
                       "not wired to the container's rank launcher yet)")
         if reason is None and name == FASTGEN and device.kind == CUDA:
-            reason = _fastgen_kernels_missing(importable)
+            reason = _fastgen_kernels_missing(importable) or fastgen_ops_unavailable()
         if failed and name in failed:
             reason = f"tried first and could not serve this model: {failed[name]}"
         if reason is None and available is not None and name not in available:

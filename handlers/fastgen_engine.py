@@ -127,11 +127,15 @@ def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: C
 
 def _require_servable(plan: Any) -> None:
     """What FastGen needs before anything loads: its kernels, one GPU, a half dtype."""
+    from handlers.engine_plan import fastgen_ops_unavailable
     from handlers.fastgen_model import KERNELS_MODULE
 
     if importlib.util.find_spec(KERNELS_MODULE) is None:
         raise FastGenUnsupported("the deepspeed-kernels package is not installed (FastGen's blocked flash attention "
                                  "lives in it): pip install 'lmi-deepspeed[gpu]' or deepspeed-kernels")
+    ops = fastgen_ops_unavailable()
+    if ops is not None:
+        raise FastGenUnsupported(ops)
     if plan.tensor_parallel_degree != 1:
         raise FastGenUnsupported("FastGen is wired for tensor_parallel_degree=1 only in this build")
     if plan.dtype not in HALF_DTYPES:

@@ -32,6 +32,7 @@ def gpu_machine_has_the_fastgen_kernels(monkeypatch):
     """The pretend GPU machines here have the [gpu] extra (deepspeed-kernels) installed, whatever this machine
     has; the tests of a machine without it pass `importable` themselves."""
     monkeypatch.setattr("handlers.engine_plan.module_importable", lambda name: True)
+    monkeypatch.setattr("handlers.engine_plan.fastgen_ops_unavailable", lambda: None)
 
 
 def props(**values) -> ServingProperties:
