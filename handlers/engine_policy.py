@@ -90,11 +90,14 @@ PREFERENCE: Mapping[str, tuple[str, ...]] = MappingProxyType({
 
 # Why an engine ranks where it does; quoted when a lower-ranked engine loses to a higher one.
 PREFERENCE_REASONS: Mapping[str, str] = MappingProxyType({
-    FASTGEN: "FastGen is the fastest engine on GPU (measured on a 7B llama, H200, fp16: 186 output tok/s at batch 1 "
-             "and 8,063 at batch 256, 5-40x HF generate's 14-773)",
+    FASTGEN: "FastGen is the fastest engine measured on GPU: this server on FastGen streamed 150 / 2,588 / 3,436 output "
+             "tok/s at 1 / 32 / 64 clients (7B-shaped Llama, fp16, one H200, 128 prompt / 128 new tokens; RESULTS.md "
+             "section 10), where its AutoTP engine measured 19 / 413 at 1 / 32 clients (RESULTS.md section 2); "
+             "DeepSpeed's bare put() loop, without this server, reached 186 at batch 1 and 8,063 at batch 256 "
+             "(shared/FACTS.md, 2026-11-22)",
     KERNEL_INJECTION: "kernel injection runs fused CUDA kernels but batches statically",
     AUTOTP: "AutoTP runs the HF layers themselves: it works for any architecture and on CPU, but is the slowest on GPU "
-            "(HF paths spend ~65-90 ms of host time per step)",
+            "(HF paths spend ~65-90 ms of host time per step: shared/FACTS.md, H200, 2026-11-22)",
 })
 
 

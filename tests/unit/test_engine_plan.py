@@ -142,7 +142,9 @@ def test_gpu_llama_gets_fastgen():
     reasons = ruled_out(plan)
     assert "tuple instead of a tensor" in reasons[KERNEL_INJECTION]
     assert "ranks below fastgen" in reasons[AUTOTP]
-    assert "5-40x" in plan.reason
+    # the figures say where they come from: this server (RESULTS.md) vs DeepSpeed's bare loop (FACTS)
+    assert "150 / 2,588 / 3,436" in plan.reason and "RESULTS.md section 10" in plan.reason
+    assert "bare put() loop" in plan.reason
 
 
 def test_gpu_gptj_with_rolling_batch_keeps_continuous_batching_on_autotp():
