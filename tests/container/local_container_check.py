@@ -1,6 +1,7 @@
 """Build the CPU image and check it the way SageMaker uses it: `<engine> run <image> serve`.
 
     python tests/container/local_container_check.py --model-dir DIR [--base-image IMAGE | --make-base]
+        [--podman-config private] [--cleanup]
         [--wheels DIR] [--ca-bundle FILE] [--engine podman|docker] [--report FILE]
 
 Steps, each timed: (optionally) make a Debian base image from Debian's packages with mmdebstrap; build the
