@@ -98,11 +98,15 @@ def deepspeed_prebuilt_ops() -> dict[str, bool]:
     return {}
 
 
+#: where torch.utils.cpp_extension looks for the CUDA toolkit when CUDA_HOME is not set
+DEFAULT_CUDA_HOME = Path("/usr/local/cuda")
+
+
 def cuda_compiler() -> str | None:
     """The nvcc DeepSpeed's just-in-time build would use, found where torch.utils.cpp_extension looks for the
     CUDA toolkit (CUDA_HOME / CUDA_PATH, then nvcc on PATH, then /usr/local/cuda), or None."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    for candidate in ([Path(home, "bin", "nvcc")] if home else []) + [Path("/usr/local/cuda/bin/nvcc")]:
+    for candidate in ([Path(home, "bin", "nvcc")] if home else []) + [DEFAULT_CUDA_HOME / "bin" / "nvcc"]:
         if candidate.is_file():
             return str(candidate)
     return shutil.which("nvcc")

@@ -497,3 +497,49 @@ def test_quantization_this_build_cannot_apply_is_an_error_not_silently_ignored()
     with pytest.raises(PlanError) as error:
         plan_engine(props(quantize="dynamic_int8"), SMOL, CPU, available={"autotp"}, quantizers=set())
     assert "quantize=dynamic_int8" in str(error.value) and "not built" in str(error.value)
+
+
+def _fake_deepspeed(root, ops):
+    """A DeepSpeed installation as its wheel lays it out: git_version_info_installed.py records installed_ops."""
+    package = root / "deepspeed"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise ImportError('plan must not import deepspeed')\n")
+    (package / "git_version_info_installed.py").write_text(
+        f"version='0.19.8'\ngit_hash='unknown'\ninstalled_ops={ops!r}\naccelerator_name='cuda'\n")
+
+
+def test_fastgen_needs_its_ops_prebuilt_or_nvcc_to_build_them(monkeypatch, tmp_path):
+    """Without prebuilt ops and without the CUDA toolkit, DeepSpeed's first use of FastGen's ops fails after the
+    gate's fp32 reference has loaded: plan and the loader refuse FastGen first, and name what to do."""
+    monkeypatch.undo()
+    from handlers import engine_plan
+
+    _fake_deepspeed(tmp_path, {"ragged_ops": False, "ragged_device_ops": False, "inference_core_ops": True})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(engine_plan, "module_importable", lambda name: True)
+    assert engine_plan.deepspeed_prebuilt_ops() == {"ragged_ops": False, "ragged_device_ops": False,
+                                                    "inference_core_ops": True}
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvcc on it
+    monkeypatch.setattr(engine_plan, "DEFAULT_CUDA_HOME", tmp_path / "no-toolkit")
+    reason = engine_plan.fastgen_ops_unavailable()
+    assert reason.startswith("DeepSpeed's FastGen ops (ragged_device_ops, ragged_ops) are not prebuilt")
+    plan = plan_engine(props(), LLAMA_7B, GPU1)
+    assert plan.engine == AUTOTP and dict(plan.ruled_out)[FASTGEN] == reason
+    toolkit = tmp_path / "cuda"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "bin" / "nvcc").write_text("")
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    assert engine_plan.cuda_compiler() == str(toolkit / "bin" / "nvcc")
+    assert engine_plan.fastgen_ops_unavailable() is None and plan_engine(props(), LLAMA_7B, GPU1).engine == FASTGEN
+
+
+def test_prebuilt_ops_need_no_compiler(monkeypatch, tmp_path):
+    monkeypatch.undo()
+    from handlers import engine_plan
+
+    _fake_deepspeed(tmp_path, {op: True for op in engine_plan.FASTGEN_OPS})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(engine_plan, "cuda_compiler", lambda: None)
+    assert engine_plan.fastgen_ops_unavailable() is None
