@@ -16,9 +16,20 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 
+def decoder_of(tokenizer: Any) -> Any:
+    """`decode(ids, skip_special_tokens=...)` for `tokenizer`. For a fast tokenizer, transformers' decode is the
+    tokenizers library's decode plus, when the tokenizer asks for it, `clean_up_tokenization`; without that
+    clean-up the library's own decode gives the same text (checked on random ids) at a third of the cost
+    (1 µs against 3 µs a call, twice per generated token on the engine's step path)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return tokenizer.decode
+    return backend.decode
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool = True):
-        self._tokenizer = tokenizer
+        self._decode = decoder_of(tokenizer)
         self._skip_special = skip_special_tokens
         # Start the window a few prompt tokens back so the first generated token decodes with its context
         # (its leading space, for instance).
@@ -29,7 +40,7 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append a token; return the text it completes (possibly empty)."""
         self._ids.append(token_id)
-        decode = self._tokenizer.decode
+        decode = self._decode
         prefix = decode(self._ids[self._prefix_offset:self._read_offset], skip_special_tokens=self._skip_special)
         full = decode(self._ids[self._prefix_offset:], skip_special_tokens=self._skip_special)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):

@@ -18,6 +18,7 @@ import collections
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, Sequence
@@ -125,6 +126,8 @@ class EngineLoop:
         self._started = False
         self._stopping = False
         self._failure: str | None = None
+        # one per event loop that reads streams; weak, so that a closed loop's entry goes with it
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventLoopMailbox] = weakref.WeakKeyDictionary()
         # Owned by the loop thread (read elsewhere only as snapshots): ---------------------------------
         self._active: dict[str, _Entry] = {}
         self._inbox: collections.deque[tuple[str, object]] = collections.deque()  # taken, not yet applied
@@ -221,10 +224,17 @@ class EngineLoop:
 
     def streams(self, requests: Sequence[GenerationRequest]) -> list[OutputStream]:
         """`stream()` for several requests, admitted all or none."""
-        aloop = asyncio.get_running_loop()
-        streams = [OutputStream(self, request.request_id, aloop) for request in requests]
+        mailbox = self._mailbox_for(asyncio.get_running_loop())
+        streams = [OutputStream(self, request.request_id, mailbox) for request in requests]
         self.submit_many([(request, s.deliver) for request, s in zip(requests, streams, strict=True)])
         return streams
+
+    def _mailbox_for(self, aloop: asyncio.AbstractEventLoop) -> EventLoopMailbox:
+        with self._cond:
+            mailbox = self._mailboxes.get(aloop)
+            if mailbox is None:
+                mailbox = self._mailboxes[aloop] = EventLoopMailbox(aloop)
+            return mailbox
 
     def generate(self, requests: Sequence[GenerationRequest],
                  timeout: float | None = None) -> list[list[RequestOutput]]:
@@ -467,25 +477,56 @@ class _EngineFailed(Exception):
     """Internal: unwinds the loop after `_fail` has reported an engine crash."""
 
 
+class EventLoopMailbox:
+    """Outputs crossing from the engine thread to one asyncio event loop. Each `call_soon_threadsafe` wakes the
+    loop through a self-pipe write; one per token cost ~2 ms of a 128-sequence step on the engine thread
+    (RESULTS.md, section 11), so a step's outputs share one wake-up: the first output posted schedules a
+    drain, later ones join it until the loop has run it. Each stream still receives its outputs in order."""
+
+    def __init__(self, aloop: asyncio.AbstractEventLoop):
+        self.aloop = aloop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue[RequestOutput], RequestOutput]] = []
+
+    def post(self, queue: asyncio.Queue[RequestOutput], output: RequestOutput) -> None:
+        """Engine thread. Raises RuntimeError when the event loop is closed, as call_soon_threadsafe does."""
+        with self._lock:
+            self._pending.append((queue, output))
+            if len(self._pending) > 1:
+                return  # a drain is scheduled and has not run yet
+        try:
+            self.aloop.call_soon_threadsafe(self._drain)
+        except RuntimeError:
+            with self._lock:
+                self._pending.clear()
+            raise
+
+    def _drain(self) -> None:  # event loop
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, output in pending:
+            queue.put_nowait(output)
+
+
 class OutputStream:
     """Async iterator over one request's outputs; ends after the final output.
 
     Cancelling the task that awaits it (client disconnect) or calling `aclose()` / `cancel()` before the
     final output cancels the request, so its batch slot is freed within one step."""
 
-    def __init__(self, loop: EngineLoop, request_id: str, aloop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: EngineLoop, request_id: str, mailbox: EventLoopMailbox):
         self.request_id = request_id
         self._loop = loop
-        self._aloop = aloop
+        self._mailbox = mailbox
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._done = False
 
     def deliver(self, output: RequestOutput) -> None:
         """Hand one output to the reader; called on the engine loop's thread."""
         try:
-            self._aloop.call_soon_threadsafe(self._queue.put_nowait, output)
+            self._mailbox.post(self._queue, output)
         except RuntimeError:
-            if not self._aloop.is_closed():
+            if not self._mailbox.aloop.is_closed():
                 raise
             # The server's event loop has ended (shutdown): nobody is left to read this output. Without
             # this, stopping the engine after uvicorn logged a traceback for every request it still held.

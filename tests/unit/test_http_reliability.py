@@ -120,9 +120,9 @@ def test_the_chars_per_token_bound_of_the_embedded_tokenizer_is_a_true_bound(emb
 def test_outputs_for_a_closed_event_loop_are_dropped_without_an_error():
     """After shutdown the server's event loop is closed while the engine loop still finishes what it held."""
     from handlers.engine import FinishReason, RequestOutput
-    from handlers.engine_loop import OutputStream
+    from handlers.engine_loop import EventLoopMailbox, OutputStream
 
     aloop = asyncio.new_event_loop()
-    stream = OutputStream(None, "r-1", aloop)  # type: ignore[arg-type]
+    stream = OutputStream(None, "r-1", EventLoopMailbox(aloop))  # type: ignore[arg-type]
     aloop.close()
     stream.deliver(RequestOutput("r-1", (), "", finished=True, finish_reason=FinishReason.ERROR, error="shutting down"))
