@@ -24,11 +24,11 @@ from fastapi.responses import Response
 from entrypoint.http.access_log import AccessRecord, RequestObserver
 from entrypoint.http.client_connection import read_body
 from entrypoint.http.errors import ErrorFamily, ModelNotFound
-from entrypoint.http.generation import answer, respond
+from entrypoint.http.generation import ChunkEncoder, answer, respond
 from entrypoint.http.lmi_protocol import Accumulator, LmiRequest, build_response, generation_requests, parse_lmi
 from entrypoint.http.validation import load_json_object
 from entrypoint.http.state import ServerState
-from entrypoint.http.streaming import StreamEncoder, choose_format
+from entrypoint.http.streaming import BatchStreamEncoder, StreamEncoder, choose_format
 from entrypoint.http.tokenization import PromptTokenizer
 from handlers.serving_properties import ServingProperties
 from handlers.engine import Engine, GenerationRequest, InvalidRequest, SamplingParams
@@ -65,10 +65,6 @@ class Predictor:
             return await self.chat(request, record, data, jsonlines=jsonlines)
         lmi, params = parse_lmi(data, getattr(self.observer, "ignored_fields", None))
         fmt = choose_format(lmi.stream, request.headers.get("accept"), self.properties.output_formatter)
-        if fmt.streaming and len(lmi.prompts) > 1:  # a one-element list streams like its string (LMI clients send it)
-            raise InvalidRequest(f"streaming ({fmt.value}) takes one input, got a list of {len(lmi.prompts)}; one "
-                                 "token stream cannot tell the inputs apart: send one request per input or set "
-                                 "\"stream\": false", "inputs")
         if fmt.streaming and lmi.sequences[1] > 1:
             raise InvalidRequest("parameters.n and best_of above 1 are not streamed (the best sequence is known only at "
                                  "the end, as in LMI); set \"stream\": false", "parameters.best_of")
@@ -84,7 +80,9 @@ class Predictor:
         streams = loop.streams(requests)  # QueueFull / EngineUnavailable raise here, before any output
         record.admit(requests)
         results = [Accumulator(request.prompt, request.params) for request in requests]
-        encoder = StreamEncoder(fmt, results[0]) if fmt.streaming else None
+        encoder: ChunkEncoder | None = None
+        if fmt.streaming:  # a one-element list streams like its string (LMI clients send it)
+            encoder = StreamEncoder(fmt, results[0]) if len(results) == 1 else BatchStreamEncoder(fmt, results)
         return await respond(request, streams, record, results=results, encoder=encoder,
                              build=lambda: build_response(results, lmi),
                              headers={"X-Request-Id": record.request_id})

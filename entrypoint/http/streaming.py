@@ -7,6 +7,11 @@ Both formats carry the same JSON objects, LMI's (djl_python output_formatter.py)
    "details": {"finish_reason": "error", ...}, "error", "code", "type"} a failure after the headers were sent
 jsonlines writes each object on one line; SSE writes `data: <object>` events.
 
+A list of inputs streams as LMI's dynamic-batching handlers stream a batch (djl_python's streaming
+utilities): one object per generation step, `{"outputs": [<token text of input 0>, <of input 1>, ...]}` in
+input order, where an input that has finished gives an empty string; line i holds each input's i-th
+visible token, so there are at most max_new_tokens lines (`BatchStreamEncoder`).
+
 A token line's `text` is that token's own text. A token is sent once the engine made its text visible
 (the engine holds back text that may start a stop sequence, and incomplete UTF-8), and the tokens of a
 stop sequence, which the output leaves out, are cut (`lmi_protocol.TokenAligner`): joining the streamed
@@ -15,6 +20,7 @@ texts gives exactly `generated_text` (without the prompt of return_full_text), a
 
 from __future__ import annotations
 
+import collections
 import json
 from enum import Enum
 from typing import Any
@@ -98,3 +104,43 @@ class StreamEncoder:
 
     def end(self) -> list[bytes]:
         return []  # the last token line already carries generated_text
+
+
+class BatchStreamEncoder:
+    """A list of inputs as one stream of `{"outputs": [...]}` lines (a `generation.ChunkEncoder`): the i-th
+    line carries each input's i-th visible token text, sent once every input still generating has its i-th
+    token; `results` accumulate the outputs as for a JSON answer."""
+
+    def __init__(self, fmt: Format, results: list[Accumulator]):
+        self.fmt = fmt
+        self.media_type = fmt.media_type
+        self.results = results
+        self.failure: BaseException | None = None
+        self._pending: list[collections.deque[str]] = [collections.deque() for _ in results]
+        self._finished = [False] * len(results)
+
+    def feed(self, index: int, output: RequestOutput) -> list[bytes]:
+        error = exception_for_output(output) if output.finished else None
+        if error is not None:
+            return self.error(error)
+        self._pending[index].extend(token.text for token in self.results[index].add(output))
+        self._finished[index] = output.finished
+        return self._lines()
+
+    def _lines(self) -> list[bytes]:
+        """The lines every input has its token for (or has finished); a line of nothing but empty texts (an
+        end-of-sequence token everywhere) is not sent."""
+        lines = []
+        while any(self._pending) and all(p or done for p, done in zip(self._pending, self._finished)):
+            texts = [p.popleft() if p else "" for p in self._pending]
+            if any(texts):
+                lines.append(frame(self.fmt, {"outputs": texts}))
+        return lines
+
+    def error(self, exc: BaseException) -> list[bytes]:
+        """The batch fails as a whole (its requests are cancelled): the complete lines, then the error."""
+        self.failure = exc
+        return self._lines() + [frame(self.fmt, lmi_stream_error(exc))]
+
+    def end(self) -> list[bytes]:
+        return self._lines()

@@ -226,9 +226,50 @@ def test_stream_holds_back_text_of_a_stop_sequence(serve):
     assert "".join(line["token"]["text"] for line in lines) == lines[-1]["generated_text"] == "ab"
 
 
-def test_streaming_list_inputs_is_400(serve):
-    assert_error(serve(FakeEngine()).post({"inputs": ["a", "b"], "stream": True}), 400, "InvalidRequest",
-                 "list of 2")
+def test_a_list_of_inputs_streams_one_line_per_step_in_input_order(serve):
+    """LMI's batch streaming: each line holds every input's next token text, in input order; an input that has
+    finished gives "", so there are as many lines as the longest input's tokens, and joining each column
+    gives exactly the text the same request answers without streaming."""
+    served = serve(FakeEngine())
+    body = {"inputs": ["hi", "hello", "hey"], "parameters": {"max_new_tokens": 4}}
+    response = served.post({**body, "stream": True, "parameters": {"max_new_tokens": 4, "stop": ["c"]}})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("application/jsonlines")
+    lines = json_lines(response)
+    assert lines == [{"outputs": ["a", "a", "a"]}, {"outputs": ["b", "b", "b"]}]  # the stop sequence ends all three
+    lines = json_lines(served.post({**body, "stream": True}))
+    texts = ["".join(line["outputs"][i] for line in lines) for i in range(3)]
+    assert texts == [answer["generated_text"] for answer in served.post(body).json()] == [expected_text(4)] * 3
+    events = sse_events(served.post(body, headers={"Accept": "text/event-stream"}))
+    assert [event["outputs"] for event in events] == [[c, c, c] for c in expected_text(4)]
+
+
+def test_a_list_stream_pads_finished_inputs_with_empty_strings():
+    from entrypoint.http.lmi_protocol import Accumulator
+    from entrypoint.http.streaming import BatchStreamEncoder, Format
+    from handlers.engine import FinishReason, RequestOutput, SamplingParams, Token
+
+    def out(text, finished=False):
+        return RequestOutput("r", (Token(ord(text[0]), text, -0.1),), text, finished=finished,
+                               finish_reason=FinishReason.LENGTH if finished else None)
+
+    encoder = BatchStreamEncoder(Format.JSONLINES, [Accumulator("p", SamplingParams()) for _ in range(2)])
+    chunks = encoder.feed(0, out("a")) + encoder.feed(0, out("b", finished=True)) + encoder.feed(1, out("x"))
+    chunks += encoder.feed(1, out("y")) + encoder.feed(1, out("z", finished=True)) + encoder.end()
+    assert [json.loads(chunk) for chunk in chunks] == [{"outputs": ["a", "x"]}, {"outputs": ["b", "y"]},
+                                                       {"outputs": ["", "z"]}]
+    lines = [json.loads(chunk) for chunk in BatchStreamEncoder(Format.JSONLINES, [Accumulator("p", SamplingParams())])
+             .feed(0, RequestOutput("r", (Token(2, "", -0.1, special=True),), "", finished=True,
+                                    finish_reason=FinishReason.EOS_TOKEN))]
+    assert lines == []  # an end-of-sequence token alone: no line of empty texts
+
+
+def test_a_list_stream_that_fails_midway_ends_with_the_error_line(serve):
+    response = serve(FakeEngine(oom_at_step=3)).post({"inputs": ["a", "b"], "stream": True,
+                                                      "parameters": {"max_new_tokens": 10}})
+    assert response.status_code == 200
+    lines = json_lines(response)
+    assert all(set(line) == {"outputs"} for line in lines[:-1])  # whatever every input had, then the error
+    assert lines[-1]["code"] == 507 and lines[-1]["type"] == "OutOfMemory"
 
 
 def test_stream_error_before_the_first_token_gets_its_status(serve):
