@@ -35,13 +35,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m entrypoint plan|serve ...`"""
     parser = argparse.ArgumentParser(prog="python -m entrypoint",
                                      description="LMI-style DeepSpeed serving container.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{plan,serve,docs}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{plan,serve,docs,quality}")
     _plan_arguments(commands.add_parser("plan", help="show the resolved configuration and engine plan; loads no weights",
                                         description=_plan.__doc__))
     _serve_arguments(commands.add_parser("serve", help="load the model and serve HTTP", description=_serve.__doc__))
     _docs_arguments(commands.add_parser("docs", help="write docs/configuration.md and docs/lmi-migration.md from the "
                                                      "code", description=_docs.__doc__))
-    args = parser.parse_args(argv)
+    commands.add_parser("quality", help="perplexity of fp32 and the int8 paths on held-out text, one JSON object "
+                        "(python -m entrypoint quality --help)")
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["quality"]:  # its own parser (entrypoint/quality.py) takes the rest
+        from entrypoint.quality import main as quality_main
+        return quality_main(arguments[1:])
+    args = parser.parse_args(arguments)
     return {"plan": _plan, "serve": _serve, "docs": _docs}[args.command](args)
 
 

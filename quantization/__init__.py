@@ -5,5 +5,5 @@
 - `families`: the norm -> linear pairs SmoothQuant folds its factors into, per architecture family.
 - `smoothing`, `calibration`, `alpha_search`, `calibration_cache`, `corpus`: SmoothQuant's steps.
 - `quantizer`: the engine's hook (`quantize_loaded_model`) and `quantize_model`.
-- `evaluate`: `python -m quantization.evaluate`, perplexity of fp32 / naive W8A8 / dynamic_int8 / smoothquant.
+- `evaluate`: `python -m entrypoint quality`, perplexity of fp32 / naive W8A8 / dynamic_int8 / smoothquant.
 """

@@ -3,7 +3,7 @@
 The default is the Python standard library's own documentation, `pydoc_data.topics` (the text `help()`
 prints for language topics: ~465,000 characters in 79 topics, English prose with code). Its topics are
 split by name into two disjoint halves, alternately in sorted order: the calibration half (SmoothQuant's
-activation ranges and alpha search) and the evaluation half (`python -m quantization.evaluate`'s
+activation ranges and alpha search) and the evaluation half (`python -m entrypoint quality`'s
 perplexity), so quality is always measured on text calibration never saw.
 
 `option.smoothquant_calibration_data` replaces the calibration half with a UTF-8 text file of one's own.

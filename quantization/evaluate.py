@@ -1,6 +1,6 @@
 """Quality of the int8 paths: perplexity on held-out text, printed as one JSON object.
 
-    python -m quantization.evaluate [--model-dir DIR] [--windows 16] [--window-tokens 256]
+    python -m entrypoint quality [--model-dir DIR] [--windows 16] [--window-tokens 256]   (entrypoint/quality.py)
 
 Four variants of the same model (default: the embedded SmolLM2-135M-Instruct, converted if needed), each
 loaded fresh in float32 on the CPU and quantized through the serving code (`quantization.quantizer`):
@@ -18,9 +18,6 @@ within 3% of fp32 and better than naive W8A8; int8 weights <= 55% of fp16) and t
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import math
 import platform
 import sys
@@ -100,47 +97,12 @@ def _targets(results: dict[str, Any]) -> dict[str, Any]:
     return targets
 
 
-def _environment() -> dict[str, Any]:
+def environment(machine: str) -> dict[str, Any]:
+    """Date, versions and `machine` (the caller's description of it) for the report."""
     import deepspeed
     import torch
     import transformers
 
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "deepspeed": deepspeed.__version__,
-            "machine": f"{platform.machine()}, {_cpu_model()}, {torch.get_num_threads()} threads"}
-
-
-def _cpu_model() -> str:
-    from handlers.engine_plan import cpu_device
-    return cpu_device().name
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m quantization.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=Path, help="a Hugging Face model directory (default: the embedded model)")
-    parser.add_argument("--windows", type=int, default=16, help="held-out windows (default 16)")
-    parser.add_argument("--window-tokens", type=int, default=256, help="tokens per window (default 256)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
-    args = parser.parse_args(argv)
-    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"--variants: unknown {', '.join(unknown)}; allowed: {', '.join(VARIANTS)}")
-    # stdout carries the JSON object alone: libraries' log lines (DeepSpeed logs to stdout, binding the stream
-    # when it is first imported, which happens inside this block) go to stderr.
-    with contextlib.redirect_stdout(sys.stderr):
-        model_dir = args.model_dir
-        if model_dir is None:
-            from quantization.calibration_cache import default_cache_dir
-            from entrypoint.embedded_model import ensure_embedded_model
-            model_dir = ensure_embedded_model(default_cache_dir())
-        report = {"command": "python -m quantization.evaluate " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  "model": str(model_dir), **_environment(),
-                  **evaluate(model_dir, args.windows, args.window_tokens, variants)}
-    print(json.dumps(report, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+            "machine": f"{platform.machine()}, {machine}, {torch.get_num_threads()} threads"}

@@ -42,7 +42,7 @@ class Int8Linear(nn.Module):
                  per_tensor: bool = False):
         super().__init__()
         # per_tensor: one scale per weight and one per activation tensor, the "naive W8A8" baseline that
-        # `python -m quantization.evaluate` compares against; serving always uses per-channel/per-token.
+        # `python -m entrypoint quality` compares against; serving always uses per-channel/per-token.
         self.per_tensor = per_tensor
         q, scale = quantize_weight(weight.detach(), per_tensor)
         self.in_features = weight.shape[1]

@@ -7,7 +7,7 @@
 
 `quantize_loaded_model` is the engine's hook (handlers/autotp_engine.load_autotp_model calls it right
 after the model is built and AutoTP has sharded it); `quantize_model` is the same with explicit settings
-(`python -m quantization.evaluate` uses it).
+(`python -m entrypoint quality` uses it).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`python -m quantization.evaluate` prints one JSON object (and nothing else) on stdout with a perplexity per
+"""`python -m entrypoint quality` prints one JSON object (and nothing else) on stdout with a perplexity per
 variant and the weight-bytes target; a short run on the embedded model (smoothquant is served end to end in
 test_quantized_serving.py, and its quality is in RESULTS.md)."""
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_prints_one_json_object(embedded_model_dir: Path):
-    result = subprocess.run([sys.executable, "-m", "quantization.evaluate", "--model-dir", str(embedded_model_dir),
+    result = subprocess.run([sys.executable, "-m", "entrypoint", "quality", "--model-dir", str(embedded_model_dir),
                              "--windows", "1", "--window-tokens", "64", "--variants", "fp32,naive_w8a8,dynamic_int8"],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -35,6 +35,14 @@ def test_handlers_never_import_entrypoint():
     assert {name: found for name, found in offenders.items() if found} == {}
 
 
+def test_quantization_imports_neither_handlers_nor_entrypoint():
+    """quantization/ is the library both use (the loaders quantize through it; `python -m entrypoint quality`
+    measures it): it depends on neither."""
+    offenders = {name: sorted(i for i in imported if i.startswith(("entrypoint", "handlers")))
+                 for name, imported in _modules().items() if name.startswith("quantization")}
+    assert {name: found for name, found in offenders.items() if found} == {}
+
+
 def test_no_import_cycles():
     graph = _modules()
     cycles = []
