@@ -4,7 +4,6 @@ tested on the GPU (tests/gpu/test_gpu_fastgen.py)."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, PhiConfig
