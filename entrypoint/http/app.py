@@ -58,6 +58,13 @@ def create_app(configuration: Configuration, state: ServerState) -> FastAPI:
     app.state.predictor = predictor
     app.state.metrics = metrics
 
+    _error_handlers(app)
+    _status_routes(app, state)
+    _generation_routes(app, predictor, openai, metrics)
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
     # Framework-level errors (unknown route, wrong method) use the same body shapes as ours.
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -70,6 +77,9 @@ def create_app(configuration: Configuration, state: ServerState) -> FastAPI:
         body = render(row_for_status(400), str(exc), ErrorFamily.for_path(request.url.path))
         return JSONResponse(body, status_code=400)
 
+
+def _status_routes(app: FastAPI, state: ServerState) -> None:
+    """/ping (SageMaker's health check) and /models (DJL Serving's model list, with the serving engine)."""
     @app.get("/ping")
     async def ping() -> JSONResponse:
         health = state.health()
@@ -95,6 +105,9 @@ def create_app(configuration: Configuration, state: ServerState) -> FastAPI:
             entry["healthy"] = loop.health().healthy
         return JSONResponse({"models": [entry]})
 
+
+def _generation_routes(app: FastAPI, predictor: Predictor, openai: OpenAIApi, metrics: ServerMetrics) -> None:
+    """LMI's routes, OpenAI's, and the Prometheus metrics."""
     @app.post("/invocations")
     async def invocations(request: Request) -> Response:
         return await predictor.handle(request, "/invocations")
@@ -126,8 +139,6 @@ def create_app(configuration: Configuration, state: ServerState) -> FastAPI:
     async def prometheus_metrics(request: Request) -> Response:
         body, content_type = metrics.render(request.headers.get("accept"))
         return Response(body, media_type=content_type)
-
-    return app
 
 
 _MODEL_STATUS = {Phase.LOADING: "LOADING", Phase.READY: "READY", Phase.FAILED: "FAILED"}
