@@ -77,13 +77,21 @@ def _fastgen_kernels_missing(importable: Callable[[str], bool]) -> str | None:
 FASTGEN_OPS = ("inference_core_ops", "ragged_device_ops", "ragged_ops")
 
 
+def deepspeed_directory() -> Path | None:
+    """Where the installed deepspeed package is, found without importing it."""
+    spec = importlib.util.find_spec("deepspeed")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def deepspeed_prebuilt_ops() -> dict[str, bool]:
     """The installed DeepSpeed's `installed_ops` (which ops its wheel carries compiled), read from its
     git_version_info_installed.py without importing deepspeed (that imports torch: `plan` stays fast)."""
-    spec = importlib.util.find_spec("deepspeed")
-    if spec is None or not spec.submodule_search_locations:
+    directory = deepspeed_directory()
+    if directory is None:
         return {}
-    path = Path(list(spec.submodule_search_locations)[0]) / "git_version_info_installed.py"
+    path = directory / "git_version_info_installed.py"
     try:
         tree = ast.parse(path.read_text())
     except (OSError, SyntaxError):

@@ -503,7 +503,6 @@ def _fake_deepspeed(root, ops):
     """A DeepSpeed installation as its wheel lays it out: git_version_info_installed.py records installed_ops."""
     package = root / "deepspeed"
     package.mkdir()
-    (package / "__init__.py").write_text("raise ImportError('plan must not import deepspeed')\n")
     (package / "git_version_info_installed.py").write_text(
         f"version='0.19.8'\ngit_hash='unknown'\ninstalled_ops={ops!r}\naccelerator_name='cuda'\n")
 
@@ -515,7 +514,7 @@ def test_fastgen_needs_its_ops_prebuilt_or_nvcc_to_build_them(monkeypatch, tmp_p
     from handlers import engine_plan
 
     _fake_deepspeed(tmp_path, {"ragged_ops": False, "ragged_device_ops": False, "inference_core_ops": True})
-    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(engine_plan, "deepspeed_directory", lambda: tmp_path / "deepspeed")
     monkeypatch.setattr(engine_plan, "module_importable", lambda name: True)
     assert engine_plan.deepspeed_prebuilt_ops() == {"ragged_ops": False, "ragged_device_ops": False,
                                                     "inference_core_ops": True}
@@ -540,6 +539,14 @@ def test_prebuilt_ops_need_no_compiler(monkeypatch, tmp_path):
     from handlers import engine_plan
 
     _fake_deepspeed(tmp_path, {op: True for op in engine_plan.FASTGEN_OPS})
-    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(engine_plan, "deepspeed_directory", lambda: tmp_path / "deepspeed")
     monkeypatch.setattr(engine_plan, "cuda_compiler", lambda: None)
     assert engine_plan.fastgen_ops_unavailable() is None
+
+
+def test_the_installed_deepspeeds_op_record_is_read():
+    from handlers import engine_plan
+
+    directory = engine_plan.deepspeed_directory()
+    assert directory is not None and (directory / "git_version_info_installed.py").is_file()
+    assert "cpu_adam" in engine_plan.deepspeed_prebuilt_ops()  # the CPU install records its ops, none prebuilt
