@@ -113,6 +113,7 @@ _WORKERS = "one process group (one rank per tensor-parallel GPU) serves the one 
 _LORA = "no LoRA adapters in this container: requests are served by the base model only"
 _SPECULATIVE = "no speculative decoding: every token is decoded by the served model itself"
 _PASSES_THROUGH = "vLLM engine argument (LMI passes it to vLLM); "
+_MEMORY = "memory is not reserved per worker (gpu_memory_utilization bounds GPU memory)"
 
 LMI_KEYS: tuple[LmiKey, ...] = (
     # -- the keys this container shares with LMI (parsed as properties; listed for the migration table) --
@@ -202,14 +203,10 @@ LMI_KEYS: tuple[LmiKey, ...] = (
     LmiKey("cpu.maxWorkers", IGNORED, (DJL,), _WORKERS, example="1"),
     LmiKey("max_idle_time", IGNORED, (DJL,), "workers are never scaled down", example="60"),
     LmiKey("load_on_devices", IGNORED, (DJL,), "tensor_parallel_degree decides the devices", example="0;1"),
-    LmiKey("required_memory_mb", IGNORED, (DJL,), "memory is not reserved per worker (gpu_memory_utilization "
-           "bounds GPU memory)", example="8192"),
-    LmiKey("gpu.required_memory_mb", IGNORED, (DJL,), "memory is not reserved per worker (gpu_memory_utilization "
-           "bounds GPU memory)", example="8192"),
-    LmiKey("reserved_memory_mb", IGNORED, (DJL,), "memory is not reserved per worker (gpu_memory_utilization "
-           "bounds GPU memory)", example="1024"),
-    LmiKey("gpu.reserved_memory_mb", IGNORED, (DJL,), "memory is not reserved per worker (gpu_memory_utilization "
-           "bounds GPU memory)", example="1024"),
+    LmiKey("required_memory_mb", IGNORED, (DJL,), _MEMORY, example="8192"),
+    LmiKey("gpu.required_memory_mb", IGNORED, (DJL,), _MEMORY, example="8192"),
+    LmiKey("reserved_memory_mb", IGNORED, (DJL,), _MEMORY, example="1024"),
+    LmiKey("gpu.reserved_memory_mb", IGNORED, (DJL,), _MEMORY, example="1024"),
     LmiKey("translatorFactory", IGNORED, (DJL,), "no Java translator: the Python server parses requests itself",
            example="ai.djl.translate.NoopServingTranslatorFactory"),
     LmiKey("log_request_metric", IGNORED, (DJL,), "request metrics are always exported at /metrics",
