@@ -34,6 +34,18 @@ class FinishReason(str, Enum):
 MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
+#: The sampling parameters' ranges, declared once: `SamplingParams` and the LMI and OpenAI request schemas
+#: (which publish them in /openapi.json) take them from here, so every front end refuses the same values.
+#: OpenAI's schema narrows temperature to OpenAI's own 0-2 and widens seed to what OpenAI clients send (it is
+#: folded into the engine's range), and top_p 0 there means greedy.
+TEMPERATURE_RANGE: dict[str, float] = {"ge": 0.0, "le": 100.0}
+TOP_P_RANGE: dict[str, float] = {"gt": 0.0, "le": 1.0}
+REPETITION_PENALTY_RANGE: dict[str, float] = {"gt": 0.0, "le": 10.0}
+OPENAI_PENALTY_RANGE: dict[str, float] = {"ge": -2.0, "le": 2.0}  # presence_penalty, frequency_penalty
+SEED_RANGE: dict[str, int] = {"ge": 0, "le": 2**63 - 1}
+TOP_N_TOKENS_RANGE: dict[str, int] = {"ge": 0, "le": 20}
+
+
 class SamplingParams(BaseModel):
     """Per-request generation parameters, LMI's `parameters` object. Ranges are validated here so every
     front end (LMI schema, OpenAI schema, DJL handle) rejects the same bad values the same way."""
@@ -42,21 +54,21 @@ class SamplingParams(BaseModel):
 
     max_new_tokens: int = Field(256, ge=0, description="Most tokens to generate; 0 only scores the prompt "
                                 "(with prompt_logprobs).")
-    temperature: float = Field(1.0, ge=0.0, le=100.0, description="Softmax temperature; 0 means greedy.")
+    temperature: float = Field(1.0, **TEMPERATURE_RANGE, description="Softmax temperature; 0 means greedy.")
     top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens; 0 disables.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling probability mass.")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="CTRL-style repetition penalty; 1 disables.")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI presence penalty.")
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI frequency penalty.")
+    top_p: float = Field(1.0, **TOP_P_RANGE, description="Nucleus sampling probability mass.")
+    repetition_penalty: float = Field(1.0, **REPETITION_PENALTY_RANGE, description="CTRL-style repetition penalty; 1 disables.")
+    presence_penalty: float = Field(0.0, **OPENAI_PENALTY_RANGE, description="OpenAI presence penalty.")
+    frequency_penalty: float = Field(0.0, **OPENAI_PENALTY_RANGE, description="OpenAI frequency penalty.")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Random seed; the same seed gives the same text.")
+    seed: int | None = Field(None, **SEED_RANGE, description="Random seed; the same seed gives the same text.")
     stop_sequences: tuple[str, ...] = Field((), description="Generation stops when the text contains one of these.")
     stop_token_ids: tuple[int, ...] = Field((), description="Generation stops after one of these token ids "
                                             "(which, like EOS, is not part of the text).")
     ignore_eos: bool = Field(False, description="Keep generating after the end-of-sequence token.")
     details: bool = Field(False, description="Return finish reason and per-token id, text and log-probability.")
     return_full_text: bool = Field(False, description="Prepend the prompt to generated_text.")
-    top_n_tokens: int = Field(0, ge=0, le=20, description="Also return the n most likely alternatives per token.")
+    top_n_tokens: int = Field(0, **TOP_N_TOKENS_RANGE, description="Also return the n most likely alternatives per token.")
     prompt_logprobs: bool = Field(False, description="Return each prompt token's log-probability (the first "
                                   "output carries them; top_n_tokens alternatives each).")
 

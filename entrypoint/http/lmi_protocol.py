@@ -38,7 +38,20 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from entrypoint.http.validation import (IGNORED_FIELDS, Bool, StrictModel, Text, TokenId, load_json_object, stop_sequences,
                                         validation_error)
-from handlers.engine import FinishReason, GenerationRequest, InvalidRequest, RequestOutput, SamplingParams, Token
+from handlers.engine import (
+    OPENAI_PENALTY_RANGE,
+    REPETITION_PENALTY_RANGE,
+    SEED_RANGE,
+    TEMPERATURE_RANGE,
+    TOP_N_TOKENS_RANGE,
+    TOP_P_RANGE,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequest,
+    RequestOutput,
+    SamplingParams,
+    Token,
+)
 
 #: LMI's default max_new_tokens (GenerationParameters in lmi_input_output_schema.md)
 LMI_DEFAULT_MAX_NEW_TOKENS = 30
@@ -87,13 +100,13 @@ class LmiParameters(StrictModel):
 
     max_new_tokens: int = Field(LMI_DEFAULT_MAX_NEW_TOKENS, ge=0)
     do_sample: Bool | None = None
-    temperature: float | None = Field(None, ge=0.0, le=100.0)
+    temperature: float | None = Field(None, **TEMPERATURE_RANGE)
     top_k: int | None = Field(None, ge=-1)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    top_p: float | None = Field(None, **TOP_P_RANGE)
+    seed: int | None = Field(None, **SEED_RANGE)
+    repetition_penalty: float | None = Field(None, **REPETITION_PENALTY_RANGE)
+    presence_penalty: float | None = Field(None, **OPENAI_PENALTY_RANGE)
+    frequency_penalty: float | None = Field(None, **OPENAI_PENALTY_RANGE)
     stop_sequences: Text | list[Text] | None = None
     stop: Text | list[Text] | None = None
     stop_token_ids: list[TokenId] | None = None
@@ -102,8 +115,8 @@ class LmiParameters(StrictModel):
     details: Bool | None = None
     decoder_input_details: Bool | None = None
     return_full_text: Bool | None = None
-    top_n_tokens: int | None = Field(None, ge=0, le=20)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    top_n_tokens: int | None = Field(None, **TOP_N_TOKENS_RANGE)
+    logprobs: int | None = Field(None, **TOP_N_TOKENS_RANGE)  # LMI's name of top_n_tokens
     truncate: int | None = Field(None, ge=1)
     n: int | None = Field(None, ge=1, le=MAX_SEQUENCES)
     best_of: int | None = Field(None, ge=1, le=MAX_SEQUENCES)

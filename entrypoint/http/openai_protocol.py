@@ -26,7 +26,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from entrypoint.http.validation import IGNORED_FIELDS, Bool, StrictModel, Text, stop_sequences, validation_error
-from handlers.engine import InvalidRequest, SamplingParams
+from handlers.engine import (
+    OPENAI_PENALTY_RANGE,
+    REPETITION_PENALTY_RANGE,
+    TOP_N_TOKENS_RANGE,
+    InvalidRequest,
+    SamplingParams,
+)
 
 #: most choices per request; OpenAI documents the same bound for n
 MAX_N = 128
@@ -63,14 +69,14 @@ class _OpenAIRequest(StrictModel):
     n: int | None = Field(None, ge=1, le=MAX_N)
     stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, **OPENAI_PENALTY_RANGE)
+    frequency_penalty: float | None = Field(None, **OPENAI_PENALTY_RANGE)
     logit_bias: dict[str, float] | None = None
     stream: Bool | None = None
     stream_options: StreamOptions | None = None
     # vLLM's extensions
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: no top-k
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(None, **REPETITION_PENALTY_RANGE)
     ignore_eos: Bool | None = None
     use_beam_search: Bool | None = None  # benchmark clients send false; true is refused (no beam search)
 
@@ -201,7 +207,7 @@ class ChatCompletionRequest(_OpenAIRequest):
     messages: Any = Field(json_schema_extra=MESSAGES_SCHEMA)  # checked in `chat_messages`
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: Bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, **TOP_N_TOKENS_RANGE)
     response_format: dict[str, Any] | None = None
 
     @field_validator("response_format")
