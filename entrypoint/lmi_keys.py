@@ -143,7 +143,8 @@ LMI_KEYS: tuple[LmiKey, ...] = (
     LmiKey("option.tensor_parallel_degree", SAME, (COMMON,), "GPUs (ranks) to shard over, or max; default 1",
            "tensor_parallel_degree", example="max"),
     LmiKey("option.entryPoint", SAME, (COMMON,), "djl_python.deepspeed (LMI's DeepSpeed handler) "
-           "names this container's handler; other handlers (djl_python.huggingface, custom scripts) are refused", "entry_point", example="djl_python.deepspeed"),
+           "names this container's handler; other handlers (djl_python.huggingface, custom scripts) are refused",
+           "entry_point", example="djl_python.deepspeed"),
     LmiKey("option.model_loading_timeout", SAME, (COMMON,), "same meaning (seconds)", "model_loading_timeout",
            example="1800"),
     LmiKey("option.predict_timeout", SAME, (DJL,), "same meaning (seconds)", "predict_timeout", example="120"),

@@ -57,7 +57,8 @@ class SamplingParams(BaseModel):
     temperature: float = Field(1.0, **TEMPERATURE_RANGE, description="Softmax temperature; 0 means greedy.")
     top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens; 0 disables.")
     top_p: float = Field(1.0, **TOP_P_RANGE, description="Nucleus sampling probability mass.")
-    repetition_penalty: float = Field(1.0, **REPETITION_PENALTY_RANGE, description="CTRL-style repetition penalty; 1 disables.")
+    repetition_penalty: float = Field(1.0, **REPETITION_PENALTY_RANGE,
+                                      description="CTRL-style repetition penalty; 1 disables.")
     presence_penalty: float = Field(0.0, **OPENAI_PENALTY_RANGE, description="OpenAI presence penalty.")
     frequency_penalty: float = Field(0.0, **OPENAI_PENALTY_RANGE, description="OpenAI frequency penalty.")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
@@ -68,7 +69,8 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = Field(False, description="Keep generating after the end-of-sequence token.")
     details: bool = Field(False, description="Return finish reason and per-token id, text and log-probability.")
     return_full_text: bool = Field(False, description="Prepend the prompt to generated_text.")
-    top_n_tokens: int = Field(0, **TOP_N_TOKENS_RANGE, description="Also return the n most likely alternatives per token.")
+    top_n_tokens: int = Field(0, **TOP_N_TOKENS_RANGE,
+                              description="Also return the n most likely alternatives per token.")
     prompt_logprobs: bool = Field(False, description="Return each prompt token's log-probability (the first "
                                   "output carries them; top_n_tokens alternatives each).")
 

@@ -127,7 +127,8 @@ class EngineLoop:
         self._stopping = False
         self._failure: str | None = None
         # one per event loop that reads streams; weak, so that a closed loop's entry goes with it
-        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventLoopMailbox] = weakref.WeakKeyDictionary()
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventLoopMailbox] = \
+            weakref.WeakKeyDictionary()
         # Owned by the loop thread (read elsewhere only as snapshots): ---------------------------------
         self._active: dict[str, _Entry] = {}
         self._inbox: collections.deque[tuple[str, object]] = collections.deque()  # taken, not yet applied

@@ -6,15 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from entrypoint.configuration import Configuration, ConfigurationError, load_configuration
+from entrypoint.configuration import ConfigurationError
 from handlers.serving_properties import DjlEngine, DType, Quantize, RollingBatch, ServingProperties, Task
 from entrypoint.property_sources import COMPAT_ENV, LMI_ENV, parse_properties_text
-
-
-def load(tmp_path: Path, properties: str | None = None, **environ: str) -> Configuration:
-    if properties is not None:
-        (tmp_path / "serving.properties").write_text(properties)
-    return load_configuration(tmp_path, environ)
+from tests.support.configuration_files import load_from as load
 
 
 def error_of(tmp_path: Path, properties: str | None = None, **environ: str) -> ConfigurationError:

@@ -8,20 +8,14 @@ from pathlib import Path
 import pytest
 
 from entrypoint import lmi_keys
-from entrypoint.configuration import Configuration, ConfigurationError, load_configuration, \
-    load_configuration_from_properties
+from entrypoint.configuration import ConfigurationError, load_configuration_from_properties
 from entrypoint.lmi_keys import FIXED, IGNORED, LMI_KEYS, MAPPED, SAME
 from entrypoint.property_sources import canonical_name, normalize_key
 from handlers.serving_properties import OutputFormatter, ServingProperties
+from tests.support.configuration_files import load_from as load
 
 ACCEPTED = [entry for entry in LMI_KEYS if entry.kind != SAME]
 OPTION_ACCEPTED = [entry for entry in ACCEPTED if entry.is_option]
-
-
-def load(tmp_path: Path, properties: str | None = None, **environ: str) -> Configuration:
-    if properties is not None:
-        (tmp_path / "serving.properties").write_text(properties)
-    return load_configuration(tmp_path, environ)
 
 
 def error_of(tmp_path: Path, properties: str | None = None, **environ: str) -> str:
