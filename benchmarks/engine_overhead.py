@@ -75,6 +75,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from handlers.engine import GenerationRequest, SamplingParams  # noqa: E402
+from handlers.engine_loop import GIL_SWITCH_INTERVAL  # noqa: E402
 from handlers.kv_blocks import BlockAllocator, KVBudget  # noqa: E402
 from handlers.rolling_batch import RollingBatchEngine  # noqa: E402
 from handlers.runner import Runner  # noqa: E402
@@ -184,6 +185,9 @@ class StandInRunner(Runner):
     """A `Runner` whose passes run on a `StandInStream`; ragged (one pass for decodes and prefill chunks, as
     FastGen) unless `ragged=False` (a decode pass and a prefill pass per step, as AutoTP)."""
 
+    #: its passes return before the stand-in device has computed them, as CUDA launches do
+    asynchronous = True
+
     def __init__(self, device_ms: float, ragged: bool = True):
         self.device = torch.device("cpu")
         self.cache = None
@@ -221,16 +225,18 @@ def word_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")
 
 
-def build_engine(sequences: int, steps: int, device_ms: float, ragged: bool = True) -> RollingBatchEngine:
+def build_engine(sequences: int, steps: int, device_ms: float, ragged: bool = True,
+                 overlap: bool = True) -> RollingBatchEngine:
     """The engine as the FastGen loader builds it (handlers/fastgen_engine.py), over the stand-in runner,
-    with KV blocks for every request at once."""
+    with KV blocks for every request at once; `overlap=False` runs the steps in the order a CPU runner gets
+    (each pass read back and processed before the next is launched), the baseline of the overlap."""
     max_total = PROMPT_TOKENS + steps
     per_request = -(-max_total // BLOCK_SIZE)
     budget = KVBudget(block_size=BLOCK_SIZE, num_blocks=per_request * sequences + 1, bytes_per_token=1,
                       basis="stand-in: every request fits")
     return RollingBatchEngine(StandInRunner(device_ms, ragged), word_tokenizer(), allocator=BlockAllocator(budget),
                               max_batch=sequences, max_prefill_tokens=4096, max_total_tokens=max_total,
-                              eos_token_ids=[EOS_ID], vocab_size=VOCAB, name="stand-in")
+                              eos_token_ids=[EOS_ID], vocab_size=VOCAB, name="stand-in", overlap=overlap)
 
 
 def generation_requests(sequences: int, steps: int, prompt_ids: list[int]) -> list[GenerationRequest]:
@@ -296,7 +302,8 @@ def run_in_process(args: argparse.Namespace) -> Run:
     from entrypoint.warm_up import warm_up
     from handlers.engine_loop import EngineLoop
 
-    engine = build_engine(args.sequences, args.steps, args.device_ms, ragged=not args.split_passes)
+    engine = build_engine(args.sequences, args.steps, args.device_ms, ragged=not args.split_passes,
+                          overlap=not args.sequential)
     loop = EngineLoop(engine, job_queue_size=args.sequences + 1).start()
     try:
         warm_up(loop, engine.tokenizer, timeout=args.timeout)
@@ -324,7 +331,8 @@ def serve(args: argparse.Namespace) -> int:
     configuration = Configuration(properties=properties, sources={}, model_dir=Path("/nonexistent/model"))
 
     def factory(configuration: Configuration, progress: Callable[[str], None]) -> RollingBatchEngine:
-        return build_engine(args.sequences, args.steps, args.device_ms, ragged=not args.split_passes)
+        return build_engine(args.sequences, args.steps, args.device_ms, ragged=not args.split_passes,
+                            overlap=not args.sequential)
 
     return serve_http(configuration, engine_factory=factory, host="127.0.0.1")
 
@@ -334,6 +342,10 @@ def start_server(args: argparse.Namespace, port: int, log: Any) -> subprocess.Po
                "--sequences", str(args.sequences), "--device-ms", str(args.device_ms), "--steps", str(args.steps)]
     if args.split_passes:
         command.append("--split-passes")
+    if args.sequential:
+        command.append("--sequential")
+    if args.gil_switch_interval is not None:
+        command += ["--gil-switch-interval", str(args.gil_switch_interval)]
     return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -456,6 +468,9 @@ def result_line(args: argparse.Namespace, run: Run, load: list[float]) -> dict[s
         "benchmark": "engine_overhead", "mode": "http" if args.http else "in-process",
         "sequences": args.sequences, "device_ms": args.device_ms, "steps": args.steps,
         "prompt_tokens": PROMPT_TOKENS, "passes": "split" if args.split_passes else "ragged",
+        "step_order": "sequential" if args.sequential else "overlapped",
+        "gil_switch_interval": (args.gil_switch_interval if args.gil_switch_interval is not None
+                                else GIL_SWITCH_INTERVAL),
     }
     line.update(measure(run, args.sequences, args.steps, args.device_ms))
     line.update(run.extra)
@@ -475,6 +490,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--http", action="store_true", help="through the real HTTP server, clients in this process")
     parser.add_argument("--split-passes", action="store_true",
                         help="a decode pass and a prefill pass per step (AutoTP's runner) instead of one ragged pass")
+    parser.add_argument("--sequential", action="store_true",
+                        help="read back and process each pass before launching the next (the engine's order on a "
+                             "CPU runner) instead of overlapping them: the baseline")
+    parser.add_argument("--gil-switch-interval", type=float,
+                        help="seconds for sys.setswitchinterval instead of the engine loop's own "
+                             "(handlers.engine_loop.GIL_SWITCH_INTERVAL); CPython's default is 0.005")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     parser.add_argument("--out", type=Path, help="also append the JSON line to this file")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds the run (and server start) may take")
@@ -488,6 +509,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
+    if args.gil_switch_interval is not None:
+        import handlers.engine_loop
+
+        handlers.engine_loop.GIL_SWITCH_INTERVAL = args.gil_switch_interval
+        sys.setswitchinterval(args.gil_switch_interval)
     if args.serve_port is not None:
         return serve(args)
     load = [round(x, 2) for x in os.getloadavg()]

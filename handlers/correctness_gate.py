@@ -29,7 +29,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from handlers.rolling_batch import split_prefill_budget
+from handlers.scheduler import split_prefill_budget
 
 logger = logging.getLogger(__name__)
 

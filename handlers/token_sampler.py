@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -91,8 +92,10 @@ class SequenceSampling:
         return self.repetition or self.additive
 
 
-@dataclass(frozen=True)
-class Choice:
+class Choice(NamedTuple):
+    """One row's draw (a named tuple: a step makes one per running request on the path between two launches,
+    where a frozen dataclass's slower construction shows)."""
+
     token_id: int
     log_prob: float
     top: tuple[tuple[int, float], ...]  # (token id, log prob) of the most likely alternatives
@@ -132,34 +135,30 @@ class TokenSampler:
 
     def sample(self, logits: torch.Tensor, states: list[SequenceSampling]) -> list[Choice]:
         """logits: [rows, vocab], one row per state. Appends each chosen token to its state's history."""
+        return self.launch(logits, states).resolve()
+
+    def launch(self, logits: torch.Tensor, states: list[SequenceSampling]) -> "PendingChoices":
+        """Queue the sampling of every row on the logits' device without reading anything back, so that the
+        engine can launch the next forward pass and do host work before it waits (`PendingChoices.resolve`)."""
         raw = logits.float()
         device = raw.device
         scores = self._penalize(raw, states)
-        errors: dict[int, str] = {}
         sampled_rows = [row for row, state in enumerate(states) if not state.greedy]
+        finite = None
         if len(sampled_rows) < len(states):
             chosen = scores.argmax(dim=-1)
         if sampled_rows:
-            draws, bad = self._draw(scores, [states[row] for row in sampled_rows], sampled_rows, device)
+            draws, finite = self._draw(scores, [states[row] for row in sampled_rows], sampled_rows, device)
             if len(sampled_rows) == len(states):
                 chosen = draws
             else:
                 chosen = chosen.index_copy(0, torch.tensor(sampled_rows, device=device), draws)
-            for position in bad:
-                errors[sampled_rows[position]] = ("sampling failed: the probabilities are not finite "
-                                                  "(the logits contain inf or NaN)")
         log_norm = torch.logsumexp(raw, dim=-1)
         chosen_log_probs = raw.gather(1, chosen.view(-1, 1)).view(-1) - log_norm
         top = self._top_alternatives(raw, log_norm, states)
-        chosen_list = chosen.tolist()
-        log_prob_list = chosen_log_probs.tolist()
-        choices = []
-        for row, state in enumerate(states):
-            token = chosen_list[row]
-            state.history.append(token)
+        for state in states:
             state.sampled += 1
-            choices.append(Choice(token, log_prob_list[row], top.get(row, ()), errors.get(row)))
-        return choices
+        return PendingChoices(states, chosen, chosen_log_probs, sampled_rows, finite, top)
 
     # ---- penalties ----------------------------------------------------------------------------------
     def _penalize(self, raw: torch.Tensor, states: list[SequenceSampling]) -> torch.Tensor:
@@ -229,9 +228,9 @@ class TokenSampler:
 
     # ---- the draw -----------------------------------------------------------------------------------
     def _draw(self, scores: torch.Tensor, states: list[SequenceSampling], rows_of_states: list[int],
-              device: torch.device) -> tuple[torch.Tensor, list[int]]:
-        """Sampled ids for `states` (whose logits are the rows `rows_of_states` of `scores`), and the
-        positions (in `states`) whose probabilities were not finite."""
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampled ids for `states` (whose logits are the rows `rows_of_states` of `scores`), and whether each
+        one's probabilities were finite (read back with the ids, not here)."""
         rows = len(states)
         temperature = torch.tensor([s.params.temperature for s in states], device=device).view(-1, 1)
         uniforms = torch.tensor([uniform_for(s.seed, s.sampled) for s in states], dtype=torch.float64,
@@ -254,8 +253,7 @@ class TokenSampler:
                 chosen, ok = self._draw_full(sub_scores, uniforms.index_select(0, index))
             ids.index_copy_(0, index, chosen)
             finite.index_copy_(0, index, ok)
-        bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
-        return ids, bad
+        return ids, finite
 
     @staticmethod
     def _rows(scores: torch.Tensor, members: list[int]) -> torch.Tensor:
@@ -352,16 +350,50 @@ class TokenSampler:
     # ---- alternatives -------------------------------------------------------------------------------
     @staticmethod
     def _top_alternatives(raw: torch.Tensor, log_norm: torch.Tensor,
-                          states: list[SequenceSampling]) -> dict[int, tuple[tuple[int, float], ...]]:
+                          states: list[SequenceSampling]) -> tuple[list[int], torch.Tensor, torch.Tensor] | None:
+        """The rows that asked for top_n_tokens, with their most likely ids and log-probabilities (on the
+        device; `PendingChoices.resolve` reads them)."""
         asking = [row for row, state in enumerate(states) if state.params.top_n_tokens > 0]
         if not asking:
-            return {}
+            return None
         width = max(states[row].params.top_n_tokens for row in asking)
         index = torch.tensor(asking, device=raw.device)
         values, ids = raw.index_select(0, index).topk(width, dim=-1)
-        values = values - log_norm.index_select(0, index).view(-1, 1)
-        result = {}
-        for row, id_row, value_row in zip(asking, ids.tolist(), values.tolist()):
-            n = states[row].params.top_n_tokens
-            result[row] = tuple(zip(id_row[:n], value_row[:n]))
-        return result
+        return asking, ids, values - log_norm.index_select(0, index).view(-1, 1)
+
+
+class PendingChoices:
+    """A batch's sampling, queued on the device: `resolve()` reads the chosen ids (with their log-probabilities
+    and any alternatives asked for) back to the host, the one synchronisation of an engine step."""
+
+    def __init__(self, states: list[SequenceSampling], chosen: torch.Tensor, log_probs: torch.Tensor,
+                 sampled_rows: list[int], finite: torch.Tensor | None,
+                 top: tuple[list[int], torch.Tensor, torch.Tensor] | None):
+        self.states = states
+        self._chosen = chosen
+        self._log_probs = log_probs
+        self._sampled_rows = sampled_rows
+        self._finite = finite
+        self._top = top
+
+    def resolve(self) -> list[Choice]:
+        """The chosen token of every row; appends each to its state's history (what penalties count)."""
+        chosen = self._chosen.tolist()
+        log_probs = self._log_probs.tolist()
+        errors: dict[int, str] = {}
+        if self._finite is not None:
+            for position, ok in enumerate(self._finite.tolist()):
+                if not ok:
+                    errors[self._sampled_rows[position]] = ("sampling failed: the probabilities are not finite "
+                                                            "(the logits contain inf or NaN)")
+        top: dict[int, tuple[tuple[int, float], ...]] = {}
+        if self._top is not None:
+            asking, ids, values = self._top
+            for row, id_row, value_row in zip(asking, ids.tolist(), values.tolist()):
+                n = self.states[row].params.top_n_tokens
+                top[row] = tuple(zip(id_row[:n], value_row[:n]))
+        choices = []
+        for row, (state, token, log_prob) in enumerate(zip(self.states, chosen, log_probs)):
+            state.history.append(token)
+            choices.append(Choice(token, log_prob, top.get(row, ()) if top else (), errors.get(row) if errors else None))
+        return choices

@@ -24,3 +24,17 @@ def make_engine(model: Any, tokenizer: Any, *, max_batch: int = 4, prefill: int 
     return RollingBatchEngine(ModelRunner(model, cache, device), tokenizer, allocator=BlockAllocator(budget),
                               max_batch=max_batch, max_prefill_tokens=prefill, max_total_tokens=max_total,
                               eos_token_ids=eos, vocab_size=model.config.vocab_size, batching=batching)
+
+
+STEP_ORDERS = ("sequential", "overlapped")
+
+
+def step_order_fixture(request: Any, monkeypatch: Any) -> str:
+    """For an autouse fixture parametrized over STEP_ORDERS: every engine of the test either reads each pass
+    back before processing it (a CPU runner) or launches the next pass first (a CUDA runner, whose passes are
+    asynchronous), so every guarantee is checked in both step orders."""
+    from handlers.runner import Runner
+
+    overlapped = request.param == "overlapped"
+    monkeypatch.setattr(Runner, "asynchronous", property(lambda self: overlapped))
+    return request.param

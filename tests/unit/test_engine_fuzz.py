@@ -23,8 +23,14 @@ from handlers.kv_blocks import BlockAllocator, KVBudget
 from handlers.rolling_batch import RollingBatchEngine
 from tests.support.engines import make_engine
 from tests.support.ragged_engine import ReferenceRaggedEngine
+from tests.support.engines import STEP_ORDERS, step_order_fixture
 
 VOCAB = 64
+
+
+@pytest.fixture(autouse=True, params=STEP_ORDERS)
+def step_order(request, monkeypatch):
+    return step_order_fixture(request, monkeypatch)
 
 
 class Tokenizer:

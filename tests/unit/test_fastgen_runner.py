@@ -18,9 +18,15 @@ from handlers.fastgen_runner import FastGenRunner
 from handlers.kv_blocks import BlockAllocator, KVBudget
 from handlers.rolling_batch import RollingBatchEngine
 from tests.support.ragged_engine import ReferenceRaggedEngine
+from tests.support.engines import STEP_ORDERS, step_order_fixture
 
 VOCAB = 96
 BLOCK = 64
+
+
+@pytest.fixture(autouse=True, params=STEP_ORDERS)
+def step_order(request, monkeypatch):
+    return step_order_fixture(request, monkeypatch)
 
 
 class Tokenizer:
@@ -117,16 +123,19 @@ def test_admission_by_blocks_never_lets_deepspeeds_cache_run_out(model):
     assert int(ragged.free_blocks[0]) == 9
 
 
-def test_cancel_flushes_the_sequence_and_its_batch_mates_are_unaffected(model):
+def test_cancel_flushes_the_sequence_and_its_batch_mates_are_unaffected(model, step_order):
     engine, ragged = make(model, max_batch=4)
     ps = prompts(3, seed=5)
     for i, p in enumerate(ps):
         engine.add_request(request(i, p, max_new_tokens=20))
     for _ in range(8):
         engine.step()
-    cancelled_uid = engine._by_id["1"].sequence
+    cancelled_uid = engine.sequence_of("1")
     final = engine.cancel("1")
     assert final.finished and final.finish_reason is FinishReason.CANCELLED
+    if step_order == "overlapped":  # the sequence is in the put on the device: flushed once it is read back
+        assert cancelled_uid not in ragged.flushed
+        assert all(out.request_id != "1" for out in engine.step())
     assert cancelled_uid in ragged.flushed and cancelled_uid not in ragged.seen
     tokens, _ = run(engine)
     for i in (0, 2):
@@ -265,7 +274,7 @@ def test_a_step_that_exactly_fills_the_atom_buffer_is_correct_and_one_short_is_n
 
 
 def test_split_prefill_budget_is_first_come_first_served():
-    from handlers.rolling_batch import split_prefill_budget
+    from handlers.scheduler import split_prefill_budget
 
     assert split_prefill_budget([10, 20, 30], 35) == [10, 20, 5]
     assert split_prefill_budget([100], 32) == [32]

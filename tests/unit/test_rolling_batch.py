@@ -11,8 +11,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from handlers.engine import FinishReason, GenerationRequest, InvalidRequest, SamplingParams
 from tests.support.engines import make_engine as build_engine
+from tests.support.engines import STEP_ORDERS, step_order_fixture
 
 VOCAB = 96
+
+
+@pytest.fixture(autouse=True, params=STEP_ORDERS)
+def step_order(request, monkeypatch):
+    return step_order_fixture(request, monkeypatch)
 
 
 class CharTokenizer:
@@ -86,10 +92,17 @@ def test_matches_transformers_generate_greedy(model):
     assert alone(model, prompt, max_new_tokens=12) == expected[0, len(prompt):].tolist()
 
 
-def test_new_request_joins_next_step_and_finished_leaves_at_once(model):
+def launched_only(engine, step_order):
+    """In the overlapped order a step returns the previous pass's outputs: the first call only launches."""
+    if step_order == "overlapped":
+        assert engine.step() == []
+
+
+def test_new_request_joins_next_step_and_finished_leaves_at_once(model, step_order):
     engine = make_engine(model, max_batch=4)
     engine.add_request(request("long", prompts(1)[0], max_new_tokens=20))
     engine.add_request(request("short", prompts(1, seed=2)[0], max_new_tokens=2))
+    launched_only(engine, step_order)
     outputs = engine.step()  # both prefilled: first tokens
     assert {o.request_id for o in outputs} == {"long", "short"}
     assert engine.stats().running == 2
@@ -98,6 +111,9 @@ def test_new_request_joins_next_step_and_finished_leaves_at_once(model):
     assert engine.stats().running == 1
     engine.add_request(request("late", prompts(1, seed=3)[0], max_new_tokens=3))
     outputs = engine.step()
+    if step_order == "overlapped":  # late was admitted after the pass on the device was launched
+        assert {o.request_id for o in outputs} == {"long"}
+        outputs = engine.step()
     assert {o.request_id for o in outputs} == {"long", "late"}
     assert engine.stats().running == 2
 
@@ -114,7 +130,7 @@ def test_running_batch_never_exceeds_max_batch(model):
     assert peak == 2
 
 
-def test_prefill_budget_splits_long_prompts_across_steps(model):
+def test_prefill_budget_splits_long_prompts_across_steps(model, step_order):
     engine = make_engine(model, max_batch=4, prefill=8)
     prompt = prompts(1, seed=5)[0] + prompts(1, seed=6)[0]  # longer than 8 tokens
     assert len(prompt) > 16
@@ -125,7 +141,8 @@ def test_prefill_budget_splits_long_prompts_across_steps(model):
         steps_before_first_token += 1
         if any(o.tokens for o in outputs):
             break
-    assert steps_before_first_token == -(-len(prompt) // 8)  # ceil(len / budget) prefill steps
+    lag = step_order == "overlapped"  # a pass's outputs come with the next call
+    assert steps_before_first_token == -(-len(prompt) // 8) + lag  # ceil(len / budget) prefill steps
     assert run(engine)[0]["long"]  # and it completes
     assert alone(model, prompt, max_new_tokens=3)[:1] == [outputs[0].tokens[0].id]
 
@@ -145,16 +162,26 @@ def test_stop_sequence_across_token_boundaries(model):
     free = alone(model, prompt, max_new_tokens=8)
     text = CharTokenizer().decode(free)
     stop = text[5:9]  # starts in the 3rd token's second character, ends in the 5th token
+    mate = prompts(1, seed=12)[0]
     engine = make_engine(model)
     engine.add_request(request("s", prompt, max_new_tokens=8, stop_sequences=[stop]))
-    streamed, final = "", None
+    engine.add_request(request("mate", mate, max_new_tokens=12))
+    streamed, final, mate_tokens = "", None, []
     while engine.has_unfinished():
         for out in engine.step():
+            if out.request_id == "mate":
+                mate_tokens += [t.id for t in out.tokens]
+                continue
+            assert final is None, "an output after the final one"
             streamed += out.text
-            final = out
+            final = out if out.finished else None
     assert final.finish_reason is FinishReason.STOP_SEQUENCE
     assert streamed == text[:5]  # text before the stop sequence; no part of it was ever streamed
     assert final.generated_tokens == 5
+    # In the overlapped order the stop is found while the next pass, holding "s", is on the device: that
+    # pass's token for it is dropped and its blocks come back once the pass is read.
+    assert mate_tokens == alone(model, mate, max_new_tokens=12)
+    assert engine.stats().kv_cache_tokens == 0
 
 
 def test_eos_finishes_unless_ignored(model):
@@ -206,16 +233,20 @@ def test_prompt_ids_past_the_models_vocabulary_are_refused_and_batch_mates_run_o
     assert list(finals) == ["ok"] and len(tokens["ok"]) == 4
 
 
-def test_cancel_frees_the_slot_and_keeps_others_running(model):
+def test_cancel_frees_the_slot_and_keeps_others_running(model, step_order):
     engine = make_engine(model, max_batch=2)
     engine.add_request(request("a", [1, 2, 3], max_new_tokens=20))
     engine.add_request(request("b", [4, 5, 6], max_new_tokens=20))
     engine.add_request(request("c", [7, 8, 9], max_new_tokens=3))
+    launched_only(engine, step_order)
     engine.step()
     assert engine.stats().running == 2 and engine.stats().waiting == 1
     final = engine.cancel("a")
     assert final.finished and final.finish_reason is FinishReason.CANCELLED
     outputs = engine.step()
+    if step_order == "overlapped":  # a's token of the pass on the device is dropped; c starts in the next pass
+        assert {o.request_id for o in outputs} == {"b"}
+        outputs = engine.step()
     assert {o.request_id for o in outputs} == {"b", "c"}
     tokens, _, _ = run(engine)
     expected_b = alone(model, [4, 5, 6], max_new_tokens=20)
@@ -240,9 +271,9 @@ def test_a_request_whose_sampling_fails_ends_alone_with_an_error(model):
 
     def decode(sequences, token_ids, positions):
         logits = original(sequences, token_ids, positions).clone()
-        bad = engine._by_id.get("bad")
-        if bad is not None and bad.sequence in sequences:
-            logits[sequences.index(bad.sequence)] = float("nan")
+        bad = engine.sequence_of("bad")
+        if bad is not None and bad in sequences:
+            logits[sequences.index(bad)] = float("nan")
         return logits
 
     engine.runner.decode = decode
@@ -396,8 +427,8 @@ def test_prompt_log_probs_equal_teacher_forced_log_softmax_and_max_new_tokens_ze
 
 
 # ---- rolling_batch=disable: dynamic batching -------------------------------------------------------------
-def test_dynamic_batching_runs_each_batch_to_completion(model):
-    from handlers.rolling_batch import DynamicBatching
+def test_dynamic_batching_runs_each_batch_to_completion(model, step_order):
+    from handlers.scheduler import DynamicBatching
 
     # c, alone after the first batch, waits the whole delay for a batch-mate: long enough that a loaded
     # machine cannot pass it between add_request and step, short enough not to stall the suite
@@ -407,7 +438,8 @@ def test_dynamic_batching_runs_each_batch_to_completion(model):
     assert engine.step() == [] and engine.stats().running == 0  # waits for a batch-mate (delay not over)
     engine.add_request(request("b", ps[1], max_new_tokens=6))
     engine.add_request(request("c", ps[2], max_new_tokens=2))
-    outputs = engine.step()  # batch_size reached: a and b start together; c waits for the next batch
+    launched_only(engine, step_order)  # batch_size reached: a and b start together; c waits for the next batch
+    outputs = engine.step()
     assert {o.request_id for o in outputs} == {"a", "b"}
     tokens, finished_order = {}, []
     while engine.has_unfinished():
@@ -421,14 +453,15 @@ def test_dynamic_batching_runs_each_batch_to_completion(model):
     assert tokens["c"] == alone(model, ps[2], max_new_tokens=2)
 
 
-def test_dynamic_batch_starts_after_the_delay_with_fewer_requests(model):
+def test_dynamic_batch_starts_after_the_delay_with_fewer_requests(model, step_order):
     import time as _time
 
-    from handlers.rolling_batch import DynamicBatching
+    from handlers.scheduler import DynamicBatching
 
     engine = make_engine(model, batching=DynamicBatching(batch_size=4, max_batch_delay=0.05))
     engine.add_request(request("a", prompts(1)[0], max_new_tokens=2))
     _time.sleep(0.06)
+    launched_only(engine, step_order)
     assert any(o.request_id == "a" for o in engine.step())
 
 
