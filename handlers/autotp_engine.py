@@ -23,7 +23,8 @@ def load_autotp_engine(properties: Any, plan: Any, model_path: str, progress: Ca
     tensor-parallel: its runner then drives the other ranks, see `handlers.tensor_parallel`)."""
     from handlers.kv_blocks import BlockAllocator
     from handlers.memory_probe import PeakMemory
-    from handlers.rolling_batch import DynamicBatching, RollingBatchEngine
+    from handlers.rolling_batch import RollingBatchEngine
+    from handlers.scheduler import DynamicBatching
 
     started = time.monotonic()
     memory = PeakMemory()

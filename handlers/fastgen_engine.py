@@ -47,7 +47,8 @@ def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: C
     from handlers.fastgen_model import build_fastgen_engine, preflight
     from handlers.fastgen_runner import FastGenRunner
     from handlers.kv_blocks import BlockAllocator
-    from handlers.rolling_batch import DynamicBatching, RollingBatchEngine
+    from handlers.rolling_batch import RollingBatchEngine
+    from handlers.scheduler import DynamicBatching
 
     _require_servable(plan)
     started = time.monotonic()

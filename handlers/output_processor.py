@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from handlers.detokenizer import IncrementalDetokenizer, StopSequenceMatcher
-from handlers.engine import FinishReason, GenerationRequest, RequestOutput, Token
-from handlers.scheduler import PromptScores, StepEvent
+from handlers.engine import FinishReason, GenerationRequest, InvalidRequest, RequestOutput, Token
+from handlers.step_events import PromptScores, StepEvent, TokenStops
 
 
 @dataclass
@@ -37,16 +37,33 @@ class ProcessedStep:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Any, special_ids: Iterable[int]):
+    def __init__(self, tokenizer: Any, eos_token_ids: Iterable[int]):
         self.tokenizer = tokenizer
-        self.special_ids = frozenset(special_ids)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ()) | self.eos_token_ids
+        self._special_by_text = _special_tokens(tokenizer)
+        vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+        self._vocab = vocab
         self._requests: dict[str, _Output] = {}
 
-    def add(self, request: GenerationRequest, stop_sequences: Iterable[str]) -> None:
-        """Track a request; `stop_sequences` are the text ones (those that are special tokens end it by id)."""
+    def add(self, request: GenerationRequest) -> TokenStops:
+        """Track a request; returns the finishes its token ids decide, for its scheduler. A stop sequence that is
+        one of the tokenizer's special tokens is matched on the token id, since text is decoded without them.
+        Raises `InvalidRequest` for stop token ids that are not the model's."""
+        params = request.params
+        vocab = self._vocab
+        bad = [token for token in params.stop_token_ids if token < 0 or (vocab is not None and token >= vocab)]
+        if bad:
+            raise InvalidRequest(f"stop_token_ids {bad} are not token ids of this model "
+                                 f"(0..{vocab - 1 if vocab else '?'})", "stop_token_ids")
+        special = [text for text in params.stop_sequences if text in self._special_by_text]
+        text_stops = [text for text in params.stop_sequences if text not in self._special_by_text]
         self._requests[request.request_id] = _Output(request, IncrementalDetokenizer(self.tokenizer,
                                                                                      request.prompt_token_ids),
-                                                     StopSequenceMatcher(list(stop_sequences)))
+                                                     StopSequenceMatcher(text_stops))
+        return TokenStops(stop_ids=frozenset(params.stop_token_ids) | {self._special_by_text[t] for t in special},
+                          eos_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
+                          max_new_tokens=params.max_new_tokens)
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._requests
@@ -121,3 +138,18 @@ class OutputProcessor:
         return Token(id=token_id, text=decode([token_id]) if text is None else text, log_prob=log_prob,
                      special=token_id in self.special_ids,
                      top_tokens=tuple(Token(i, decode([i]), lp, special=i in self.special_ids) for i, lp in top))
+
+
+def _special_tokens(tokenizer: Any) -> dict[str, int]:
+    """Text -> id of the tokenizer's special and added tokens (`</s>`, `<|im_end|>`): a stop sequence equal to
+    one of them is matched on the token id, since generated text is decoded without special tokens."""
+    found: dict[str, int] = {}
+    for text in getattr(tokenizer, "all_special_tokens", ()) or ():
+        token_id = tokenizer.convert_tokens_to_ids(text)
+        if isinstance(token_id, int) and token_id >= 0:
+            found[text] = token_id
+    added = getattr(tokenizer, "get_added_vocab", None)
+    if added is not None:
+        for text, token_id in added().items():
+            found.setdefault(text, token_id)
+    return found

@@ -39,15 +39,8 @@ from handlers.engine import (
 from handlers.kv_blocks import BlockAllocator
 from handlers.output_processor import OutputProcessor
 from handlers.runner import Runner
-from handlers.scheduler import (  # noqa: F401  (DynamicBatching and split_prefill_budget: re-exported for loaders)
-    DynamicBatching,
-    PromptScores,
-    ScheduledRequest,
-    Scheduler,
-    StepEvent,
-    StepPlan,
-    split_prefill_budget,
-)
+from handlers.scheduler import DynamicBatching, ScheduledRequest, Scheduler, StepPlan
+from handlers.step_events import PromptScores, StepEvent
 from handlers.token_sampler import PendingChoices, SequenceSampling, TokenSampler
 
 
@@ -78,7 +71,6 @@ class RollingBatchEngine(Engine):
         # the model's embedding rows: a larger id would index past them on the device (a CUDA device-side
         # assert that takes every request of the process down), e.g. a tokenizer with more tokens than the model
         self.vocab_size = vocab_size
-        self._special_by_text = _special_tokens(tokenizer)
         self.name = name
         self._summary = summary or {}
         #: launch pass n+1 before processing pass n's outputs (see the module docstring)
@@ -86,8 +78,7 @@ class RollingBatchEngine(Engine):
         self.sampler = TokenSampler(self.max_batch, self.max_total_tokens)
         self.scheduler = Scheduler(runner, allocator, max_batch=self.max_batch, max_prefill_tokens=max_prefill_tokens,
                                    batching=batching, release_sampling=self.sampler.release)
-        special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ()) | self.eos_token_ids
-        self.output = OutputProcessor(tokenizer, special_ids)
+        self.output = OutputProcessor(tokenizer, self.eos_token_ids)
         self._in_flight: _InFlight | None = None
         self._unprocessed: list[StepEvent] = []  # read back before a launch that raised; processed next step
         # A tensor-parallel runner checks its ranks while idle (see handlers.tensor_parallel).
@@ -105,21 +96,8 @@ class RollingBatchEngine(Engine):
                 raise InvalidRequest(f"the prompt holds token ids {sorted(set(outside))[:5]} outside this model's "
                                      f"vocabulary (0..{self.vocab_size - 1}): the tokenizer has more tokens than the "
                                      "model has embeddings", "inputs")
-        params = request.params
-        special_stops = [text for text in params.stop_sequences if text in self._special_by_text]
-        text_stops = [text for text in params.stop_sequences if text not in self._special_by_text]
-        vocab = len(self.tokenizer) if hasattr(self.tokenizer, "__len__") else None
-        bad = [token for token in params.stop_token_ids if token < 0 or (vocab is not None and token >= vocab)]
-        if bad:
-            raise InvalidRequest(f"stop_token_ids {bad} are not token ids of this model (0..{vocab - 1 if vocab else '?'})",
-                                 "stop_token_ids")
-        self.scheduler.add(ScheduledRequest(
-            request=request,
-            sampling=SequenceSampling.create(params, request.prompt_token_ids),
-            stop_ids=frozenset(params.stop_token_ids) | {self._special_by_text[text] for text in special_stops},
-            eos_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
-        ))
-        self.output.add(request, text_stops)
+        stops = self.output.add(request)
+        self.scheduler.add(ScheduledRequest(request, SequenceSampling.create(request.params, ids), stops))
 
     def step(self) -> list[RequestOutput]:
         events, self._unprocessed = self._unprocessed, []
@@ -251,18 +229,3 @@ class RollingBatchEngine(Engine):
         if top is not None:
             tops = [tuple(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
         return PromptScores(first, token_ids, values, tops)
-
-
-def _special_tokens(tokenizer: Any) -> dict[str, int]:
-    """Text -> id of the tokenizer's special and added tokens (`</s>`, `<|im_end|>`): a stop sequence equal to
-    one of them is matched on the token id, since generated text is decoded without special tokens."""
-    found: dict[str, int] = {}
-    for text in getattr(tokenizer, "all_special_tokens", ()) or ():
-        token_id = tokenizer.convert_tokens_to_ids(text)
-        if isinstance(token_id, int) and token_id >= 0:
-            found[text] = token_id
-    added = getattr(tokenizer, "get_added_vocab", None)
-    if added is not None:
-        for text, token_id in added().items():
-            found.setdefault(text, token_id)
-    return found

@@ -34,11 +34,12 @@ import collections
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from handlers.engine import FinishReason, GenerationRequest
 from handlers.kv_blocks import BlockAllocator
 from handlers.runner import Runner, StepBatch
+from handlers.step_events import PromptScores, StepEvent, TokenStops
 from handlers.token_sampler import Choice, SequenceSampling
 
 #: requests that asked for prompt log-probabilities are prefilled alone, in chunks of at most this many
@@ -80,8 +81,7 @@ class ScheduledRequest:
 
     request: GenerationRequest
     sampling: SequenceSampling
-    stop_ids: frozenset[int]  # token ids that end it (stop_token_ids and stop sequences that are special tokens)
-    eos_ids: frozenset[int]  # empty with ignore_eos
+    stops: TokenStops  # the finishes its token ids decide
     sequence: int = -1  # sequence slot (block-table row) once admitted
     blocks: list[int] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens whose KV is cached
@@ -99,28 +99,6 @@ class ScheduledRequest:
     @property
     def params(self) -> Any:
         return self.request.params
-
-
-@dataclass(frozen=True)
-class PromptScores:
-    """Prompt log-probabilities of one scored chunk: for prompt tokens start+1 .. start+len(ids)."""
-
-    first: bool  # the chunk starts the prompt (its first token has no log-probability)
-    token_ids: list[int]
-    log_probs: list[float]
-    top: list[tuple[tuple[int, float], ...]]
-
-
-class StepEvent(NamedTuple):
-    """What a resolved step did to one request, for the output processor (a named tuple: one per running
-    request is made between two launches)."""
-
-    request_id: str
-    choice: Choice | None = None  # the token it sampled (None: a prompt scored without generating)
-    finish: FinishReason | None = None  # decided by the token id or the length; stop strings come later
-    prompt_scores: PromptScores | None = None
-    generated_tokens: int = 0
-    prompt_tokens: int = 0
 
 
 @dataclass
@@ -271,15 +249,8 @@ class Scheduler:
     def _token_event(self, request: ScheduledRequest, choice: Choice) -> StepEvent:
         if choice.error is not None:
             return self._finish_event(request, choice, FinishReason.ERROR)
-        token = choice.token_id
-        request.generated.append(token)
-        reason = None
-        if token in request.stop_ids:
-            reason = FinishReason.STOP_SEQUENCE
-        elif token in request.eos_ids:
-            reason = FinishReason.EOS_TOKEN
-        elif len(request.generated) >= request.params.max_new_tokens:
-            reason = FinishReason.LENGTH
+        request.generated.append(choice.token_id)
+        reason = request.stops.reason(choice.token_id, len(request.generated))
         if reason is not None:
             return self._finish_event(request, choice, reason)
         return StepEvent(request.request_id, choice, None, generated_tokens=len(request.generated),
