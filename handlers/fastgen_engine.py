@@ -127,7 +127,7 @@ def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: C
 
 def _require_servable(plan: Any) -> None:
     """What FastGen needs before anything loads: its kernels, one GPU, a half dtype."""
-    from handlers.engine_plan import fastgen_ops_unavailable
+    from handlers.fastgen_readiness import fastgen_ops_unavailable
     from handlers.fastgen_model import KERNELS_MODULE
 
     if importlib.util.find_spec(KERNELS_MODULE) is None:

@@ -34,7 +34,7 @@ def planned_on_a_gpu(monkeypatch):
     # the pretend GPU machine has deepspeed-kernels, so the plan names FastGen first (test_engine_plan.py
     # covers the machine without it)
     monkeypatch.setattr("handlers.engine_plan.module_importable", lambda name: True)
-    monkeypatch.setattr("handlers.engine_plan.fastgen_ops_unavailable", lambda: None)
+    monkeypatch.setattr("handlers.fastgen_readiness.fastgen_ops_unavailable", lambda: None)
     monkeypatch.setattr(engine_factory, "_plan", plan)
     monkeypatch.setattr(engine_factory, "resolve_and_plan",
                         lambda configuration, progress: (resolved, plan(configuration, resolved,
