@@ -275,7 +275,8 @@ def _chosen_notes(entry: EngineEntry, arch: ArchitecturePolicy, shape: ModelShap
         notes.append(f"model_type {shape.model_type or '(none in config.json)'} is not in the engine policy table "
                      "(handlers/engine_policy.py); AutoTP serves it because it handles any Hugging Face model")
     if quant is not None:
-        notes.append(f"quantize={quant.method} on {entry.name}: {entry.policy.quantization_verdict(quant.method).reason}")
+        verdict = entry.policy.quantization_verdict(quant.method)
+        notes.append(f"quantize={quant.method} on {entry.name}: {verdict.reason}")
     notes.extend(entry.policy.caveats)
     if entry.plan_notes is not None:
         notes.extend(entry.plan_notes(properties, shape))
@@ -366,7 +367,8 @@ def _choose(mode: RollingBatch, device: Device, blockers: Mapping[str, str | Non
             ruled_out.append((name, f"no continuous batching: {engines[name].batching_reason} "
                                     "(set rolling_batch=disable to use it)"))
         else:
-            ruled_out.append((name, f"ranks below {chosen} on {_DEVICE_WORDS[device.kind]}: {engines[name].policy.preference_reason}"))
+            ruled_out.append((name, f"ranks below {chosen} on {_DEVICE_WORDS[device.kind]}: "
+                                    f"{engines[name].policy.preference_reason}"))
     return chosen, rolling, ruled_out
 
 

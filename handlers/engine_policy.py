@@ -137,7 +137,8 @@ _ROWS: tuple[ArchitecturePolicy, ...] = (
                   KERNEL_INJECTION: fails("fails with transformers 5.17: a cache object reaches the attention mask "
                                           "(measured)")}),
     _row("gpt_neox", {FASTGEN: _FASTGEN_NONE,
-                      KERNEL_INJECTION: fails("fails with transformers 5.17: missing attribute hidden_size (measured)")}),
+                      KERNEL_INJECTION: fails("fails with transformers 5.17: missing attribute hidden_size "
+                                              "(measured)")}),
     _row("bloom", {
         FASTGEN: _FASTGEN_NONE,
         KERNEL_INJECTION: fails("DeepSpeed refuses BLOOM kernel injection above transformers 4.43.4 (measured)"),

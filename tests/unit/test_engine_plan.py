@@ -536,7 +536,8 @@ def test_fastgen_needs_its_ops_prebuilt_or_nvcc_to_build_them(monkeypatch, tmp_p
     (toolkit / "bin" / "nvcc").write_text("")
     monkeypatch.setenv("CUDA_HOME", str(toolkit))
     assert fastgen_readiness.cuda_compiler() == str(toolkit / "bin" / "nvcc")
-    assert fastgen_readiness.fastgen_ops_unavailable() is None and plan_engine(props(), LLAMA_7B, GPU1).engine == FASTGEN
+    assert fastgen_readiness.fastgen_ops_unavailable() is None
+    assert plan_engine(props(), LLAMA_7B, GPU1).engine == FASTGEN
 
 
 def test_prebuilt_ops_need_no_compiler(monkeypatch, tmp_path):
