@@ -205,8 +205,10 @@ def build_report(configuration: Configuration) -> dict[str, Any]:
     model_config = read_model_config(resolved)
     from entrypoint.model_checks import check_model
     check_model(resolved, model_config, properties.trust_remote_code)  # faults visible without loading
-    from entrypoint.engine_factory import ENGINE_BUILDERS, QUANTIZERS
-    plan = plan_engine(properties, model_config, detect_device(), available=ENGINE_BUILDERS, quantizers=QUANTIZERS)
+    from entrypoint.engine_factory import QUANTIZERS
+    from handlers import engine_registry
+    plan = plan_engine(properties, model_config, detect_device(), available=engine_registry.built(),
+                       quantizers=QUANTIZERS)
     shape = ModelShape.from_config(model_config)
     model = {"source": _plain(resolved.source), "description": str(resolved.description), "path": str(resolved.path)}
     model.update({key: value for key, value in shape.to_dict().items()})

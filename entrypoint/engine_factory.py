@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from handlers import engine_registry
+
 logger = logging.getLogger(__name__)
 
 
@@ -17,38 +19,31 @@ def build_engine(configuration: Any, progress: Callable[[str], None]) -> Any:
     build, its correctness gate fails, a config it cannot express) is dropped, and the model is planned again
     without it: the next engine the policy allows serves instead, and the log says why."""
     resolved, plan = resolve_and_plan(configuration, progress)
-    available = dict(ENGINE_BUILDERS)
     failed: dict[str, str] = {}
     while True:
-        builder = available.get(plan.engine)
-        if builder is None:
+        entry = engine_registry.entry(plan.engine)
+        if entry.loader is None:
             raise RuntimeError(f"the plan chose engine {plan.engine!r}, which this build cannot start; "
-                               f"available: {', '.join(available)}")
+                               f"available: {', '.join(sorted(engine_registry.built()))}")
         progress(f"starting the {plan.engine} engine (importing torch, transformers and DeepSpeed)")
         try:
-            return builder(configuration.properties, plan, str(resolved.path), progress, resolved.description)
+            return entry.loader(configuration.properties, plan, str(resolved.path), progress, resolved.description)
         except Exception as error:  # noqa: BLE001 - only engines with a fallback are retried, see below
-            if plan.engine not in FALLS_BACK:
+            if not entry.falls_back:
                 raise
             logger.error("the %s engine cannot serve this model, planning again without it: %s",
-                         plan.engine, error, exc_info=not _expected_refusal(error))
-            del available[plan.engine]
+                         plan.engine, error, exc_info=not entry.refused(error))
             failed[plan.engine] = str(error)
-            plan = _plan(configuration, resolved, available, failed)
+            plan = _plan(configuration, resolved, failed)
             logger.info("engine %s instead: %s", plan.engine, plan.reason)
 
 
-def _expected_refusal(error: BaseException) -> bool:
-    from handlers.fastgen_model import FastGenUnsupported
-    return isinstance(error, FastGenUnsupported)
-
-
-def _plan(configuration: Any, resolved: Any, available: Any, failed: Any = None) -> Any:
+def _plan(configuration: Any, resolved: Any, failed: Any = None) -> Any:
     from entrypoint.model_resolution import read_model_config
     from handlers.engine_plan import detect_device, plan_engine
 
-    return plan_engine(configuration.properties, read_model_config(resolved), detect_device(), available=available,
-                       quantizers=QUANTIZERS, failed=failed)
+    return plan_engine(configuration.properties, read_model_config(resolved), detect_device(),
+                       available=engine_registry.built(), quantizers=QUANTIZERS, failed=failed)
 
 
 def resolve_and_plan(configuration: Any, progress: Callable[[str], None]) -> tuple[Any, Any]:
@@ -63,22 +58,8 @@ def resolve_and_plan(configuration: Any, progress: Callable[[str], None]) -> tup
                              # and `report` already logs each phase
                              cache_dir=cache_dir, progress=sys.stderr.isatty(), report=progress)
     progress(f"model: {resolved.description}")
-    return resolved, _plan(configuration, resolved, ENGINE_BUILDERS)
+    return resolved, _plan(configuration, resolved)
 
 
-def _autotp(*args: Any) -> Any:
-    from handlers.autotp_engine import load_autotp_engine
-    return load_autotp_engine(*args)
-
-
-def _fastgen(*args: Any) -> Any:
-    from handlers.fastgen_engine import load_fastgen_engine
-    return load_fastgen_engine(*args)
-
-
-# engine name (as the plan names it) -> builder(properties, plan, model_path, progress, description)
-ENGINE_BUILDERS: dict[str, Callable[..., Any]] = {"fastgen": _fastgen, "autotp": _autotp}
-# engines whose load-time failure re-plans without them (FastGen's own checks; AutoTP has nothing below it)
-FALLS_BACK: frozenset[str] = frozenset({"fastgen"})
 # quantization methods this build applies (quantization.quantizer; on the autotp engine, as the policy says)
 QUANTIZERS: frozenset[str] = frozenset({"smoothquant", "dynamic_int8"})

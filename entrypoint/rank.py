@@ -47,17 +47,18 @@ def serve_worker(configuration: Any) -> int:
     import signal
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from handlers.autotp_engine import load_autotp_model
     from entrypoint.engine_factory import resolve_and_plan
+    from handlers import engine_registry
+    from handlers.memory_probe import PeakMemory
     from handlers.tensor_parallel import worker_loop
 
-    from handlers.memory_probe import PeakMemory
-
     resolved, plan = resolve_and_plan(configuration, lambda text: logger.info("%s", text))
+    load_rank = engine_registry.entry(plan.engine).rank_loader
+    if load_rank is None:
+        raise RuntimeError(f"the plan chose engine {plan.engine!r}, which has no loader for ranks above 0")
     memory = PeakMemory()
-    model = load_autotp_model(configuration.properties, plan, str(resolved.path), lambda text: logger.info("%s", text))
-    logger.info("rank ready; following rank 0: weights_bytes_this_rank=%d %s",
-                sum(p.numel() * p.element_size() for p in model.module.parameters()),
+    model = load_rank(configuration.properties, plan, str(resolved.path), lambda text: logger.info("%s", text))
+    logger.info("rank ready; following rank 0: weights_bytes_this_rank=%d %s", model.weights_bytes,
                 " ".join(f"{key}={value}" for key, value in memory.stop().items()))
     worker_loop(model.runner, model.groups)
     import resource

@@ -10,21 +10,21 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from handlers.engine_choice import EnginePlan
+from handlers.serving_properties import ServingProperties
+
 logger = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 #: token positions per KV block (vLLM's default for its paged attention)
 KV_BLOCK_SIZE = 16
 
 
-def load_autotp_engine(properties: Any, plan: Any, model_path: str, progress: Callable[[str], None],
-                       description: str = "") -> Any:
+def load_autotp_engine(properties: ServingProperties, plan: EnginePlan, model_path: str,
+                       progress: Callable[[str], None], description: str = "") -> Any:
     """Load weights, wrap them with DeepSpeed AutoTP and return a `RollingBatchEngine` (on rank 0 when
     tensor-parallel: its runner then drives the other ranks, see `handlers.tensor_parallel`)."""
-    from handlers.kv_blocks import BlockAllocator
+    from handlers.engine_build import LoadedModel, eos_token_ids, serving_engine
     from handlers.memory_probe import PeakMemory
-    from handlers.rolling_batch import RollingBatchEngine
-    from handlers.scheduler import DynamicBatching
 
     started = time.monotonic()
     memory = PeakMemory()
@@ -35,31 +35,12 @@ def load_autotp_engine(properties: Any, plan: Any, model_path: str, progress: Ca
         from handlers.tensor_parallel import TensorParallelRunner
         runner = TensorParallelRunner(runner, model.groups)
     module = model.module
-    load_seconds = time.monotonic() - started
-    batching = DynamicBatching.for_plan(properties, plan)
-    return RollingBatchEngine(
-        runner, model.tokenizer,
-        allocator=BlockAllocator(model.budget),
-        max_batch=model.max_sequences,
-        max_prefill_tokens=properties.max_rolling_batch_prefill_tokens,
-        max_total_tokens=model.max_total_tokens,
-        eos_token_ids=eos_token_ids(module, model.tokenizer),
-        vocab_size=getattr(module.config, "vocab_size", None),
-        batching=batching,
-        name="autotp",
-        summary={
-            "model": description or model_path,
-            "architecture": type(module).__name__,
-            "dtype": plan.dtype,
-            "device": str(model.runner.device),
-            "tensor_parallel_degree": plan.tensor_parallel_degree,
-            "weights_bytes_this_rank": sum(p.numel() * p.element_size() for p in module.parameters()),
-            "kv_bytes_per_token": model.budget.bytes_per_token,
-            "load_seconds": round(load_seconds, 2),
-            **memory_summary,
-            "reason": getattr(plan, "reason", ""),
-        },
-    )
+    loaded = LoadedModel(runner, model.tokenizer, model.budget, model.max_sequences, model.max_total_tokens,
+                         eos_token_ids(module, model.tokenizer), getattr(module.config, "vocab_size", None),
+                         architecture=type(module).__name__, device=str(model.runner.device),
+                         tensor_parallel_degree=plan.tensor_parallel_degree, weights_bytes=model.weights_bytes,
+                         details=memory_summary)
+    return serving_engine("autotp", properties, plan, loaded, started, description or model_path)
 
 
 @dataclass
@@ -73,17 +54,24 @@ class AutoTPModel:
     max_sequences: int  # requests in the batch at once (sequence slots of the block table)
     groups: Any = None  # tensor-parallel only: handlers.tensor_parallel.ProcessGroups (rank, control groups)
 
+    @property
+    def weights_bytes(self) -> int:
+        """This rank's weights (its shard under tensor parallelism)."""
+        return sum(p.numel() * p.element_size() for p in self.module.parameters())
 
-def load_autotp_model(properties: Any, plan: Any, model_path: str, progress: Callable[[str], None]) -> AutoTPModel:
+
+def load_autotp_model(properties: ServingProperties, plan: EnginePlan, model_path: str,
+                      progress: Callable[[str], None]) -> AutoTPModel:
     """This rank's model, tokenizer and runner. Tensor parallel degree 1 loads the whole model with
     `from_pretrained`; a higher degree joins the process group and loads only this rank's shard."""
     import deepspeed  # heavy: imported only when an engine is built
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from handlers.engine_build import batch_limits, torch_dtype
     from quantization.quantizer import quantize_loaded_model
 
-    dtype = getattr(torch, TORCH_DTYPES[plan.dtype])
+    dtype = torch_dtype(plan)
     degree = plan.tensor_parallel_degree
     if properties.checkpoint is not None:
         from pathlib import Path
@@ -119,18 +107,16 @@ def load_autotp_model(properties: Any, plan: Any, model_path: str, progress: Cal
                                           replace_with_kernel_inject=False).module
     quantize_loaded_model(module, properties, plan, model_path, tokenizer, progress)  # no-op unless quantize is set
     device = next(module.parameters()).device
-    context = getattr(module.config, "max_position_embeddings", None) or properties.max_tokens
-    max_total_tokens = min(properties.max_tokens, context)
-    rolling = getattr(plan, "rolling_batch", True)
-    max_sequences = properties.max_rolling_batch_size if rolling else properties.batch_size
+    max_sequences, max_total_tokens = batch_limits(properties, plan,
+                                                   getattr(module.config, "max_position_embeddings", None))
     runner, budget = _runner_within_budget(module, properties, device, max_sequences, max_total_tokens, groups)
     progress(f"KV cache: {budget.tokens} tokens in {budget.num_blocks} blocks of {budget.block_size} "
              f"({budget.bytes / 2**30:.2f} GiB; {budget.basis})")
     return AutoTPModel(module, tokenizer, runner, max_total_tokens, dtype, budget, max_sequences, groups)
 
 
-def _runner_within_budget(module: Any, properties: Any, device: Any, max_sequences: int, max_total_tokens: int,
-                          groups: Any) -> tuple[Any, Any]:
+def _runner_within_budget(module: Any, properties: ServingProperties, device: Any, max_sequences: int,
+                          max_total_tokens: int, groups: Any) -> tuple[Any, Any]:
     """Measure what one token's K/V takes on this rank and what the largest step needs, size the KV cache
     from the memory budget (`handlers.kv_blocks`), and return a runner over a cache of that size."""
     import torch
@@ -175,18 +161,3 @@ def _runner_within_budget(module: Any, properties: Any, device: Any, max_sequenc
     if on_gpu:
         torch.cuda.empty_cache()
     return ModelRunner(module, cache_of(budget.num_blocks), device), budget
-
-
-def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
-    """Every end-of-sequence id the model's generation config, its config and its tokenizer name (the
-    FastGen engine uses the same rule, from the HF config alone)."""
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids

@@ -24,84 +24,6 @@ CUDA = "cuda"
 
 
 @dataclass(frozen=True)
-class EngineSpec:
-    """What one engine can do, whatever the architecture."""
-
-    name: str
-    summary: str
-    devices: frozenset[str]
-    dtypes: frozenset[str]  # resolved dtypes (fp32/fp16/bf16) it can run
-    dtype_reason: str
-    continuous_batching: bool  # whether requests can join a running batch
-    batching_reason: str
-    loads_ds_checkpoint: bool  # option.checkpoint (an init_inference checkpoint description)
-    cuda_graph: bool  # option.enable_cuda_graph
-    caveats: tuple[str, ...] = ()  # shown as plan notes when this engine is chosen
-
-
-ENGINES: Mapping[str, EngineSpec] = MappingProxyType({
-    FASTGEN: EngineSpec(
-        name=FASTGEN,
-        summary="DeepSpeed-FastGen (deepspeed.inference.v2): ragged batching with a paged KV cache and fused CUDA kernels",
-        devices=frozenset({CUDA}),
-        dtypes=frozenset({"fp16", "bf16"}),
-        dtype_reason="its model implementations raise 'Only fp16 and bf16 are supported' for any other dtype",
-        continuous_batching=True,
-        batching_reason="continuous batching is built in (requests join and leave the ragged batch every step)",
-        loads_ds_checkpoint=False,
-        cuda_graph=False,
-        caveats=(
-            "DeepSpeed 0.19.8's FastGen rounds rotary frequencies to fp16 (logits 11x HF fp16's deviation at 600 "
-            "positions, 34x at 2,000, measured); this build feeds it HF's fp32 frequencies through its trained-rotary "
-            "kernel (1.1x at every length in the same measurement) and the model's own norm eps",
-        ),
-    ),
-    KERNEL_INJECTION: EngineSpec(
-        name=KERNEL_INJECTION,
-        summary="deepspeed.init_inference(replace_with_kernel_inject=True): the model's layers replaced by DeepSpeed's fused CUDA kernels",
-        devices=frozenset({CUDA}),
-        dtypes=frozenset({"fp16", "bf16", "fp32"}),
-        dtype_reason="",
-        continuous_batching=False,
-        batching_reason="the injected layers keep their own contiguous KV cache per batch, so requests cannot join a "
-                        "running batch; a batch runs to completion before the next one starts",
-        loads_ds_checkpoint=True,
-        cuda_graph=True,
-        caveats=("kernel injection was measured only with tiny random configs in fp16 (FACTS 2026-11-22)",),
-    ),
-    AUTOTP: EngineSpec(
-        name=AUTOTP,
-        summary="deepspeed.init_inference(tensor_parallel=...) AutoTP: the Hugging Face model's own layers, linear layers sharded across ranks",
-        devices=frozenset({CPU, CUDA}),
-        dtypes=frozenset({"fp16", "bf16", "fp32"}),
-        dtype_reason="",
-        continuous_batching=True,
-        batching_reason="our rolling batch (handlers.rolling_batch) runs continuous batching on top of the HF layers",
-        loads_ds_checkpoint=True,
-        cuda_graph=False,
-    ),
-})
-
-# Preference per device kind, best first; the planner takes the first engine nothing rules out.
-PREFERENCE: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    CUDA: (FASTGEN, KERNEL_INJECTION, AUTOTP),
-    CPU: (AUTOTP,),
-})
-
-# Why an engine ranks where it does; quoted when a lower-ranked engine loses to a higher one.
-PREFERENCE_REASONS: Mapping[str, str] = MappingProxyType({
-    FASTGEN: "FastGen is the fastest engine measured on GPU: this server on FastGen streamed 150 / 2,588 / 3,436 output "
-             "tok/s at 1 / 32 / 64 clients (7B-shaped Llama, fp16, one H200, 128 prompt / 128 new tokens; RESULTS.md "
-             "section 10), where its AutoTP engine measured 19 / 413 at 1 / 32 clients (RESULTS.md section 2); "
-             "DeepSpeed's bare put() loop, without this server, reached 186 at batch 1 and 8,063 at batch 256 "
-             "(shared/FACTS.md, 2026-11-22)",
-    KERNEL_INJECTION: "kernel injection runs fused CUDA kernels but batches statically",
-    AUTOTP: "AutoTP runs the HF layers themselves: it works for any architecture and on CPU, but is the slowest on GPU "
-            "(HF paths spend ~65-90 ms of host time per step: shared/FACTS.md, H200, 2026-11-22)",
-})
-
-
-@dataclass(frozen=True)
 class Verdict:
     supported: bool
     reason: str
@@ -127,12 +49,33 @@ class ConfigCondition:
 
 
 @dataclass(frozen=True)
+class EnginePolicy:
+    """One engine's column of the policy: what holds for it whatever the row."""
+
+    preference_reason: str  # why it ranks where it does; quoted when a lower-ranked engine loses to a higher one
+    unknown: Verdict  # a model_type not in the table
+    quantization: Mapping[str, Verdict]  # quantize method -> whether this engine applies it, and why
+    unlisted: Verdict | None = None  # a row that names no verdict for this engine (None: as `unknown`)
+    caveats: tuple[str, ...] = ()  # shown as plan notes when this engine is chosen
+
+    def quantization_verdict(self, method: str) -> Verdict:
+        return self.quantization.get(method) or fails(f"this engine has no {method} path")
+
+
+@dataclass(frozen=True)
 class ArchitecturePolicy:
     model_type: str
-    engines: Mapping[str, Verdict]  # one verdict per engine in ENGINES
+    engines: Mapping[str, Verdict]  # engine name -> verdict, for the engines measured or read for this row
     smoothquant: Verdict
     conditions: tuple[ConfigCondition, ...] = ()
     known: bool = True  # False for the fallback policy of a model_type not in the table
+
+    def verdict(self, engine: str, column: EnginePolicy) -> Verdict:
+        """This row's verdict for `engine`, or its column's default when the row names none."""
+        named = self.engines.get(engine)
+        if named is not None:
+            return named
+        return column.unlisted or column.unknown if self.known else column.unknown
 
 
 # ---- reasons shared by several rows ------------------------------------------------------------------
@@ -159,45 +102,49 @@ def _smoothquant_verdict(model_type: str) -> Verdict:
     return works(f"the {family.name} family's norm -> linear pairs are mapped (quantization/families.py)")
 
 
-def _row(model_type: str, *, fastgen: Verdict, kernel_injection: Verdict, autotp: Verdict = _AUTOTP_ANY,
+def _row(model_type: str, verdicts: Mapping[str, Verdict],
          conditions: tuple[ConfigCondition, ...] = ()) -> ArchitecturePolicy:
-    verdicts = {FASTGEN: fastgen, KERNEL_INJECTION: kernel_injection, AUTOTP: autotp}
-    return ArchitecturePolicy(model_type, MappingProxyType(verdicts), _smoothquant_verdict(model_type), conditions)
+    return ArchitecturePolicy(model_type, MappingProxyType(dict(verdicts)), _smoothquant_verdict(model_type),
+                              conditions)
 
 
 _ROWS: tuple[ArchitecturePolicy, ...] = (
     # ---- FastGen architectures (the model_types engine_factory.build_hf_engine accepts) ------------------
-    _row("llama", fastgen=works("DeepSpeed 0.19.8 has an inference-v2 implementation (model_implementations/llama_v2); "
-                                "FastGen's throughput was measured on a 7B llama"),
-         kernel_injection=fails("fails with transformers 5.17: a tuple instead of a tensor passes between layers "
+    _row("llama", {
+        FASTGEN: works("DeepSpeed 0.19.8 has an inference-v2 implementation (model_implementations/llama_v2); "
+                       "FastGen's throughput was measured on a 7B llama"),
+        KERNEL_INJECTION: fails("fails with transformers 5.17: a tuple instead of a tensor passes between layers "
                                 "(measured; with transformers 4.43.4 it fails on the cache format)"),
-         autotp=_AUTOTP_LLAMA),
-    _row("mistral", fastgen=_fastgen_impl("mistral"), kernel_injection=_KI_NO_POLICY),
-    _row("mixtral", fastgen=_fastgen_impl("mixtral"), kernel_injection=_KI_NO_POLICY),
-    _row("opt", fastgen=_fastgen_impl("opt"),
-         kernel_injection=fails("fails with transformers 5.17: merge assert in auto_tp (measured)"),
+        AUTOTP: _AUTOTP_LLAMA}),
+    _row("mistral", {FASTGEN: _fastgen_impl("mistral"), KERNEL_INJECTION: _KI_NO_POLICY}),
+    _row("mixtral", {FASTGEN: _fastgen_impl("mixtral"), KERNEL_INJECTION: _KI_NO_POLICY}),
+    _row("opt", {FASTGEN: _fastgen_impl("opt"),
+                 KERNEL_INJECTION: fails("fails with transformers 5.17: merge assert in auto_tp (measured)")},
          conditions=(ConfigCondition(FASTGEN, "do_layer_norm_before", True, True,
                                      "FastGen refuses OPT with do_layer_norm_before=false (OPT-350m)"),)),
-    _row("falcon", fastgen=_fastgen_impl("falcon"), kernel_injection=_KI_NO_POLICY),
-    _row("phi", fastgen=_fastgen_impl("phi"), kernel_injection=_KI_NO_POLICY),
-    _row("phi3", fastgen=_fastgen_impl("phi3"), kernel_injection=_KI_NO_POLICY),
-    _row("qwen", fastgen=_fastgen_impl("qwen"), kernel_injection=_KI_NO_POLICY),
-    _row("qwen2", fastgen=_fastgen_impl("qwen_v2"), kernel_injection=_KI_NO_POLICY),
-    _row("qwen2_moe", fastgen=_fastgen_impl("qwen_v2_moe"), kernel_injection=_KI_NO_POLICY),
-    _row("exaone4", fastgen=_fastgen_impl("exaone4"), kernel_injection=_KI_NO_POLICY),
-    _row("exaone4_5", fastgen=_fastgen_impl("exaone4_5"), kernel_injection=_KI_NO_POLICY),
+    _row("falcon", {FASTGEN: _fastgen_impl("falcon"), KERNEL_INJECTION: _KI_NO_POLICY}),
+    _row("phi", {FASTGEN: _fastgen_impl("phi"), KERNEL_INJECTION: _KI_NO_POLICY}),
+    _row("phi3", {FASTGEN: _fastgen_impl("phi3"), KERNEL_INJECTION: _KI_NO_POLICY}),
+    _row("qwen", {FASTGEN: _fastgen_impl("qwen"), KERNEL_INJECTION: _KI_NO_POLICY}),
+    _row("qwen2", {FASTGEN: _fastgen_impl("qwen_v2"), KERNEL_INJECTION: _KI_NO_POLICY}),
+    _row("qwen2_moe", {FASTGEN: _fastgen_impl("qwen_v2_moe"), KERNEL_INJECTION: _KI_NO_POLICY}),
+    _row("exaone4", {FASTGEN: _fastgen_impl("exaone4"), KERNEL_INJECTION: _KI_NO_POLICY}),
+    _row("exaone4_5", {FASTGEN: _fastgen_impl("exaone4_5"), KERNEL_INJECTION: _KI_NO_POLICY}),
     # ---- kernel-injection architectures (policies in module_inject/replace_policy.py) -------------------
-    _row("gptj", fastgen=_FASTGEN_NONE, kernel_injection=works("runs with transformers 5.17 (measured, fp16)")),
-    _row("gpt_neo", fastgen=_FASTGEN_NONE, kernel_injection=works("runs with transformers 5.17 (measured, fp16)")),
-    _row("gpt2", fastgen=_FASTGEN_NONE,
-         kernel_injection=fails("fails with transformers 5.17: a cache object reaches the attention mask (measured)")),
-    _row("gpt_neox", fastgen=_FASTGEN_NONE,
-         kernel_injection=fails("fails with transformers 5.17: missing attribute hidden_size (measured)")),
-    _row("bloom", fastgen=_FASTGEN_NONE,
-         kernel_injection=fails("DeepSpeed refuses BLOOM kernel injection above transformers 4.43.4 (measured)"),
-         autotp=fails("transformers 5 has no SDPA attention for BLOOM (from_pretrained(attn_implementation='sdpa') "
+    _row("gptj", {FASTGEN: _FASTGEN_NONE, KERNEL_INJECTION: works("runs with transformers 5.17 (measured, fp16)")}),
+    _row("gpt_neo", {FASTGEN: _FASTGEN_NONE, KERNEL_INJECTION: works("runs with transformers 5.17 (measured, fp16)")}),
+    _row("gpt2", {FASTGEN: _FASTGEN_NONE,
+                  KERNEL_INJECTION: fails("fails with transformers 5.17: a cache object reaches the attention mask "
+                                          "(measured)")}),
+    _row("gpt_neox", {FASTGEN: _FASTGEN_NONE,
+                      KERNEL_INJECTION: fails("fails with transformers 5.17: missing attribute hidden_size "
+                                              "(measured)")}),
+    _row("bloom", {
+        FASTGEN: _FASTGEN_NONE,
+        KERNEL_INJECTION: fails("DeepSpeed refuses BLOOM kernel injection above transformers 4.43.4 (measured)"),
+        AUTOTP: fails("transformers 5 has no SDPA attention for BLOOM (from_pretrained(attn_implementation='sdpa') "
                       "raises, measured with 5.24), and the AutoTP engine's paged KV cache passes a boolean 4D "
-                      "attention mask that only SDPA takes")),
+                      "attention mask that only SDPA takes")}),
 )
 
 ARCHITECTURES: Mapping[str, ArchitecturePolicy] = MappingProxyType({row.model_type: row for row in _ROWS})
@@ -213,23 +160,14 @@ TENSOR_PARALLEL_REFUSED: Mapping[str, str] = MappingProxyType({
              "(measured: the forward fails with a shape mismatch); BLOOM also has no SDPA attention in transformers",
 })
 
-# A model_type not in the table: AutoTP needs nothing architecture-specific, so it is served rather than refused.
-_UNKNOWN_ENGINES = MappingProxyType({
-    FASTGEN: fails("not in the FastGen architecture list (DeepSpeed 0.19.8 inference v2 implements "
-                   + ", ".join(row.model_type for row in _ROWS if row.engines[FASTGEN].supported) + ")"),
-    KERNEL_INJECTION: fails("not in the list of architectures kernel injection was measured to run (gptj, gpt_neo)"),
-    AUTOTP: works("AutoTP shards the linear layers of any Hugging Face model and runs its own forward "
-                  "(this architecture is not in the policy table and was not measured)"),
-})
-
-
 def policy_for(model_type: str | None) -> ArchitecturePolicy:
-    """The row for `model_type` (case-insensitive), or the AutoTP-only fallback for an unknown one."""
+    """The row for `model_type` (case-insensitive), or, for an unknown one, a row that names no verdict: each
+    engine's column then says (`EnginePolicy.unknown`; AutoTP serves it)."""
     key = (model_type or "").strip().lower()
     row = ARCHITECTURES.get(key)
     if row is not None:
         return row
-    return ArchitecturePolicy(key or "unknown", _UNKNOWN_ENGINES, _smoothquant_verdict(key), (), known=False)
+    return ArchitecturePolicy(key or "unknown", MappingProxyType({}), _smoothquant_verdict(key), (), known=False)
 
 
 # ---- quantization ------------------------------------------------------------------------------------
@@ -238,7 +176,6 @@ class QuantizationSupport:
     method: str
     devices: frozenset[str]
     device_reason: str
-    engines: Mapping[str, Verdict]
     per_architecture: bool  # whether ArchitecturePolicy.smoothquant must also allow it
     dtype: str | None = None  # the activation dtype it forces when dtype=auto
 
@@ -261,12 +198,6 @@ QUANTIZATION: Mapping[str, QuantizationSupport] = MappingProxyType({
         method="smoothquant",
         devices=frozenset({CPU, CUDA}),
         device_reason="",
-        engines=MappingProxyType({
-            FASTGEN: _NO_INT8_IN_FASTGEN,
-            KERNEL_INJECTION: _NO_INT8_IN_KERNEL_INJECTION,
-            AUTOTP: works("smoothing factors folded into the norms (and gated MLPs' up projections) after "
-                          "calibration, then " + _W8A8_ON_AUTOTP),
-        }),
         per_architecture=True,
         dtype="fp16",
     ),
@@ -274,11 +205,47 @@ QUANTIZATION: Mapping[str, QuantizationSupport] = MappingProxyType({
         method="dynamic_int8",
         devices=frozenset({CPU, CUDA}),
         device_reason="",
-        engines=MappingProxyType({
-            FASTGEN: _NO_INT8_IN_FASTGEN,
-            KERNEL_INJECTION: _NO_INT8_IN_KERNEL_INJECTION,
-            AUTOTP: works(_W8A8_ON_AUTOTP + "; no smoothing"),
-        }),
         per_architecture=False,
     ),
 })
+
+
+# ---- each engine's column (handlers.engine_registry gives it to the engine's entry) ---------------------
+FASTGEN_POLICY = EnginePolicy(
+    preference_reason="FastGen is the fastest engine measured on GPU: this server on FastGen streamed 150 / 2,588 / "
+                      "3,436 output tok/s at 1 / 32 / 64 clients (7B-shaped Llama, fp16, one H200, 128 prompt / 128 "
+                      "new tokens; RESULTS.md section 10), where its AutoTP engine measured 19 / 413 at 1 / 32 clients "
+                      "(RESULTS.md section 2); DeepSpeed's bare put() loop, without this server, reached 186 at batch "
+                      "1 and 8,063 at batch 256 (shared/FACTS.md, 2026-11-22)",
+    unknown=fails("not in the FastGen architecture list (DeepSpeed 0.19.8 inference v2 implements "
+                  + ", ".join(row.model_type for row in _ROWS if row.engines[FASTGEN].supported) + ")"),
+    quantization=MappingProxyType({"smoothquant": _NO_INT8_IN_FASTGEN, "dynamic_int8": _NO_INT8_IN_FASTGEN}),
+    caveats=(
+        "DeepSpeed 0.19.8's FastGen rounds rotary frequencies to fp16 (logits 11x HF fp16's deviation at 600 "
+        "positions, 34x at 2,000, measured); this build feeds it HF's fp32 frequencies through its trained-rotary "
+        "kernel (1.1x at every length in the same measurement) and the model's own norm eps",
+    ),
+)
+
+KERNEL_INJECTION_POLICY = EnginePolicy(
+    preference_reason="kernel injection runs fused CUDA kernels but batches statically",
+    unknown=fails("not in the list of architectures kernel injection was measured to run (gptj, gpt_neo)"),
+    quantization=MappingProxyType({"smoothquant": _NO_INT8_IN_KERNEL_INJECTION,
+                                   "dynamic_int8": _NO_INT8_IN_KERNEL_INJECTION}),
+    caveats=("kernel injection was measured only with tiny random configs in fp16 (FACTS 2026-11-22)",),
+)
+
+# A model_type not in the table: AutoTP needs nothing architecture-specific, so it is served rather than refused.
+AUTOTP_POLICY = EnginePolicy(
+    preference_reason="AutoTP runs the HF layers themselves: it works for any architecture and on CPU, but is the "
+                      "slowest on GPU (HF paths spend ~65-90 ms of host time per step: shared/FACTS.md, H200, "
+                      "2026-11-22)",
+    unknown=works("AutoTP shards the linear layers of any Hugging Face model and runs its own forward "
+                  "(this architecture is not in the policy table and was not measured)"),
+    unlisted=_AUTOTP_ANY,
+    quantization=MappingProxyType({
+        "smoothquant": works("smoothing factors folded into the norms (and gated MLPs' up projections) after "
+                             "calibration, then " + _W8A8_ON_AUTOTP),
+        "dynamic_int8": works(_W8A8_ON_AUTOTP + "; no smoothing"),
+    }),
+)

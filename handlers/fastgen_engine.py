@@ -14,10 +14,12 @@ import gc
 import importlib.util
 import logging
 import time
-from types import SimpleNamespace
+from dataclasses import dataclass
 from typing import Any, Callable
 
+from handlers.engine_choice import EnginePlan
 from handlers.fastgen_model import EngineLimits, FastGenUnsupported
+from handlers.serving_properties import ServingProperties
 
 logger = logging.getLogger(__name__)
 
@@ -37,29 +39,23 @@ def reserve_bytes(total_bytes: int, gpu_memory_utilization: float, max_sequences
             + RESERVE_MARGIN_BYTES)
 
 
-def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: Callable[[str], None],
-                        description: str = "") -> Any:
+def load_fastgen_engine(properties: ServingProperties, plan: EnginePlan, model_path: str,
+                        progress: Callable[[str], None], description: str = "") -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from handlers.autotp_engine import TORCH_DTYPES
     from handlers.correctness_gate import probe_lengths, probe_tokens
-    from handlers.fastgen_model import build_fastgen_engine, preflight
-    from handlers.fastgen_runner import FastGenRunner
-    from handlers.kv_blocks import BlockAllocator
-    from handlers.rolling_batch import RollingBatchEngine
-    from handlers.scheduler import DynamicBatching
+    from handlers.engine_build import LoadedModel, batch_limits, eos_token_ids_from_files, serving_engine, torch_dtype
+    from handlers.fastgen_model import preflight
 
     _require_servable(plan)
     started = time.monotonic()
-    dtype = getattr(torch, TORCH_DTYPES[plan.dtype])
+    dtype = torch_dtype(plan)
     device = torch.device("cuda", torch.cuda.current_device())
     hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=properties.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=properties.trust_remote_code)
-    context = getattr(hf_config, "max_position_embeddings", None) or properties.max_tokens
-    max_total_tokens = min(properties.max_tokens, context)
-    rolling = getattr(plan, "rolling_batch", True)
-    max_sequences = properties.max_rolling_batch_size if rolling else properties.batch_size
+    max_sequences, max_total_tokens = batch_limits(properties, plan,
+                                                   getattr(hf_config, "max_position_embeddings", None))
     preflight(hf_config, max_total_tokens)  # refusals that need no weights come before the gate's references
 
     references = None
@@ -68,6 +64,45 @@ def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: C
         references = _references(model_path, properties, dtype, device,
                                  [probe_tokens(hf_config.vocab_size, n) for n in probe_lengths(max_total_tokens)],
                                  AutoModelForCausalLM)
+
+    built = _build(model_path, hf_config, properties, plan, dtype, device, max_sequences, max_total_tokens, progress)
+    gate_summary: dict[str, Any] = {"correctness_gate": "off (correctness_gate=false)"}
+    if references is not None:
+        progress("correctness gate: FastGen's teacher-forced logits, each probe alone and all in one full batch")
+        try:
+            gate_summary = _run_gate(references, built.runner, built.limits, hf_config.vocab_size)
+        except FastGenUnsupported:
+            built.runner.shutdown()
+            del built  # the next engine needs this memory
+            gc.collect()
+            torch.cuda.empty_cache()
+            raise
+
+    loaded = LoadedModel(built.runner, tokenizer, built.budget, max_sequences, max_total_tokens,
+                         eos_token_ids_from_files(model_path, hf_config, tokenizer), hf_config.vocab_size,
+                         architecture=built.architecture, device=str(device), tensor_parallel_degree=1,
+                         details={**built.details, **gate_summary})
+    return serving_engine("fastgen", properties, plan, loaded, started, description or model_path)
+
+
+@dataclass
+class _Built:
+    """DeepSpeed's engine under our runner, with the KV cache it allocated."""
+
+    runner: Any  # handlers.fastgen_runner.FastGenRunner (it holds DeepSpeed's engine)
+    limits: EngineLimits
+    budget: Any  # handlers.kv_blocks.KVBudget
+    architecture: str
+    details: dict[str, Any]  # its summary lines
+
+
+def _build(model_path: str, hf_config: Any, properties: ServingProperties, plan: EnginePlan, dtype: Any,
+           device: Any, max_sequences: int, max_total_tokens: int, progress: Callable[[str], None]) -> _Built:
+    """Build DeepSpeed-FastGen with a KV cache of what gpu_memory_utilization leaves, sized for the batch."""
+    import torch
+
+    from handlers.fastgen_model import build_fastgen_engine
+    from handlers.fastgen_runner import FastGenRunner
 
     total = torch.cuda.mem_get_info(device)[1]
     limits = EngineLimits(max_sequences=max_sequences,
@@ -79,56 +114,20 @@ def load_fastgen_engine(properties: Any, plan: Any, model_path: str, progress: C
              "on first use unless the image has them)")
     # FastGen reads the dtype from the config it loads (torch_dtype / dtype); the plan's dtype wins.
     engine, bridges, atoms = build_fastgen_engine(model_path, hf_config, limits, dtype=dtype)
-    runner = FastGenRunner(engine, device, atoms)
-    model = engine.model()
     budget = _kv_budget(engine, dtype, properties.gpu_memory_utilization, total, limits.reserve_bytes)
     progress(f"KV cache: {budget.tokens} tokens in {budget.num_blocks} blocks of {budget.block_size} "
              f"({budget.bytes / 2**30:.2f} GiB)")
-
-    gate_summary: dict[str, Any] = {"correctness_gate": "off (correctness_gate=false)"}
-    if references is not None:
-        progress("correctness gate: FastGen's teacher-forced logits, each probe alone and all in one full batch")
-        try:
-            gate_summary = _run_gate(references, runner, limits, hf_config.vocab_size)
-        except FastGenUnsupported:
-            runner.shutdown()
-            del runner, engine, model  # the next engine needs this memory
-            gc.collect()
-            torch.cuda.empty_cache()
-            raise
-
-    eos = _eos_token_ids(model_path, hf_config, tokenizer)
-    batching = DynamicBatching.for_plan(properties, plan)
-    return RollingBatchEngine(
-        runner, tokenizer,
-        allocator=BlockAllocator(budget),
-        max_batch=max_sequences,
-        max_prefill_tokens=properties.max_rolling_batch_prefill_tokens,
-        max_total_tokens=max_total_tokens,
-        eos_token_ids=eos,
-        vocab_size=hf_config.vocab_size,
-        batching=batching,
-        name="fastgen",
-        summary={
-            "model": description or model_path,
-            "architecture": type(model).__name__,
-            "dtype": plan.dtype,
-            "device": str(device),
-            "tensor_parallel_degree": 1,
-            "kv_bytes_per_token": budget.bytes_per_token,
-            "load_seconds": round(time.monotonic() - started, 2),
-            "fastgen_bridges": bridges.describe(),
-            "attention_atoms": f"{atoms.atoms} of {atoms.q_block} query tokens: the most a step of {max_sequences} "
-                               f"sequences with a {limits.max_prefill_tokens}-token prefill budget needs",
-            **gate_summary,
-            "reason": getattr(plan, "reason", ""),
-        },
-    )
+    details = {
+        "fastgen_bridges": bridges.describe(),
+        "attention_atoms": f"{atoms.atoms} of {atoms.q_block} query tokens: the most a step of {max_sequences} "
+                           f"sequences with a {limits.max_prefill_tokens}-token prefill budget needs",
+    }
+    return _Built(FastGenRunner(engine, device, atoms), limits, budget, type(engine.model()).__name__, details)
 
 
-def _require_servable(plan: Any) -> None:
+def _require_servable(plan: EnginePlan) -> None:
     """What FastGen needs before anything loads: its kernels, one GPU, a half dtype."""
-    from handlers.engine_plan import fastgen_ops_unavailable
+    from handlers.fastgen_readiness import fastgen_ops_unavailable
     from handlers.fastgen_model import KERNELS_MODULE
 
     if importlib.util.find_spec(KERNELS_MODULE) is None:
@@ -169,20 +168,7 @@ def _run_gate(references: Any, runner: Any, limits: EngineLimits, vocab_size: in
     return {**result.summary(), "correctness_gate_detail": result.describe()}
 
 
-def _eos_token_ids(model_path: str, hf_config: Any, tokenizer: Any) -> Any:
-    from transformers import GenerationConfig
-
-    from handlers.autotp_engine import eos_token_ids
-
-    generation_config = None
-    try:
-        generation_config = GenerationConfig.from_pretrained(model_path)
-    except (OSError, ValueError):
-        pass  # no generation_config.json: the config's and the tokenizer's eos ids remain
-    return eos_token_ids(SimpleNamespace(config=hf_config, generation_config=generation_config), tokenizer)
-
-
-def _references(model_path: str, properties: Any, dtype: Any, device: Any, probes: list[list[int]],
+def _references(model_path: str, properties: ServingProperties, dtype: Any, device: Any, probes: list[list[int]],
                 auto_model: Any) -> Any:
     """HF references on the GPU when fp32 weights fit in free memory, else on the CPU (slow, but the gate is
     what keeps wrong text from being served), else None with a warning (the gate is skipped)."""
@@ -215,7 +201,7 @@ def _host_available_bytes() -> int:
     return available[0] if available is not None else 0  # unknown: do not count on host memory
 
 
-def _parameter_count(model_path: str, properties: Any) -> int:
+def _parameter_count(model_path: str, properties: ServingProperties) -> int:
     """Parameters of the model, from a meta-device instance (no memory)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -5,12 +5,14 @@ fallback (AutoTP) fails the start-up as before."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from types import SimpleNamespace
 
 import pytest
 
 from entrypoint import engine_factory
+from handlers import engine_registry
 from handlers.engine_plan import Device, plan_engine
 from handlers.fastgen_model import FastGenUnsupported
 from handlers.serving_properties import ServingProperties
@@ -27,22 +29,35 @@ def planned_on_a_gpu(monkeypatch):
     configuration = SimpleNamespace(properties=ServingProperties())
     resolved = SimpleNamespace(path="/models/llama", description="test llama")
 
-    def plan(configuration, resolved, available, failed=None):
-        return plan_engine(configuration.properties, LLAMA, GPU, available=available,
+    def plan(configuration, resolved, failed=None):
+        return plan_engine(configuration.properties, LLAMA, GPU, available=engine_registry.built(),
                            quantizers=engine_factory.QUANTIZERS, failed=failed)
 
     # the pretend GPU machine has deepspeed-kernels, so the plan names FastGen first (test_engine_plan.py
     # covers the machine without it)
     monkeypatch.setattr("handlers.engine_plan.module_importable", lambda name: True)
-    monkeypatch.setattr("handlers.engine_plan.fastgen_ops_unavailable", lambda: None)
+    monkeypatch.setattr("handlers.fastgen_readiness.fastgen_ops_unavailable", lambda: None)
     monkeypatch.setattr(engine_factory, "_plan", plan)
     monkeypatch.setattr(engine_factory, "resolve_and_plan",
-                        lambda configuration, progress: (resolved, plan(configuration, resolved,
-                                                                        engine_factory.ENGINE_BUILDERS)))
+                        lambda configuration, progress: (resolved, plan(configuration, resolved)))
     return configuration
 
 
-def test_a_failed_correctness_gate_falls_back_to_autotp_and_says_why(planned_on_a_gpu, monkeypatch, caplog):
+@pytest.fixture
+def loaders():
+    """Replaces registered engines' loaders with the test's; the registry is as it was afterwards."""
+    replaced = []
+
+    def use(**fakes):
+        for name, fake in fakes.items():
+            replaced.append(engine_registry.register(dataclasses.replace(engine_registry.entry(name), loader=fake)))
+
+    yield use
+    for original in replaced:
+        engine_registry.register(original)
+
+
+def test_a_failed_correctness_gate_falls_back_to_autotp_and_says_why(planned_on_a_gpu, loaders, caplog):
     built = []
 
     def fastgen(properties, plan, path, progress, description):
@@ -53,7 +68,7 @@ def test_a_failed_correctness_gate_falls_back_to_autotp_and_says_why(planned_on_
         built.append(plan.engine)
         return SimpleNamespace(name="autotp", plan=plan)
 
-    monkeypatch.setattr(engine_factory, "ENGINE_BUILDERS", {"fastgen": fastgen, "autotp": autotp})
+    loaders(fastgen=fastgen, autotp=autotp)
     with caplog.at_level(logging.INFO):
         engine = engine_factory.build_engine(planned_on_a_gpu, lambda text: None)
     assert built == ["fastgen", "autotp"] and engine.name == "autotp"
@@ -63,25 +78,24 @@ def test_a_failed_correctness_gate_falls_back_to_autotp_and_says_why(planned_on_
     assert "Traceback" not in caplog.text  # an expected refusal is one line, not a stack trace
 
 
-def test_an_unexpected_fastgen_error_also_falls_back_with_its_traceback(planned_on_a_gpu, monkeypatch, caplog):
+def test_an_unexpected_fastgen_error_also_falls_back_with_its_traceback(planned_on_a_gpu, loaders, caplog):
     def fastgen(*_):
         raise RuntimeError("Error building extension 'ragged_device_ops'")
 
-    monkeypatch.setattr(engine_factory, "ENGINE_BUILDERS",
-                        {"fastgen": fastgen, "autotp": lambda *args: SimpleNamespace(name="autotp")})
+    loaders(fastgen=fastgen, autotp=lambda *args: SimpleNamespace(name="autotp"))
     with caplog.at_level(logging.INFO):
         assert engine_factory.build_engine(planned_on_a_gpu, lambda text: None).name == "autotp"
     assert "ragged_device_ops" in caplog.text
     assert any(record.exc_info for record in caplog.records)
 
 
-def test_autotp_has_no_fallback_its_error_ends_the_start_up(planned_on_a_gpu, monkeypatch):
+def test_autotp_has_no_fallback_its_error_ends_the_start_up(planned_on_a_gpu, loaders):
     def fastgen(*_):
         raise FastGenUnsupported("sliding_window=4096 is shorter than max_tokens=8192")
 
     def autotp(*_):
         raise MemoryError("no memory is left for the KV cache")
 
-    monkeypatch.setattr(engine_factory, "ENGINE_BUILDERS", {"fastgen": fastgen, "autotp": autotp})
+    loaders(fastgen=fastgen, autotp=autotp)
     with pytest.raises(MemoryError, match="KV cache"):
         engine_factory.build_engine(planned_on_a_gpu, lambda text: None)

@@ -10,7 +10,10 @@ import pytest
 from handlers.serving_properties import ServingProperties
 from handlers import engine_policy as policy
 from handlers.engine_plan import Device, ModelShape, PlanError, cpu_device, detect_device, plan_engine
-from handlers.engine_policy import AUTOTP, ENGINES, FASTGEN, KERNEL_INJECTION
+from handlers import engine_registry
+from handlers.engine_policy import AUTOTP, FASTGEN, KERNEL_INJECTION
+
+ENGINES = engine_registry.engines()
 
 CPU = Device("cpu", 1, "test CPU")
 GPU1 = Device("cuda", 1, "test GPU")
@@ -32,7 +35,7 @@ def gpu_machine_has_the_fastgen_kernels(monkeypatch):
     """The pretend GPU machines here have the [gpu] extra (deepspeed-kernels) installed, whatever this machine
     has; the tests of a machine without it pass `importable` themselves."""
     monkeypatch.setattr("handlers.engine_plan.module_importable", lambda name: True)
-    monkeypatch.setattr("handlers.engine_plan.fastgen_ops_unavailable", lambda: None)
+    monkeypatch.setattr("handlers.fastgen_readiness.fastgen_ops_unavailable", lambda: None)
 
 
 def props(**values) -> ServingProperties:
@@ -51,27 +54,28 @@ def ruled_out(plan) -> dict[str, str]:
 
 # ---- the table ----------------------------------------------------------------------------------------
 def test_preference_names_only_engines_that_exist_and_run_on_that_device():
-    assert set(policy.PREFERENCE) == {"cpu", "cuda"}
-    for kind, order in policy.PREFERENCE.items():
+    for kind in ("cpu", "cuda"):
+        order = engine_registry.preference(kind)
         assert order and set(order) <= set(ENGINES)
         assert all(kind in ENGINES[name].devices for name in order)
-    assert policy.PREFERENCE["cuda"] == (FASTGEN, KERNEL_INJECTION, AUTOTP)
-    assert policy.PREFERENCE["cpu"] == (AUTOTP,)
-    assert set(policy.PREFERENCE_REASONS) == set(ENGINES)
+    assert engine_registry.preference("cuda") == (FASTGEN, KERNEL_INJECTION, AUTOTP)
+    assert engine_registry.preference("cpu") == (AUTOTP,)
+    assert all(entry.policy.preference_reason for entry in ENGINES.values())
 
 
 @pytest.mark.parametrize("model_type", sorted(policy.ARCHITECTURES))
 def test_every_row_has_a_verdict_with_a_reason_for_every_engine(model_type):
     row = policy.ARCHITECTURES[model_type]
     assert row.model_type == model_type and row.known
-    assert set(row.engines) == set(ENGINES)
-    for verdict in [*row.engines.values(), row.smoothquant]:
+    assert set(row.engines) <= set(ENGINES)
+    verdicts = {name: row.verdict(name, entry.policy) for name, entry in ENGINES.items()}
+    for verdict in [*verdicts.values(), row.smoothquant]:
         assert verdict.reason.strip()
     for condition in row.conditions:
         assert condition.engine in ENGINES and condition.reason.strip()
     # AutoTP is the fallback that makes every architecture servable, except BLOOM: transformers 5 has no
     # SDPA attention for it (kernel injection is its engine once that works with transformers 5).
-    assert row.engines[AUTOTP].supported or model_type == "bloom"
+    assert verdicts[AUTOTP].supported or model_type == "bloom"
 
 
 def test_engine_specs_and_quantization_are_consistent():
@@ -82,9 +86,10 @@ def test_engine_specs_and_quantization_are_consistent():
             assert spec.dtype_reason
     for method, support in policy.QUANTIZATION.items():
         assert support.method == method
-        assert set(support.engines) == set(ENGINES)
-        assert all(verdict.reason for verdict in support.engines.values())
-        assert any(support.engines[name].supported for name in support.engines)
+        verdicts = [entry.policy.quantization_verdict(method) for entry in ENGINES.values()]
+        assert all(method in entry.policy.quantization for entry in ENGINES.values())
+        assert all(verdict.reason for verdict in verdicts)
+        assert any(verdict.supported for verdict in verdicts)
     assert set(policy.QUANTIZATION) == {"smoothquant", "dynamic_int8"}
 
 
@@ -116,7 +121,7 @@ def test_measured_kernel_injection_facts_are_encoded():
 def test_unknown_model_type_gets_the_autotp_only_fallback():
     row = policy.policy_for("mamba")
     assert not row.known
-    assert [name for name, verdict in row.engines.items() if verdict.supported] == [AUTOTP]
+    assert [name for name, entry in ENGINES.items() if row.verdict(name, entry.policy).supported] == [AUTOTP]
     assert policy.policy_for("LLAMA") is policy.ARCHITECTURES["llama"]
 
 
@@ -511,18 +516,18 @@ def test_fastgen_needs_its_ops_prebuilt_or_nvcc_to_build_them(monkeypatch, tmp_p
     """Without prebuilt ops and without the CUDA toolkit, DeepSpeed's first use of FastGen's ops fails after the
     gate's fp32 reference has loaded: plan and the loader refuse FastGen first, and name what to do."""
     monkeypatch.undo()
-    from handlers import engine_plan
+    from handlers import engine_plan, fastgen_readiness
 
     _fake_deepspeed(tmp_path, {"ragged_ops": False, "ragged_device_ops": False, "inference_core_ops": True})
-    monkeypatch.setattr(engine_plan, "deepspeed_directory", lambda: tmp_path / "deepspeed")
+    monkeypatch.setattr(fastgen_readiness, "deepspeed_directory", lambda: tmp_path / "deepspeed")
     monkeypatch.setattr(engine_plan, "module_importable", lambda name: True)
-    assert engine_plan.deepspeed_prebuilt_ops() == {"ragged_ops": False, "ragged_device_ops": False,
+    assert fastgen_readiness.deepspeed_prebuilt_ops() == {"ragged_ops": False, "ragged_device_ops": False,
                                                     "inference_core_ops": True}
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvcc on it
-    monkeypatch.setattr(engine_plan, "DEFAULT_CUDA_HOME", tmp_path / "no-toolkit")
-    reason = engine_plan.fastgen_ops_unavailable()
+    monkeypatch.setattr(fastgen_readiness, "DEFAULT_CUDA_HOME", tmp_path / "no-toolkit")
+    reason = fastgen_readiness.fastgen_ops_unavailable()
     assert reason.startswith("DeepSpeed's FastGen ops (ragged_device_ops, ragged_ops) are not prebuilt")
     plan = plan_engine(props(), LLAMA_7B, GPU1)
     assert plan.engine == AUTOTP and dict(plan.ruled_out)[FASTGEN] == reason
@@ -530,23 +535,24 @@ def test_fastgen_needs_its_ops_prebuilt_or_nvcc_to_build_them(monkeypatch, tmp_p
     (toolkit / "bin").mkdir(parents=True)
     (toolkit / "bin" / "nvcc").write_text("")
     monkeypatch.setenv("CUDA_HOME", str(toolkit))
-    assert engine_plan.cuda_compiler() == str(toolkit / "bin" / "nvcc")
-    assert engine_plan.fastgen_ops_unavailable() is None and plan_engine(props(), LLAMA_7B, GPU1).engine == FASTGEN
+    assert fastgen_readiness.cuda_compiler() == str(toolkit / "bin" / "nvcc")
+    assert fastgen_readiness.fastgen_ops_unavailable() is None
+    assert plan_engine(props(), LLAMA_7B, GPU1).engine == FASTGEN
 
 
 def test_prebuilt_ops_need_no_compiler(monkeypatch, tmp_path):
     monkeypatch.undo()
-    from handlers import engine_plan
+    from handlers import fastgen_readiness
 
-    _fake_deepspeed(tmp_path, {op: True for op in engine_plan.FASTGEN_OPS})
-    monkeypatch.setattr(engine_plan, "deepspeed_directory", lambda: tmp_path / "deepspeed")
-    monkeypatch.setattr(engine_plan, "cuda_compiler", lambda: None)
-    assert engine_plan.fastgen_ops_unavailable() is None
+    _fake_deepspeed(tmp_path, {op: True for op in fastgen_readiness.FASTGEN_OPS})
+    monkeypatch.setattr(fastgen_readiness, "deepspeed_directory", lambda: tmp_path / "deepspeed")
+    monkeypatch.setattr(fastgen_readiness, "cuda_compiler", lambda: None)
+    assert fastgen_readiness.fastgen_ops_unavailable() is None
 
 
 def test_the_installed_deepspeeds_op_record_is_read():
-    from handlers import engine_plan
+    from handlers import fastgen_readiness
 
-    directory = engine_plan.deepspeed_directory()
+    directory = fastgen_readiness.deepspeed_directory()
     assert directory is not None and (directory / "git_version_info_installed.py").is_file()
-    assert "cpu_adam" in engine_plan.deepspeed_prebuilt_ops()  # the CPU install records its ops, none prebuilt
+    assert "cpu_adam" in fastgen_readiness.deepspeed_prebuilt_ops()  # the CPU install records its ops, none prebuilt
