@@ -75,7 +75,6 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from handlers.engine import GenerationRequest, SamplingParams  # noqa: E402
-from handlers.engine_loop import GIL_SWITCH_INTERVAL  # noqa: E402
 from handlers.kv_blocks import BlockAllocator, KVBudget  # noqa: E402
 from handlers.rolling_batch import RollingBatchEngine  # noqa: E402
 from handlers.runner import Runner  # noqa: E402
@@ -344,8 +343,6 @@ def start_server(args: argparse.Namespace, port: int, log: Any) -> subprocess.Po
         command.append("--split-passes")
     if args.sequential:
         command.append("--sequential")
-    if args.gil_switch_interval is not None:
-        command += ["--gil-switch-interval", str(args.gil_switch_interval)]
     return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -469,8 +466,6 @@ def result_line(args: argparse.Namespace, run: Run, load: list[float]) -> dict[s
         "sequences": args.sequences, "device_ms": args.device_ms, "steps": args.steps,
         "prompt_tokens": PROMPT_TOKENS, "passes": "split" if args.split_passes else "ragged",
         "step_order": "sequential" if args.sequential else "overlapped",
-        "gil_switch_interval": (args.gil_switch_interval if args.gil_switch_interval is not None
-                                else GIL_SWITCH_INTERVAL),
     }
     line.update(measure(run, args.sequences, args.steps, args.device_ms))
     line.update(run.extra)
@@ -493,9 +488,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sequential", action="store_true",
                         help="read back and process each pass before launching the next (the engine's order on a "
                              "CPU runner) instead of overlapping them: the baseline")
-    parser.add_argument("--gil-switch-interval", type=float,
-                        help="seconds for sys.setswitchinterval instead of the engine loop's own "
-                             "(handlers.engine_loop.GIL_SWITCH_INTERVAL); CPython's default is 0.005")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     parser.add_argument("--out", type=Path, help="also append the JSON line to this file")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds the run (and server start) may take")
@@ -509,11 +501,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    if args.gil_switch_interval is not None:
-        import handlers.engine_loop
-
-        handlers.engine_loop.GIL_SWITCH_INTERVAL = args.gil_switch_interval
-        sys.setswitchinterval(args.gil_switch_interval)
     if args.serve_port is not None:
         return serve(args)
     load = [round(x, 2) for x in os.getloadavg()]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import sys
 import threading
 import time
 import weakref
@@ -41,10 +40,6 @@ Sink = Callable[[RequestOutput], None]
 
 #: seconds a client is told to wait (Retry-After) when the admission limit is reached
 RETRY_AFTER_SECONDS = 2
-#: the longest the engine thread waits for the GIL once a pass's token ids are back (sys.setswitchinterval):
-#: CPython's default, 5 ms, is half a decode step, and the front end's thread (HTTP streams) may hold the
-#: GIL that long while the device idles; RESULTS.md section 11 measures it
-GIL_SWITCH_INTERVAL = 0.0005
 
 
 class ErrorKind(str, Enum):
@@ -148,8 +143,6 @@ class EngineLoop:
             if self._started:
                 raise RuntimeError("the engine loop is already started")
             self._started = True
-        if sys.getswitchinterval() > GIL_SWITCH_INTERVAL:
-            sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
         # An engine with parts outside this thread (tensor-parallel ranks) watches them and aborts the
