@@ -175,12 +175,18 @@ def boundary_rows(workdir: Path, max_sequences: int = 4, prefill: int = 2048) ->
 def one(args: argparse.Namespace) -> int:
     import tempfile
 
+    if args.no_fast_math:  # before DeepSpeed builds or loads an op
+        import ds_no_fast_math
+        ds_no_fast_math.apply()
+
     workdir = Path(tempfile.mkdtemp(prefix="fastgen-gate-"))
     if args.archs == ["boundary"]:
         rows = boundary_rows(workdir)
     else:
         rows = [row for kind in args.archs for row in gate_rows(kind, args.variants, args.lengths,
                                                                args.max_sequences, args.prefill_tokens, workdir)]
+    for row in rows:
+        row["ds_fast_math"] = not args.no_fast_math
     if args.json:
         print("RESULT " + json.dumps(rows), flush=True)
     return 0
@@ -193,6 +199,8 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[48, 600, 2000, 4000])
     parser.add_argument("--max-sequences", type=int, default=8)
     parser.add_argument("--prefill-tokens", type=int, default=4096, help="the server's default prefill budget")
+    parser.add_argument("--no-fast-math", action="store_true", help="DeepSpeed's ops without --use_fast_math "
+                        "(benchmarks/ds_no_fast_math.py; give this run its own TORCH_EXTENSIONS_DIR)")
     parser.add_argument("--json", action="store_true", help="in one process: print the rows as one RESULT line")
     parser.add_argument("--out", default=None, help="run each architecture in its own process, in parallel; "
                         "append every row to this JSONL file")
@@ -200,7 +208,8 @@ def main() -> int:
     if args.out is None:
         return one(args)
     common = ["--variants", *args.variants, "--lengths", *map(str, args.lengths), "--max-sequences",
-              str(args.max_sequences), "--prefill-tokens", str(args.prefill_tokens), "--json"]
+              str(args.max_sequences), "--prefill-tokens", str(args.prefill_tokens), "--json",
+              *(["--no-fast-math"] if args.no_fast_math else [])]
     processes = {kind: subprocess.Popen([sys.executable, __file__, "--archs", kind, *common], stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, env={**os.environ})
                  for kind in args.archs}

@@ -2,7 +2,10 @@
 # One call on the GPU machine (see RESULTS.md): install the carried wheels, then run the parts asked for.
 #   usage: bash benchmarks/gpu_session.sh WHEELS_DIR TOKENIZER_DIR OUT_DIR PART...
 # parts: fg-tests (FastGen's GPU tests and gate table), fg-serve (a 7B FastGen server: long prompts and bursts),
-# fg-speed (HTTP vs bare put() loop at 1/32/64 clients); tests (tests/gpu), core (engine core on a Llama-2-7B-shaped random model: 64 clients x 3,500-token
+# fg-speed (HTTP vs bare put() loop at 1/32/64 clients), fg-fastmath (in the background: DeepSpeed's v2 ops built with
+# and without --use_fast_math in parallel, then the gate table of every architecture with each build),
+# fg-teacher (a 7B FastGen server: the long-prompt workloads, each batched output scored alone, teacher-forced);
+# tests (tests/gpu), core (engine core on a Llama-2-7B-shaped random model: 64 clients x 3,500-token
 # prompts x 500 new tokens, sampled), core128 (128/128 greedy and sampled at 1 and 32 clients), tp (degree 1 vs 2),
 # fastgen (DeepSpeed's v2 ops built in parallel first, then the FastGen GPU tests, the HTTP sweep over
 # concurrency 1-128 at 128/128 and 1024/128 with plots, and the bare put() loop and HF generate baselines).
@@ -12,7 +15,10 @@ WHEELS=$1 TOKENIZER=$2 OUT=$3; shift 3
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=9.0 DS_SKIP_CUDA_CHECK=1  # DeepSpeed 0.19.8 cannot parse the machine's "9.0a"
 export DS_ACCELERATOR=cuda  # the carried wheel was built on a CPU machine
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
+# Installed once per machine: reinstalling gives DeepSpeed's sources new mtimes, and torch's JIT then rebuilds
+# every op (~2 min) on a machine that had them built (measured 2026-12-04).
+[ -d /tmp/site/deepspeed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$WHEELS"/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpus.txt"
 python3 -c "import torch, transformers, deepspeed; print(torch.__version__, transformers.__version__, deepspeed.__version__)" | tee "$OUT/versions.txt"
@@ -29,6 +35,20 @@ build_v2_ops() {  # DeepSpeed's v2 ops in parallel (~2 min on 16 cores); JIT-cac
     python3 -c "from deepspeed.ops.op_builder import $op as B; B().load()" > "$OUT/build-$op.txt" 2>&1 &
   done; wait
 }
+T0=$(date +%s)
+stamp() { echo "$(( $(date +%s) - T0 )) s: $*" | tee -a "$OUT/timeline.txt"; }
+build_ops_into() {  # build_ops_into LABEL [no-fast-math]: the v2 ops in parallel into $TORCH_EXTENSIONS_DIR (or torch's)
+  local label=$1 pre=""
+  [ "${2:-}" = no-fast-math ] && pre="import ds_no_fast_math; ds_no_fast_math.apply(); "
+  local pids=()  # waits for its own builds only (a bare `wait` would wait for every background job too)
+  for op in InferenceCoreBuilder RaggedOpsBuilder RaggedUtilsBuilder InferenceCutlassBuilder; do
+    python3 -c "import sys; sys.path.insert(0, 'benchmarks'); ${pre}from deepspeed.ops.op_builder import $op as B; B().load()" \
+        > "$OUT/build-$label-$op.txt" 2>&1 &
+    pids+=($!)
+  done; wait "${pids[@]}"
+}
+FASTMATH_ARCHS=${FASTMATH_ARCHS:-llama llama3.1 mistral qwen2 phi3 phi falcon opt}
+FASTMATH_LENGTHS=${FASTMATH_LENGTHS:-48 600 2000 4000 6000 8000}
 start_server() {  # start_server PORT LOG KEY=VALUE...: python -m entrypoint serve on $MODEL, waits for /ping
   local port=$1 log=$2; shift 2
   env OPTION_MODEL_ID=$MODEL SAGEMAKER_BIND_TO_PORT=$port "$@" python3 -m entrypoint serve > "$log" 2>&1 &
@@ -73,6 +93,42 @@ for part in "$@"; do
       kill -TERM $SERVER; wait $SERVER
       python3 benchmarks/fastgen_loop.py --model-dir $MODEL --batches 1 32 64 --engines fastgen-bare-loop \
           --out "$OUT/speed.jsonl" 2>&1 | tee -a "$OUT/speed.txt" ;;
+    fg-fastmath)
+      # DeepSpeed adds --use_fast_math to every CUDA op (CUDAOpBuilder.nvcc_args). Both builds at once, the one
+      # without it niced so that the normal build (which the server needs) comes first; each build's gate table
+      # as soon as it is there (after the fg-teacher server has sized its KV cache, if that part runs too).
+      (
+        ( export TORCH_EXTENSIONS_DIR=/tmp/ext-no-fast-math; renice -n 19 -p $BASHPID > /dev/null
+          build_ops_into no-fast-math no-fast-math; stamp "ops built without fast math" ) &
+        NOFAST=$!
+        build_ops_into fast-math; touch /tmp/ops-fast-math.done; stamp "ops built (normal)"
+        case " $* " in *" fg-teacher "*) for _ in $(seq 400); do [ -f /tmp/server-sized ] && break; sleep 1; done ;; esac
+        python3 benchmarks/fastgen_gate_table.py --archs $FASTMATH_ARCHS --variants fixed --lengths $FASTMATH_LENGTHS \
+            --out "$OUT/fastmath-on.jsonl" > "$OUT/fastmath-on.txt" 2>&1; stamp "gate table (fast math) done"
+        wait $NOFAST
+        TORCH_EXTENSIONS_DIR=/tmp/ext-no-fast-math python3 benchmarks/fastgen_gate_table.py --no-fast-math \
+            --archs $FASTMATH_ARCHS --variants fixed --lengths $FASTMATH_LENGTHS --out "$OUT/fastmath-off.jsonl" \
+            > "$OUT/fastmath-off.txt" 2>&1; stamp "gate table (no fast math) done"
+        for f in $(find ~/.cache/torch_extensions /tmp/ext-no-fast-math -name build.ninja); do
+          echo "$f: $(grep -c -- --use_fast_math "$f") lines with --use_fast_math"; done > "$OUT/fastmath-flags.txt"
+      ) > "$OUT/fastmath.log" 2>&1 &
+      FASTMATH=$! ;;
+    fg-teacher)
+      # Item 6 of issue 19, teacher-forced: the long-prompt workloads through a 7B FastGen server; each batched
+      # output scored alone by greedy continuations from its own prefix, until SCORE_UNTIL s into the session.
+      make_model; stamp "model made"
+      if [ -n "${FASTMATH:-}" ]; then for _ in $(seq 500); do [ -f /tmp/ops-fast-math.done ] && break; sleep 1; done
+      else build_v2_ops; fi
+      start_server 8096 "$OUT/teacher-server.log" OPTION_DTYPE=fp16 OPTION_MAX_ROLLING_BATCH_SIZE=64 \
+          OPTION_MAX_TOKENS=8192 OPTION_GPU_MEMORY_UTILIZATION=${SERVER_MEMORY:-0.8}; UP=$?
+      touch /tmp/server-sized; stamp "server up ($UP)"
+      if [ $UP = 0 ]; then
+        timeout $(( ${SESSION_LIMIT:-500} - ($(date +%s) - T0) )) python3 benchmarks/fastgen_long_prompts.py \
+            --url http://127.0.0.1:8096 --model $MODEL --vocab 49152 --workloads ${TEACHER_WORKLOADS:-burst-short spread burst-long} \
+            --deadline $(( ${SCORE_UNTIL:-400} - ($(date +%s) - T0) )) --out "$OUT/teacher.json" 2>&1 \
+            | cut -c1-1500 | tee "$OUT/teacher.txt"
+        kill -TERM $SERVER; wait $SERVER
+      fi; stamp "teacher-forced part done" ;;
     tests) python3 -m pytest -q -rs tests/gpu tests/unit/test_token_sampler.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.txt" ;;
     core128)
       make_model
@@ -110,3 +166,5 @@ for part in "$@"; do
       cp /tmp/tp-benchmark-server-tp*.log "$OUT/" 2>/dev/null ;;
   esac
 done
+[ -n "${FASTMATH:-}" ] && { wait $FASTMATH; stamp "fast-math part done"; }
+exit 0

@@ -133,7 +133,8 @@ class OpenAIApi:
             model=parsed.model if parsed.model and self.state.knows_model(parsed.model) else self.state.model_name,
             results=results,
             prompt_tokens=sum(len(ids) for _, ids in prompts), logprobs=parsed.wants_logprobs,
-            echo=bool(getattr(parsed, "echo", False)), choices_per_prompt=parsed.choices_per_prompt,
+            echo=bool(getattr(parsed, "echo", False)), token_ids=bool(parsed.return_tokens_as_token_ids),
+            choices_per_prompt=parsed.choices_per_prompt,
             sequences_per_prompt=n)
         encoder = CompletionStreamEncoder(completion, parsed.include_usage, jsonlines) if parsed.stream else None
         return await respond(request, streams, record, results=results, build=completion.body, encoder=encoder,

@@ -14,6 +14,8 @@ OpenAI parameter name (rendered as the error's `param`). Mapping to `SamplingPar
   echo + logprobs  completions: the prompt's tokens and log-probabilities lead each choice's logprobs
                (the first prompt token has none: null); with max_tokens 0 only the prompt is scored
   top_k, repetition_penalty, ignore_eos  accepted as vLLM's extensions to OpenAI's schema
+  return_tokens_as_token_ids  vLLM's: in logprobs each token (and each top_logprobs key) is "token_id:<id>",
+               so a client can send the generated ids back (text does not identify a token)
 Unknown parameters are accepted and ignored, as vLLM does (`validation.IGNORED_FIELDS`); known ones this
 server cannot honour (tools, logit_bias, suffix, use_beam_search true, ...) are refused by name rather than
 silently ignored. Types are strict (`validation`): no booleans for numbers, only true/false for booleans.
@@ -79,6 +81,7 @@ class _OpenAIRequest(StrictModel):
     repetition_penalty: float | None = Field(None, **REPETITION_PENALTY_RANGE)
     ignore_eos: Bool | None = None
     use_beam_search: Bool | None = None  # benchmark clients send false; true is refused (no beam search)
+    return_tokens_as_token_ids: Bool | None = None  # logprobs name each token "token_id:<id>", as vLLM does
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -45,6 +45,7 @@ class Completion:
     prompt_tokens: int  # each prompt counted once
     logprobs: bool = False
     echo: bool = False  # completions: the prompt text starts each choice's text
+    token_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:<id>"
     choices_per_prompt: int = 1  # n
     sequences_per_prompt: int = 1  # best_of (>= n)
 
@@ -73,12 +74,12 @@ class Completion:
             choice: dict[str, Any] = {"index": index}
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": result.text, "refusal": None}
-                choice["logprobs"] = chat_logprobs(result.tokens) if self.logprobs else None
+                choice["logprobs"] = chat_logprobs(result.tokens, self.token_ids) if self.logprobs else None
             else:
                 prefix = result.prompt if self.echo else ""
                 choice["text"] = prefix + result.text
                 tokens = [*result.prompt_details, *result.tokens] if self.echo else result.tokens
-                choice["logprobs"] = completion_logprobs(tokens, 0) if self.logprobs else None
+                choice["logprobs"] = completion_logprobs(tokens, 0, self.token_ids) if self.logprobs else None
             choice["finish_reason"] = finish_reason(result.finish_reason)
             choices.append(choice)
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
@@ -115,14 +116,15 @@ class CompletionStreamEncoder:
             if output.text and not first:
                 delta["content"] = output.text
             choice["delta"] = delta
-            choice["logprobs"] = chat_logprobs(released) if self.completion.logprobs else None
+            logprobs = chat_logprobs(released, self.completion.token_ids) if self.completion.logprobs else None
+            choice["logprobs"] = logprobs
         else:
             prefix = result.prompt if first and self.completion.echo else ""
             choice["text"] = prefix + output.text
             logprobs = None
             if self.completion.logprobs:
                 tokens = [*result.prompt_details, *released] if prefix else released
-                logprobs = completion_logprobs(tokens, self._offsets[index])
+                logprobs = completion_logprobs(tokens, self._offsets[index], self.completion.token_ids)
                 self._offsets[index] += sum(len(token.text) for token in tokens)
             choice["logprobs"] = logprobs
         choice["finish_reason"] = reason
@@ -155,16 +157,22 @@ def finish_reason(reason: FinishReason | None) -> str | None:
     return _FINISH_REASONS.get(reason) if reason is not None else None
 
 
-def chat_logprobs(tokens: list[Token] | tuple[Token, ...]) -> dict[str, Any]:
+def token_name(token: Token, as_id: bool) -> str:
+    """How logprobs name a token: its text, or with vLLM's return_tokens_as_token_ids "token_id:<id>"."""
+    return f"token_id:{token.id}" if as_id else token.text
+
+
+def chat_logprobs(tokens: list[Token] | tuple[Token, ...], as_ids: bool = False) -> dict[str, Any]:
     def entry(token: Token) -> dict[str, Any]:
-        return {"token": token.text, "logprob": _log_prob(token.log_prob), "bytes": list(token.text.encode())}
+        return {"token": token_name(token, as_ids), "logprob": _log_prob(token.log_prob),
+                "bytes": list(token.text.encode())}
 
     return {"content": [{**entry(token), "top_logprobs": [entry(top) for top in token.top_tokens]}
                         for token in tokens],
             "refusal": None}
 
 
-def completion_logprobs(tokens: list[Token] | tuple[Token, ...], offset: int) -> dict[str, Any]:
+def completion_logprobs(tokens: list[Token] | tuple[Token, ...], offset: int, as_ids: bool = False) -> dict[str, Any]:
     """The legacy completions shape: parallel lists, `text_offset` counted from the start of the choice's text.
     top_logprobs always holds the chosen token too, even when it is not among the most likely (as OpenAI and
     vLLM answer). A prompt token without context (the first, echo) has null for both, as OpenAI's."""
@@ -172,15 +180,15 @@ def completion_logprobs(tokens: list[Token] | tuple[Token, ...], offset: int) ->
     for token in tokens:
         offsets.append(offset)
         offset += len(token.text)
-    return {"tokens": [token.text for token in tokens],
+    return {"tokens": [token_name(token, as_ids) for token in tokens],
             "token_logprobs": [None if math.isnan(token.log_prob) else _log_prob(token.log_prob) for token in tokens],
-            "top_logprobs": [None if math.isnan(token.log_prob) else _top_logprobs(token) for token in tokens],
+            "top_logprobs": [None if math.isnan(token.log_prob) else _top_logprobs(token, as_ids) for token in tokens],
             "text_offset": offsets}
 
 
-def _top_logprobs(token: Token) -> dict[str, float]:
-    top = {alternative.text: _log_prob(alternative.log_prob) for alternative in token.top_tokens}
-    top.setdefault(token.text, _log_prob(token.log_prob))
+def _top_logprobs(token: Token, as_ids: bool = False) -> dict[str, float]:
+    top = {token_name(alternative, as_ids): _log_prob(alternative.log_prob) for alternative in token.top_tokens}
+    top.setdefault(token_name(token, as_ids), _log_prob(token.log_prob))
     return top
 
 

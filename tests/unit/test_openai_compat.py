@@ -81,6 +81,22 @@ def test_echo_with_logprobs_scores_the_prompt(serve):
     assert logprobs["text_offset"] == [0, 1, 2, 3]
 
 
+def test_return_tokens_as_token_ids_names_tokens_by_id(serve):
+    """vLLM's extension: a client can send the generated ids back (to score them, say), which text cannot do."""
+    served = serve()
+    body = served.completion(prompt="xy", max_tokens=2, logprobs=1, echo=True, return_tokens_as_token_ids=True).json()
+    logprobs = body["choices"][0]["logprobs"]
+    ids = [f"token_id:{ord(c)}" for c in "xyab"]
+    assert logprobs["tokens"] == ids and body["choices"][0]["text"] == "xyab"
+    assert logprobs["top_logprobs"][1] == {ids[1]: -1.0} and set(logprobs["top_logprobs"][2]) >= {ids[2]}
+    chunks = [json.loads(line[6:]) for line in served.completion(prompt="x", max_tokens=2, logprobs=0, stream=True,
+                                                                 return_tokens_as_token_ids=True).text.splitlines()
+              if line.startswith("data: {")]
+    assert [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]] == ids[2:]
+    chat = served.chat(max_tokens=1, logprobs=True, return_tokens_as_token_ids=True).json()
+    assert chat["choices"][0]["logprobs"]["content"][0]["token"] == ids[2]
+
+
 def test_max_tokens_0_with_echo_scores_the_prompt_only(serve):
     served = serve()
     body = served.completion(prompt="xyz", max_tokens=0, logprobs=0, echo=True).json()
