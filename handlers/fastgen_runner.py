@@ -7,11 +7,21 @@ whole prompt plus `max_new_tokens` at admission, with `BlockAllocator` arithmeti
 and block size as DeepSpeed's cache, so DeepSpeed's lazy per-step allocation can never run short; this is
 why `put` runs with `do_checks=False` (its own check, `can_schedule`, raises TypeError in 0.19.8: it
 compares the tensor of free blocks per cache group with an int; shared/FACTS.md).
+
+Each `put` fills the same pinned host buffers (`RaggedBatchWrapper.finalize`: token ids, sequence descriptors,
+KV block pointers) and copies them to the device with `non_blocking=True`, and nothing in DeepSpeed waits for
+those copies before the next `put` refills the buffers. Serving reads every step's token ids back before the
+next `put`, but a prompt prefilled over several steps without a sampled token, or prompt log-probabilities
+scored one token per `put`, issue puts back to back: while the device is still busy with an earlier pass, the
+next `put` overwrites inputs the previous one has not copied yet, and that pass computes on another batch's
+token ids and block pointers (measured on an H200: 130-240x HF fp16's deviation on prompts of 6,000-8,000
+tokens prefilled alone; RESULTS.md section 10). So the runner waits, before each `put`, until the previous one
+has run (a CUDA event; free when its results were already read).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -22,15 +32,20 @@ from handlers.runner import Runner
 class FastGenRunner(Runner):
     ragged = True
 
-    def __init__(self, engine: Any, device: torch.device | str, atoms: Any = None):
+    def __init__(self, engine: Any, device: torch.device | str, atoms: Any = None,
+                 fence: Callable[[], Any] | None = None):
         """`engine`: an `InferenceEngineV2` (or anything with its `put(uids, tokens, do_checks)` and
         `flush(uid)`); `atoms`: its `AtomRoom` (handlers.fastgen_model), checked before every put, since
-        DeepSpeed itself computes garbage for a put that needs more attention atoms than it has room for."""
+        DeepSpeed itself computes garbage for a put that needs more attention atoms than it has room for;
+        `fence`: records a point on the device's stream after a put, returning something whose `synchronize()`
+        waits for it (a CUDA event on a GPU; none on a CPU, where a put is done when it returns)."""
         self.engine = engine
         self.device = torch.device(device)
         self.atoms = atoms
         self.cache = None  # the KV cache lives inside the engine
         self._known: set[int] = set()  # uids the engine holds state for
+        self._fence = fence if fence is not None else (_cuda_event if self.device.type == "cuda" else None)
+        self._previous_put: Any = None  # the fence after the last put
 
     def assign(self, sequence: int, blocks: list[int]) -> None:
         # DeepSpeed allocates its own blocks as the sequence grows; `blocks` are the admission's reservation.
@@ -45,10 +60,13 @@ class FastGenRunner(Runner):
         batch = [torch.tensor(ids, dtype=torch.int64) for ids in tokens]
         if self.atoms is not None:
             self.atoms.check([len(ids) for ids in tokens])
+        if self._previous_put is not None:
+            self._previous_put.synchronize()  # its inputs are copied before put() refills the host buffers
         try:
             logits = self.engine.put(sequences, batch, do_checks=False)
         except torch.OutOfMemoryError as error:
             raise EngineOutOfMemory(f"out of device memory: {error}") from error
+        self._previous_put = self._fence() if self._fence is not None else None
         self._known.update(sequences)
         # put() returns a view of a buffer the next put() overwrites; the sampler wants float32 anyway.
         return logits.float()
@@ -75,3 +93,9 @@ class FastGenRunner(Runner):
     def shutdown(self) -> None:
         for sequence in list(self._known):
             self.release(sequence)
+
+
+def _cuda_event() -> Any:
+    event = torch.cuda.Event()
+    event.record()
+    return event

@@ -88,6 +88,21 @@ def test_the_gate_fails_deepspeeds_defects_and_passes_the_fixed_engine():
     assert rows["atoms-by-sequences"]["atom_room"] == 8 and rows["fixed"]["atom_room"] > 8
 
 
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_a_long_prompt_prefilled_alone_over_many_puts_follows_hf(kind, tmp_path):
+    """A 6,000-token probe with a 512-token budget goes in 12 puts with nothing read between them; each put
+    refills DeepSpeed's pinned host buffers, so the runner must wait until the previous put's inputs reached the
+    device (without that wait, alone probes of 6,000-8,000 tokens measured 130-240x, rotary or not)."""
+    from handlers.correctness_gate import run_gate
+
+    path = saved_model(kind, tmp_path / kind)
+    references = references_for(path, [6000])
+    runner, _ = engine_for(path, "fixed", max_sequences=2, prefill=512)
+    result = run_gate(references, runner.ragged_forward, runner.release, max_sequences=2, max_prefill_tokens=512,
+                      vocab_size=VOCAB, tolerance=1.5)
+    assert result.passed, result.describe()
+
+
 def test_a_step_that_exactly_fills_the_atom_buffer_is_correct_and_one_atom_less_is_not():
     """Three fillers decode while a 2,048-token prefix goes in one chunk: 3 + 16 = 19 atoms, exactly what the
     engine gives DeepSpeed room for (4 sequences, 2,048-token budget); a 6,144-token prefix is split by the
