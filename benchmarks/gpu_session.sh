@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see RESULTS.md): install the carried wheels, then run the parts asked for.
 #   usage: bash benchmarks/gpu_session.sh WHEELS_DIR TOKENIZER_DIR OUT_DIR PART...
-# parts: fg-tests (FastGen's GPU tests and gate table), fg-serve (a 7B FastGen server: long prompts and bursts),
+# parts: eng-gpu (the overlapped engine: GPU tests, the put-fence A/B, HTTP vs bare loop in two rounds),
+# fg-tests (FastGen's GPU tests and gate table), fg-serve (a 7B FastGen server: long prompts and bursts),
 # fg-speed (HTTP vs bare put() loop at 1/32/64 clients), fg-fastmath (in the background: DeepSpeed's v2 ops built with
 # and without --use_fast_math in parallel, then the gate table of every architecture with each build),
 # fg-teacher (a 7B FastGen server: the long-prompt workloads, each batched output scored alone, teacher-forced);
@@ -59,6 +60,33 @@ start_server() {  # start_server PORT LOG KEY=VALUE...: python -m entrypoint ser
 }
 for part in "$@"; do
   case $part in
+    eng-gpu)
+      # The overlapped engine on the H200: core GPU tests while the v2 ops build and the 7B model is made; the
+      # FastGen GPU tests beside the put-fence A/B (6,000-token probes alone in 12 puts, with and without the
+      # wait); then HTTP streaming vs DeepSpeed's bare put() loop at 1/32/64 clients (128/128), two rounds.
+      stamp "start"
+      build_ops_into normal & BUILD=$!
+      make_model > /dev/null & MAKE=$!
+      python3 -m pytest -q -rs tests/gpu/test_gpu_autotp.py tests/gpu/test_gpu_engine_core.py \
+          tests/unit/test_token_sampler.py -p no:cacheprovider > "$OUT/gpu-tests-core.txt" 2>&1
+      stamp "core tests done"; wait $BUILD; stamp "ops built"
+      python3 benchmarks/fastgen_gate_table.py --archs llama opt --variants fixed no-put-fence --lengths 6000 \
+          --max-sequences 2 --prefill-tokens 512 --out "$OUT/put-fence.jsonl" > "$OUT/put-fence.txt" 2>&1 & FENCE=$!
+      python3 -m pytest -q -rs tests/gpu/test_gpu_fastgen.py -p no:cacheprovider > "$OUT/gpu-tests-fastgen.txt" 2>&1
+      stamp "fastgen tests done"; wait $FENCE; wait $MAKE; stamp "put-fence rows and model done"
+      tail -3 "$OUT"/gpu-tests-*.txt; cut -c1-300 "$OUT/put-fence.jsonl"
+      start_server 8097 "$OUT/eng-speed-server.log" OPTION_DTYPE=fp16 OPTION_MAX_ROLLING_BATCH_SIZE=64 || exit 1
+      stamp "server up"
+      for round in 1 2; do
+        python3 benchmarks/sweep.py run --url http://127.0.0.1:8097 --model "$MODEL" --tokenizer "$TOKENIZER" \
+            --concurrency 1 32 64 --shapes 128/128 --requests-per-client 3 --label "fastgen-http-round$round" \
+            --out "$OUT/eng-speed.jsonl" 2>&1 | tail -4 | tee -a "$OUT/eng-speed.txt"
+      done
+      kill -TERM $SERVER; wait $SERVER; stamp "http rounds done"
+      for round in 1 2; do
+        python3 benchmarks/fastgen_loop.py --model-dir $MODEL --batches 1 32 64 --engines fastgen-bare-loop \
+            --out "$OUT/eng-speed.jsonl" 2>&1 | tail -4 | tee -a "$OUT/eng-speed.txt"
+      done; stamp "bare loop done" ;;
     fg-tests)
       # FastGen's correctness (issue 19): AutoTP/engine-core tests while the v2 ops build, then the FastGen
       # tests beside the per-architecture gate table (before/after the fixes) and the atom-boundary rows.
