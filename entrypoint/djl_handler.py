@@ -22,7 +22,7 @@ first, so inside DJL Serving the option must name this module.
   `{"inputs": str | [str], "parameters": {...}}` and gets exactly what /invocations answers for it:
   `{"generated_text": ...}` (+ `details`), or a list for list inputs, or the error body
   `{"error": {"message", "type", "code"}}` with the same status. Both paths use the same parser, response
-  builder and error table (`entrypoint.http.lmi_protocol`, `entrypoint.http.errors`).
+  builder and error table (`entrypoint.protocol.lmi`, `entrypoint.protocol.errors`).
 * In a batch, each request is parsed, tokenized and validated on its own: a bad one (invalid JSON, a bad
   parameter, a prompt too long) gets its own 400 and the others are served. The valid requests are
   submitted together, so they share the engine's rolling batch. The batch `Output` has code 200 and
@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from entrypoint.configuration import Configuration, ConfigurationError, load_configuration_from_properties
-from entrypoint.http.errors import INTERNAL, PredictTimeout, error_body, exception_for_output, make_body, row_for
-from entrypoint.http.lmi_protocol import Accumulator, LmiRequest, build_response, generation_requests, parse_request
+from entrypoint.protocol.errors import INTERNAL, PredictTimeout, error_body, exception_for_output, make_body, row_for
+from entrypoint.protocol.lmi import Accumulator, LmiRequest, build_response, generation_requests, parse_request
 from entrypoint.djl_io import Input, Output
 from handlers.engine import Engine, GenerationRequest, InvalidRequest, SamplingParams
 from handlers.engine_loop import EngineLoop

@@ -18,8 +18,8 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from entrypoint.http.lmi_protocol import LmiParameters, LmiRequest
-from entrypoint.http.openai_protocol import ChatCompletionRequest, CompletionRequest
+from entrypoint.protocol.lmi import LmiParameters, LmiRequest
+from entrypoint.protocol.openai import ChatCompletionRequest, CompletionRequest
 
 
 class _Strict(BaseModel):

@@ -26,12 +26,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from entrypoint.configuration import Configuration
 from entrypoint.http import api_schema
 from entrypoint.http.api_key import ApiKeyMiddleware
-from entrypoint.http.errors import ErrorFamily, error_response, make_body, render, row_for_status
+from entrypoint.http.generation import error_response
+from entrypoint.protocol.errors import ErrorFamily, make_body, render, row_for_status
 from entrypoint.http.metrics import ServerMetrics
 from entrypoint.http.openai_api import OpenAIApi
 from entrypoint.http.predict import Predictor
 from entrypoint.http.state import LOADING_RETRY_AFTER, Phase, ServerState
-from entrypoint.http.tokenization import PromptTokenizer
+from entrypoint.protocol.tokenization import PromptTokenizer
 
 
 def create_app(configuration: Configuration, state: ServerState) -> FastAPI:

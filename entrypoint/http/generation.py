@@ -10,6 +10,7 @@ the others (LMI's list inputs and OpenAI's n > 1 alike).
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from fastapi import Request
@@ -17,10 +18,12 @@ from fastapi.responses import JSONResponse, Response
 
 from entrypoint.http.access_log import CLIENT_CLOSED, AccessRecord
 from entrypoint.http.client_connection import ClosingStreamingResponse, until_disconnect, wait_for_disconnect
-from entrypoint.http.errors import ErrorFamily, error_response, exception_for_output, row_for
-from entrypoint.http.lmi_protocol import Accumulator
+from entrypoint.protocol.errors import INTERNAL, ErrorFamily, error_body, exception_for_output, row_for
+from entrypoint.protocol.lmi import Accumulator
 from handlers.engine import RequestOutput
 from handlers.engine_loop import OutputStream
+
+logger = logging.getLogger("lmi.http")
 
 
 class ChunkEncoder(Protocol):
@@ -47,6 +50,19 @@ async def answer(record: AccessRecord, family: ErrorFamily, work: Callable[[], A
         row = row_for(exc)
         record.finish(row.status, error_type=row.type)
         return error_response(exc, family)
+
+
+def error_response(exc: BaseException, family: ErrorFamily = ErrorFamily.LMI) -> JSONResponse:
+    row = row_for(exc)
+    if row is INTERNAL:
+        logger.error("unexpected error", exc_info=exc)
+    headers = {}
+    retry_after = getattr(exc, "retry_after", None)
+    if row.status == 503 and retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    if getattr(exc, "close_connection", False):  # the rest of the body may still come: do not read it as a request
+        headers["Connection"] = "close"
+    return JSONResponse(error_body(exc, family), status_code=row.status, headers=headers)
 
 
 async def respond(request: Request, streams: list[OutputStream], record: AccessRecord, *,

@@ -18,20 +18,20 @@ from fastapi.responses import Response
 
 from entrypoint.http.access_log import AccessRecord, RequestObserver
 from entrypoint.http.client_connection import read_body
-from entrypoint.http.errors import ErrorFamily, ModelNotFound
+from entrypoint.protocol.errors import ErrorFamily, ModelNotFound
 from entrypoint.http.generation import answer, respond
-from entrypoint.http.lmi_protocol import Accumulator
-from entrypoint.http.validation import load_json_object
-from entrypoint.http.openai_protocol import (
+from entrypoint.protocol.lmi import Accumulator
+from entrypoint.protocol.validation import load_json_object
+from entrypoint.protocol.openai import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     ChatCompletionRequest,
     CompletionRequest,
     parse_chat,
     parse_completion,
 )
-from entrypoint.http.openai_response import Completion, CompletionStreamEncoder
+from entrypoint.protocol.openai_response import Completion, CompletionStreamEncoder
 from entrypoint.http.state import ServerState
-from entrypoint.http.tokenization import PromptTokenizer
+from entrypoint.protocol.tokenization import PromptTokenizer
 from handlers.serving_properties import ServingProperties
 from handlers.engine import Engine, GenerationRequest, InvalidRequest
 from handlers.engine_loop import EngineLoop

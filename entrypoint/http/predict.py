@@ -23,13 +23,13 @@ from fastapi.responses import Response
 
 from entrypoint.http.access_log import AccessRecord, RequestObserver
 from entrypoint.http.client_connection import read_body
-from entrypoint.http.errors import ErrorFamily, ModelNotFound
+from entrypoint.protocol.errors import ErrorFamily, ModelNotFound
 from entrypoint.http.generation import ChunkEncoder, answer, respond
-from entrypoint.http.lmi_protocol import Accumulator, LmiRequest, build_response, generation_requests, parse_lmi
-from entrypoint.http.validation import load_json_object
+from entrypoint.protocol.lmi import Accumulator, LmiRequest, build_response, generation_requests, parse_lmi
+from entrypoint.protocol.validation import load_json_object
 from entrypoint.http.state import ServerState
-from entrypoint.http.streaming import BatchStreamEncoder, StreamEncoder, choose_format
-from entrypoint.http.tokenization import PromptTokenizer
+from entrypoint.protocol.streaming import BatchStreamEncoder, StreamEncoder, choose_format
+from entrypoint.protocol.tokenization import PromptTokenizer
 from handlers.serving_properties import ServingProperties
 from handlers.engine import Engine, GenerationRequest, InvalidRequest, SamplingParams
 

@@ -35,17 +35,12 @@ Status choices, as LMI (DJL Serving) had them where it had one:
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from enum import Enum
 
-from fastapi.responses import JSONResponse
-
 from handlers.engine import EngineOutOfMemory, FinishReason, InvalidRequest, RequestOutput
 from handlers.engine_loop import EngineUnavailable, ErrorKind, QueueFull, error_kind
-
-logger = logging.getLogger("lmi.http")
 
 
 class ModelNotFound(LookupError):
@@ -189,19 +184,6 @@ def lmi_stream_error(exc: BaseException) -> dict:
     body = error_body(exc)
     return {"token": {"id": -1, "text": "", "log_prob": -1, "special_token": True, "error_msg": body["error"]},
             "generated_text": "", "details": dict(_ERROR_DETAILS), **{k: body[k] for k in ("error", "code", "type")}}
-
-
-def error_response(exc: BaseException, family: ErrorFamily = ErrorFamily.LMI) -> JSONResponse:
-    row = row_for(exc)
-    if row is INTERNAL:
-        logger.error("unexpected error", exc_info=exc)
-    headers = {}
-    retry_after = getattr(exc, "retry_after", None)
-    if row.status == 503 and retry_after is not None:
-        headers["Retry-After"] = str(retry_after)
-    if getattr(exc, "close_connection", False):  # the rest of the body may still come: do not read it as a request
-        headers["Connection"] = "close"
-    return JSONResponse(error_body(exc, family), status_code=row.status, headers=headers)
 
 
 _KIND_TO_EXCEPTION: dict[ErrorKind, type[Exception]] = {

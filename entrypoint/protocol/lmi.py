@@ -36,7 +36,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from entrypoint.http.validation import (IGNORED_FIELDS, Bool, StrictModel, Text, TokenId, load_json_object, stop_sequences,
+from entrypoint.protocol.validation import (IGNORED_FIELDS, Bool, StrictModel, Text, TokenId, load_json_object, stop_sequences,
                                         validation_error)
 from handlers.engine import (
     OPENAI_PENALTY_RANGE,

@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from entrypoint.http.validation import IGNORED_FIELDS, Bool, StrictModel, Text, stop_sequences, validation_error
+from entrypoint.protocol.validation import IGNORED_FIELDS, Bool, StrictModel, Text, stop_sequences, validation_error
 from handlers.engine import (
     OPENAI_PENALTY_RANGE,
     REPETITION_PENALTY_RANGE,

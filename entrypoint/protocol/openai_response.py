@@ -22,8 +22,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from entrypoint.http.errors import ErrorFamily, error_body, exception_for_output
-from entrypoint.http.lmi_protocol import Accumulator
+from entrypoint.protocol.errors import ErrorFamily, error_body, exception_for_output
+from entrypoint.protocol.lmi import Accumulator
 from handlers.engine import FinishReason, RequestOutput, Token
 
 DONE = b"data: [DONE]\n\n"

@@ -14,7 +14,7 @@ visible token, so there are at most max_new_tokens lines (`BatchStreamEncoder`).
 
 A token line's `text` is that token's own text. A token is sent once the engine made its text visible
 (the engine holds back text that may start a stop sequence, and incomplete UTF-8), and the tokens of a
-stop sequence, which the output leaves out, are cut (`lmi_protocol.TokenAligner`): joining the streamed
+stop sequence, which the output leaves out, are cut (`lmi.TokenAligner`): joining the streamed
 texts gives exactly `generated_text` (without the prompt of return_full_text), as in `details.tokens`.
 """
 
@@ -25,8 +25,8 @@ import json
 from enum import Enum
 from typing import Any
 
-from entrypoint.http.errors import exception_for_output, lmi_stream_error
-from entrypoint.http.lmi_protocol import Accumulator, token_dict
+from entrypoint.protocol.errors import exception_for_output, lmi_stream_error
+from entrypoint.protocol.lmi import Accumulator, token_dict
 from handlers.serving_properties import OutputFormatter
 from handlers.engine import RequestOutput
 
