@@ -15,7 +15,6 @@ these (`api_schema`), and GET /docs, its Swagger UI.
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -32,6 +31,7 @@ from entrypoint.http.metrics import ServerMetrics
 from entrypoint.http.openai_api import OpenAIApi
 from entrypoint.http.predict import Predictor
 from entrypoint.http.state import LOADING_RETRY_AFTER, Phase, ServerState
+from entrypoint.protocol.schema import body
 from entrypoint.protocol.tokenization import PromptTokenizer
 
 
@@ -40,8 +40,7 @@ def create_app(configuration: Configuration, state: ServerState) -> FastAPI:
     tokenizer = PromptTokenizer()
     metrics = ServerMetrics(state)
     openai = OpenAIApi(properties, state, tokenizer, metrics)
-    # /invocations serves whichever model this is, so a chat body there is not checked against its "model"
-    predictor = Predictor(properties, state, tokenizer, metrics, chat=functools.partial(openai.chat, check_model=False))
+    predictor = Predictor(properties, state, tokenizer, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -127,12 +126,12 @@ def _generation_routes(app: FastAPI, predictor: Predictor, openai: OpenAIApi, me
 
     @app.get("/v1/models")
     async def openai_models() -> JSONResponse:
-        return JSONResponse(openai.models())
+        return JSONResponse(body(openai.models()))
 
     @app.get("/v1/models/{model_name:path}")
     async def openai_model(model_name: str) -> Response:
         try:
-            return JSONResponse(openai.model_card(model_name))
+            return JSONResponse(body(openai.model_card(model_name)))
         except Exception as exc:
             return error_response(exc, ErrorFamily.OPENAI)
 

@@ -86,7 +86,7 @@ class Completion:
 
 
 class CompletionStreamEncoder:
-    """A `generation.ChunkEncoder` for one `Completion`, as OpenAI's chunks."""
+    """A `streaming.ChunkEncoder` for one `Completion`, as OpenAI's chunks."""
 
     def __init__(self, completion: Completion, include_usage: bool, jsonlines: bool = False):
         self.jsonlines = jsonlines

@@ -23,12 +23,28 @@ from __future__ import annotations
 import collections
 import json
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 from entrypoint.protocol.errors import exception_for_output, lmi_stream_error
 from entrypoint.protocol.lmi import Accumulator, token_dict
 from handlers.serving_properties import OutputFormatter
 from handlers.engine import RequestOutput
+
+
+class ChunkEncoder(Protocol):
+    """Frames one response's outputs as a stream."""
+
+    media_type: str
+    failure: BaseException | None  # set by `error`: the stream ended with this error object
+
+    def feed(self, index: int, output: RequestOutput) -> list[bytes]:
+        """Chunks for output `output` of engine request `index` (ending with `error(...)` on an error finish)."""
+
+    def error(self, exc: BaseException) -> list[bytes]:
+        """The chunks that end a stream with `exc` (the headers already said 200)."""
+
+    def end(self) -> list[bytes]:
+        """The chunks after every request finished (OpenAI's usage chunk and `[DONE]`)."""
 
 
 class Format(str, Enum):
@@ -74,7 +90,7 @@ def frame(fmt: Format, obj: dict[str, Any]) -> bytes:
 
 
 class StreamEncoder:
-    """Turns one request's outputs into LMI's framed chunks (a `generation.ChunkEncoder`); `result`
+    """Turns one request's outputs into LMI's framed chunks (a `ChunkEncoder`); `result`
     accumulates them."""
 
     def __init__(self, fmt: Format, result: Accumulator):
@@ -107,7 +123,7 @@ class StreamEncoder:
 
 
 class BatchStreamEncoder:
-    """A list of inputs as one stream of `{"outputs": [...]}` lines (a `generation.ChunkEncoder`): the i-th
+    """A list of inputs as one stream of `{"outputs": [...]}` lines (a `ChunkEncoder`): the i-th
     line carries each input's i-th visible token text, sent once every input still generating has its i-th
     token; `results` accumulate the outputs as for a JSON answer."""
 
