@@ -17,9 +17,16 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from entrypoint.protocol.lmi import LmiParameters, LmiRequest
 from entrypoint.protocol.openai import ChatCompletionRequest, CompletionRequest
-from entrypoint.protocol.schema import (ChatCompletion, Completion, LmiError, LmiInvocation, LmiResponse, LmiStreamLine,
-                                        ModelCard, ModelList, Models, OpenAIError, PingOk, PingUnavailable)
+from entrypoint.protocol.schema import (ChatCompletion, Completion, LmiError, LmiResponse, LmiStreamLine, ModelCard,
+                                        ModelList, Models, OpenAIError, PingOk, PingUnavailable)
+
+
+class LmiInvocation(LmiRequest):
+    """LMI's request (`parameters` typed for the document; unknown fields are accepted and ignored)."""
+
+    parameters: LmiParameters | None = None
 
 _REQUESTS: dict[str, type[BaseModel]] = {
     "/invocations": LmiInvocation,

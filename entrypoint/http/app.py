@@ -31,7 +31,7 @@ from entrypoint.http.metrics import ServerMetrics
 from entrypoint.http.openai_api import OpenAIApi
 from entrypoint.http.predict import Predictor
 from entrypoint.http.state import LOADING_RETRY_AFTER, Phase, ServerState
-from entrypoint.protocol.schema import body
+from entrypoint.protocol.schema import ModelEntry, Models, PingOk, PingUnavailable, body, build
 from entrypoint.protocol.tokenization import PromptTokenizer
 
 
@@ -69,13 +69,13 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
-        body = render(row_for_status(exc.status_code), message, ErrorFamily.for_path(request.url.path))
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        error = render(row_for_status(exc.status_code), message, ErrorFamily.for_path(request.url.path))
+        return JSONResponse(body(error), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        body = render(row_for_status(400), str(exc), ErrorFamily.for_path(request.url.path))
-        return JSONResponse(body, status_code=400)
+        error = render(row_for_status(400), str(exc), ErrorFamily.for_path(request.url.path))
+        return JSONResponse(body(error), status_code=400)
 
 
 def _status_routes(app: FastAPI, state: ServerState) -> None:
@@ -84,12 +84,12 @@ def _status_routes(app: FastAPI, state: ServerState) -> None:
     async def ping() -> JSONResponse:
         health = state.health()
         if health.healthy:
-            return JSONResponse({"status": "healthy"})
-        body = {"status": health.status, "phase": state.phase.value, "progress": state.progress,
-                **make_body(503, "ModelNotReady" if state.phase is not Phase.READY else "EngineUnavailable",
-                            health.detail)}
+            return JSONResponse(body(build(PingOk, status="healthy")))
+        unavailable = build(PingUnavailable, status=health.status, phase=state.phase.value, progress=state.progress,
+                            **make_body(503, "ModelNotReady" if state.phase is not Phase.READY else "EngineUnavailable",
+                                        health.detail))
         headers = {"Retry-After": str(LOADING_RETRY_AFTER)} if state.phase is Phase.LOADING else None
-        return JSONResponse(body, status_code=503, headers=headers)
+        return JSONResponse(body(unavailable), status_code=503, headers=headers)
 
     @app.get("/models")
     async def models() -> JSONResponse:
@@ -100,10 +100,9 @@ def _status_routes(app: FastAPI, state: ServerState) -> None:
         elif state.phase is Phase.FAILED:
             entry["error"] = state.failure
         elif loop is not None:
-            entry["engine"] = loop.engine.name
-            entry["maxTotalTokens"] = loop.engine.max_total_tokens
-            entry["healthy"] = loop.health().healthy
-        return JSONResponse({"models": [entry]})
+            entry.update(engine=loop.engine.name, maxTotalTokens=loop.engine.max_total_tokens,
+                         healthy=loop.health().healthy)
+        return JSONResponse(body(build(Models, models=[build(ModelEntry, **entry)])))
 
 
 def _generation_routes(app: FastAPI, predictor: Predictor, openai: OpenAIApi, metrics: ServerMetrics) -> None:

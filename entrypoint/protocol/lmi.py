@@ -36,6 +36,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from entrypoint.protocol.schema import LmiDetails, LmiResponse, LmiSequence, LmiToken, body, build
 from entrypoint.protocol.validation import IGNORED_FIELDS, Bool, StrictModel, Text, TokenId, stop_sequences, validation_error
 from handlers.engine import (
     OPENAI_PENALTY_RANGE,
@@ -176,12 +177,17 @@ def log_prob(value: float) -> float | None:
 
 
 def token_dict(token: Token, text: str | None = None) -> dict[str, Any]:
-    """LMI's Token.as_dict: id, text, log_prob, and special_token only when true."""
+    """LMI's Token.as_dict: id, text, log_prob, and special_token only when true (an `LmiToken`; stream lines
+    write it as a dict, which costs a fifth of building the model, once per token)."""
     data: dict[str, Any] = {"id": token.id, "text": token.text if text is None else text,
                             "log_prob": log_prob(token.log_prob)}
     if token.special:
         data["special_token"] = True
     return data
+
+
+def lmi_token(token: Token) -> LmiToken:
+    return build(LmiToken, **token_dict(token))
 
 
 class TokenAligner:
@@ -258,25 +264,40 @@ class Accumulator:
     def generated_text(self) -> str:
         return self.prompt + self.text if self.params.return_full_text else self.text
 
-    def details(self, with_tokens: bool = True) -> dict[str, Any]:
-        details: dict[str, Any] = {
+    def details(self, with_tokens: bool = True, best_of: list[LmiSequence] | None = None) -> LmiDetails:
+        values: dict[str, Any] = {
             "finish_reason": self.finish_reason.value if self.finish_reason else None,
             "generated_tokens": self.generated_tokens,
             "inputs": self.prompt,
         }
         if with_tokens:
-            details["tokens"] = [token_dict(token) for token in self.tokens]
-            if self.params.top_n_tokens:
-                details["top_tokens"] = [[token_dict(top) for top in token.top_tokens] for token in self.tokens]
-        if self.params.prompt_logprobs:
-            details["prefill"] = [token_dict(token) for token in self.prompt_details]
-        return details
+            values.update(self._token_details())
+        elif self.params.prompt_logprobs:
+            values["prefill"] = [lmi_token(token) for token in self.prompt_details]
+        if best_of is not None:
+            values["best_of_sequences"] = best_of
+        return build(LmiDetails, **values)
 
-    def response(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"generated_text": self.generated_text}
-        if self.params.details:
-            body["details"] = self.details()
-        return body
+    def _token_details(self) -> dict[str, Any]:
+        values: dict[str, Any] = {"tokens": [lmi_token(token) for token in self.tokens]}
+        if self.params.top_n_tokens:
+            values["top_tokens"] = [[lmi_token(top) for top in token.top_tokens] for token in self.tokens]
+        if self.params.prompt_logprobs:
+            values["prefill"] = [lmi_token(token) for token in self.prompt_details]
+        return values
+
+    def sequence(self) -> LmiSequence:
+        """This sequence as one of a best_of answer's other sequences."""
+        return build(LmiSequence, finish_reason=self.finish_reason.value if self.finish_reason else None,
+                     generated_tokens=self.generated_tokens, **self._token_details(),
+                     generated_text=self.generated_text)
+
+    def response(self, best_of: list[LmiSequence] | None = None) -> LmiResponse:
+        """The answer for this sequence; with `best_of` (n > 1) details are always there, as in LMI's best_of
+        response (output_formatter._json_output_formatter_best_of)."""
+        if not self.params.details and best_of is None:
+            return build(LmiResponse, generated_text=self.generated_text)
+        return build(LmiResponse, generated_text=self.generated_text, details=self.details(best_of=best_of))
 
 
 def build_response(results: list[Accumulator], is_batch: bool, returned: int, generated: int) -> Any:
@@ -285,11 +306,6 @@ def build_response(results: list[Accumulator], is_batch: bool, returned: int, ge
     bodies = []
     for start in range(0, len(results), generated):
         ranked = sorted(results[start:start + generated], key=lambda result: result.mean_log_prob, reverse=True)
-        body = ranked[0].response()
-        if returned > 1:  # LMI's best_of response (output_formatter._json_output_formatter_best_of): details always
-            body["details"] = {**ranked[0].details(), "best_of_sequences": [
-                {**other.details(), "generated_text": other.generated_text} for other in ranked[1:returned]]}
-            for other in body["details"]["best_of_sequences"]:
-                other.pop("inputs")
-        bodies.append(body)
+        best_of = [other.sequence() for other in ranked[1:returned]] if returned > 1 else None
+        bodies.append(body(ranked[0].response(best_of)))
     return bodies if is_batch else bodies[0]

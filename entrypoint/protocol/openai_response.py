@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from entrypoint.protocol.errors import ErrorFamily, error_body, exception_for_output
+from entrypoint.protocol import schema
 from entrypoint.protocol.lmi import Accumulator
+from entrypoint.protocol.schema import body, build
 from handlers.engine import FinishReason, RequestOutput, Token
 
 DONE = b"data: [DONE]\n\n"
@@ -34,7 +36,7 @@ _FINISH_REASONS = {FinishReason.EOS_TOKEN: "stop", FinishReason.STOP_SEQUENCE: "
 
 
 @dataclass
-class Completion:
+class CompletionBuilder:
     """One OpenAI response under construction: its choices (one Accumulator each, in index order)."""
 
     chat: bool
@@ -62,33 +64,33 @@ class Completion:
     def object(self) -> str:
         return "chat.completion" if self.chat else "text_completion"
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> schema.Usage:
         completion = sum(result.generated_tokens for result in self.results)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
+        return build(schema.Usage, prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+                     total_tokens=self.prompt_tokens + completion)
 
     def body(self) -> dict[str, Any]:
-        choices = []
+        choices: list[Any] = []
         for index, result in enumerate(self.chosen()):
-            choice: dict[str, Any] = {"index": index}
+            reason = finish_reason(result.finish_reason)
             if self.chat:
-                choice["message"] = {"role": "assistant", "content": result.text, "refusal": None}
-                choice["logprobs"] = chat_logprobs(result.tokens) if self.logprobs else None
+                message = build(schema.ChatMessage, role="assistant", content=result.text, refusal=None)
+                choices.append(build(schema.ChatChoice, index=index, message=message, finish_reason=reason,
+                                     logprobs=chat_logprobs(result.tokens) if self.logprobs else None))
             else:
-                prefix = result.prompt if self.echo else ""
-                choice["text"] = prefix + result.text
                 tokens = [*result.prompt_details, *result.tokens] if self.echo else result.tokens
-                choice["logprobs"] = completion_logprobs(tokens, 0) if self.logprobs else None
-            choice["finish_reason"] = finish_reason(result.finish_reason)
-            choices.append(choice)
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, "usage": self.usage()}
+                choices.append(build(schema.CompletionChoice, index=index, finish_reason=reason,
+                                     text=(result.prompt if self.echo else "") + result.text,
+                                     logprobs=completion_logprobs(tokens, 0) if self.logprobs else None))
+        model = schema.ChatCompletion if self.chat else schema.Completion
+        return body(build(model, id=self.id, object=self.object, created=self.created, model=self.model,
+                          choices=choices, usage=self.usage()))
 
 
 class CompletionStreamEncoder:
     """A `streaming.ChunkEncoder` for one `Completion`, as OpenAI's chunks."""
 
-    def __init__(self, completion: Completion, include_usage: bool, jsonlines: bool = False):
+    def __init__(self, completion: CompletionBuilder, include_usage: bool, jsonlines: bool = False):
         self.jsonlines = jsonlines
         self.media_type = "application/jsonlines" if jsonlines else "text/event-stream"
         self.completion = completion
@@ -115,14 +117,14 @@ class CompletionStreamEncoder:
             if output.text and not first:
                 delta["content"] = output.text
             choice["delta"] = delta
-            choice["logprobs"] = chat_logprobs(released) if self.completion.logprobs else None
+            choice["logprobs"] = body(chat_logprobs(released)) if self.completion.logprobs else None
         else:
             prefix = result.prompt if first and self.completion.echo else ""
             choice["text"] = prefix + output.text
             logprobs = None
             if self.completion.logprobs:
                 tokens = [*result.prompt_details, *released] if prefix else released
-                logprobs = completion_logprobs(tokens, self._offsets[index])
+                logprobs = body(completion_logprobs(tokens, self._offsets[index]))
                 self._offsets[index] += sum(len(token.text) for token in tokens)
             choice["logprobs"] = logprobs
         choice["finish_reason"] = reason
@@ -133,7 +135,7 @@ class CompletionStreamEncoder:
         return [self._frame(error_body(exc, ErrorFamily.OPENAI)), *self._done()]
 
     def end(self) -> list[bytes]:
-        chunks = [self._chunk([], usage=self.completion.usage())] if self.include_usage else []
+        chunks = [self._chunk([], usage=body(self.completion.usage()))] if self.include_usage else []
         return chunks + self._done()
 
     def _done(self) -> list[bytes]:
@@ -155,16 +157,16 @@ def finish_reason(reason: FinishReason | None) -> str | None:
     return _FINISH_REASONS.get(reason) if reason is not None else None
 
 
-def chat_logprobs(tokens: list[Token] | tuple[Token, ...]) -> dict[str, Any]:
-    def entry(token: Token) -> dict[str, Any]:
-        return {"token": token.text, "logprob": _log_prob(token.log_prob), "bytes": list(token.text.encode())}
+def chat_logprobs(tokens: list[Token] | tuple[Token, ...]) -> schema.ChatLogprobs:
+    def entry(token: Token, model: type[schema.TopLogprob]) -> Any:
+        top = {"top_logprobs": [entry(alternative, schema.TopLogprob) for alternative in token.top_tokens]} \
+            if model is schema.ChatTokenLogprob else {}
+        return build(model, token=token.text, logprob=_log_prob(token.log_prob), bytes=list(token.text.encode()), **top)
 
-    return {"content": [{**entry(token), "top_logprobs": [entry(top) for top in token.top_tokens]}
-                        for token in tokens],
-            "refusal": None}
+    return build(schema.ChatLogprobs, content=[entry(token, schema.ChatTokenLogprob) for token in tokens], refusal=None)
 
 
-def completion_logprobs(tokens: list[Token] | tuple[Token, ...], offset: int) -> dict[str, Any]:
+def completion_logprobs(tokens: list[Token] | tuple[Token, ...], offset: int) -> schema.CompletionLogprobs:
     """The legacy completions shape: parallel lists, `text_offset` counted from the start of the choice's text.
     top_logprobs always holds the chosen token too, even when it is not among the most likely (as OpenAI and
     vLLM answer). A prompt token without context (the first, echo) has null for both, as OpenAI's."""
@@ -172,10 +174,10 @@ def completion_logprobs(tokens: list[Token] | tuple[Token, ...], offset: int) ->
     for token in tokens:
         offsets.append(offset)
         offset += len(token.text)
-    return {"tokens": [token.text for token in tokens],
-            "token_logprobs": [None if math.isnan(token.log_prob) else _log_prob(token.log_prob) for token in tokens],
-            "top_logprobs": [None if math.isnan(token.log_prob) else _top_logprobs(token) for token in tokens],
-            "text_offset": offsets}
+    return build(schema.CompletionLogprobs, tokens=[token.text for token in tokens],
+                 token_logprobs=[None if math.isnan(token.log_prob) else _log_prob(token.log_prob) for token in tokens],
+                 top_logprobs=[None if math.isnan(token.log_prob) else _top_logprobs(token) for token in tokens],
+                 text_offset=offsets)
 
 
 def _top_logprobs(token: Token) -> dict[str, float]:

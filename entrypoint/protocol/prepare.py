@@ -29,7 +29,7 @@ from entrypoint.protocol.openai import (
     parse_chat,
     parse_completion,
 )
-from entrypoint.protocol.openai_response import Completion, CompletionStreamEncoder
+from entrypoint.protocol.openai_response import CompletionBuilder, CompletionStreamEncoder
 from entrypoint.protocol.streaming import BatchStreamEncoder, ChunkEncoder, Format, StreamEncoder, choose_format
 from entrypoint.protocol.tokenization import PromptTokenizer
 from entrypoint.protocol.validation import load_json_object
@@ -200,7 +200,7 @@ async def _prepare_openai(parsed: CompletionRequest | ChatCompletionRequest, nam
 
     requests = _fan_out(tokenized, n, request_id, params, error, engine)
     results = [Accumulator(request.prompt, request.params) for request in requests]
-    completion = Completion(
+    completion = CompletionBuilder(
         chat=chat, id=("chatcmpl-" if chat else "cmpl-") + request_id, created=int(time.time()),
         model=parsed.model if named_model and parsed.model and server.knows_model(parsed.model) else server.model_name,
         results=results, prompt_tokens=sum(len(ids) for _, ids in tokenized), logprobs=parsed.wants_logprobs,

@@ -8,11 +8,10 @@ Bodies are dumped with `body()`: fields never set are left out (a token's `speci
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from entrypoint.protocol.lmi import LmiParameters, LmiRequest
 
 
 def body(model: BaseModel) -> dict[str, Any]:
@@ -20,17 +19,20 @@ def body(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(exclude_unset=True)
 
 
+def build(model: type[ModelT], /, **values: Any) -> ModelT:
+    """A response model holding `values` as they are: the server's own values need no validation on the way
+    out (tests/unit/test_openapi.py validates real responses against these models instead)."""
+    return model.model_construct(**values)
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 # ---- LMI ----------------------------------------------------------------------------------------------
-class LmiInvocation(LmiRequest):
-    """LMI's request (`parameters` typed for the document; unknown fields are accepted and ignored)."""
-
-    parameters: LmiParameters | None = None
-
-
 class LmiToken(_Strict):
     id: int
     text: str
@@ -42,12 +44,12 @@ class LmiToken(_Strict):
 class LmiSequence(_Strict):
     """One of the other sequences of n / best_of (LMI's BestOfSequence)."""
 
-    generated_text: str
     finish_reason: Literal["length", "eos_token", "stop_sequence"] | None
     generated_tokens: int
     tokens: list[LmiToken]
     top_tokens: list[list[LmiToken]] | None = None
     prefill: list[LmiToken] | None = None
+    generated_text: str
 
 
 class LmiDetails(_Strict):
@@ -93,10 +95,17 @@ class PingOk(_Strict):
     status: Literal["healthy"]
 
 
-class PingUnavailable(LmiError):
+class PingUnavailable(_Strict):
+    """/ping while the model loads, after it failed, or with the engine unhealthy: the phase, and LMI's error
+    body's fields."""
+
     status: str
     phase: str
     progress: str
+    error: str
+    code: int
+    type: str
+    message: str
 
 
 class ModelEntry(_Strict):

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from entrypoint.protocol.errors import exception_for_output, lmi_stream_error
 from entrypoint.protocol.lmi import Accumulator, token_dict
+from entrypoint.protocol.schema import body
 from handlers.serving_properties import OutputFormatter
 from handlers.engine import RequestOutput
 
@@ -108,7 +109,7 @@ class StreamEncoder:
                 objects.append({"token": token_dict(output.tokens[-1], text="")} if output.tokens else {})
             objects[-1]["generated_text"] = self.result.generated_text
             if self.result.params.details:
-                objects[-1]["details"] = self.result.details(with_tokens=False)  # the tokens were streamed
+                objects[-1]["details"] = body(self.result.details(with_tokens=False))  # the tokens were streamed
         chunks = [frame(self.fmt, obj) for obj in objects]
         if error is not None:
             chunks += self.error(error)
@@ -116,7 +117,7 @@ class StreamEncoder:
 
     def error(self, exc: BaseException) -> list[bytes]:
         self.failure = exc
-        return [frame(self.fmt, lmi_stream_error(exc))]
+        return [frame(self.fmt, body(lmi_stream_error(exc)))]
 
     def end(self) -> list[bytes]:
         return []  # the last token line already carries generated_text
@@ -156,7 +157,7 @@ class BatchStreamEncoder:
     def error(self, exc: BaseException) -> list[bytes]:
         """The batch fails as a whole (its requests are cancelled): the complete lines, then the error."""
         self.failure = exc
-        return self._lines() + [frame(self.fmt, lmi_stream_error(exc))]
+        return self._lines() + [frame(self.fmt, body(lmi_stream_error(exc)))]
 
     def end(self) -> list[bytes]:
         return self._lines()
