@@ -1,10 +1,10 @@
 """From submitted engine requests to the HTTP response, shared by the LMI and OpenAI routes: collect every
 output into one JSON body, or stream them; either way a client that goes away cancels the requests.
 
-The protocol modules only say how outputs look on the wire (`protocol.streaming.ChunkEncoder` for streams, a body builder for
-JSON); how outputs are awaited, how failures end a response, and how disconnects cancel requests is here,
-once. Every engine request of one HTTP request succeeds or the response fails: the first failure cancels
-the others (LMI's list inputs and OpenAI's n > 1 alike).
+The protocol (`entrypoint.protocol`) says how outputs look on the wire (a `ChunkEncoder` for streams, a body
+builder for JSON); how outputs are awaited, how failures end a response, and how disconnects cancel requests
+is here, once. Every engine request of one HTTP request succeeds or the response fails: the first failure
+cancels the others (LMI's list inputs and OpenAI's n > 1 alike).
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from fastapi.responses import JSONResponse, Response
 
 from entrypoint.http.access_log import CLIENT_CLOSED, AccessRecord
 from entrypoint.http.client_connection import ClosingStreamingResponse, until_disconnect, wait_for_disconnect
-from entrypoint.protocol.errors import INTERNAL, ErrorFamily, error_body, exception_for_output, row_for
-from entrypoint.protocol.lmi import Accumulator
+from entrypoint.protocol.errors import INTERNAL, ErrorFamily, error_body, row_for
 from entrypoint.protocol.prepare import Prepared
 from entrypoint.protocol.streaming import ChunkEncoder
 from handlers.engine import RequestOutput
@@ -61,8 +60,8 @@ async def respond(request: Request, prepared: Prepared, record: AccessRecord) ->
     headers = {"X-Request-Id": record.request_id}
     try:
         if prepared.encoder is not None:
-            return await _stream(request, merged, prepared.encoder, record, headers)
-        await until_disconnect(request, _collect(merged, prepared.results, record))
+            return await _stream(request, merged, prepared, prepared.encoder, record, headers)
+        await until_disconnect(request, _collect(merged, prepared, record))
         record.finish(200)
         return JSONResponse(prepared.body(), headers=headers)
     except BaseException:
@@ -70,21 +69,21 @@ async def respond(request: Request, prepared: Prepared, record: AccessRecord) ->
         raise
 
 
-async def _collect(merged: OutputMerge, results: list[Accumulator], record: AccessRecord) -> None:
+async def _collect(merged: OutputMerge, prepared: Prepared, record: AccessRecord) -> None:
     async for index, output in merged:
         record.on_output(output)
-        results[index].add(output)
-        error = exception_for_output(output) if output.finished else None
+        prepared.results[index].add(output)
+        error = prepared.failure(output)
         if error is not None:
             raise error  # `respond` cancels the others
 
 
-async def _stream(request: Request, merged: OutputMerge, encoder: ChunkEncoder, record: AccessRecord,
-                  headers: dict[str, str]) -> Response:
+async def _stream(request: Request, merged: OutputMerge, prepared: Prepared, encoder: ChunkEncoder,
+                  record: AccessRecord, headers: dict[str, str]) -> Response:
     # Wait for the first output before sending headers, so that failures before any token (out of
     # memory in prefill, timeout while queued, engine crash) still get their own status code.
     first = await until_disconnect(request, merged.__anext__())
-    error = exception_for_output(first[1]) if first[1].finished else None
+    error = prepared.failure(first[1])
     if error is not None:
         record.on_output(first[1])
         raise error

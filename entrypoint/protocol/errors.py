@@ -38,6 +38,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
+from typing import Mapping
 
 from entrypoint.protocol.schema import (LmiDetails, LmiError, LmiStreamLine, LmiToken, OpenAIError, OpenAIErrorDetail,
                                         body, build)
@@ -202,7 +203,6 @@ def lmi_stream_error(exc: BaseException) -> LmiStreamLine:
 
 
 _KIND_TO_EXCEPTION: dict[ErrorKind, type[Exception]] = {
-    ErrorKind.INVALID: InvalidRequest,
     ErrorKind.GENERATION: GenerationFailed,
     ErrorKind.ENGINE_FAILED: GenerationFailed,
     ErrorKind.OUT_OF_MEMORY: EngineOutOfMemory,
@@ -211,11 +211,15 @@ _KIND_TO_EXCEPTION: dict[ErrorKind, type[Exception]] = {
 }
 
 
-def exception_for_output(output: RequestOutput) -> Exception | None:
-    """The exception a final output stands for (None for a successful finish)."""
+def exception_for_output(output: RequestOutput, fields: Mapping[str, str] | None = None) -> Exception | None:
+    """The exception a final output stands for (None for a successful finish). A refusal keeps the field the
+    engine named, as the API calls it (`fields` maps the engine's names to the API's)."""
     kind = error_kind(output)
     if kind is None:
         if output.finished and output.finish_reason is FinishReason.CANCELLED:  # cancelled by someone else
             return GenerationFailed("the request was cancelled")
         return None
+    if kind is ErrorKind.INVALID:
+        field = getattr(output, "field", None)
+        return InvalidRequest(output.error or kind.value, (fields or {}).get(field or "", field))
     return _KIND_TO_EXCEPTION[kind](output.error or kind.value)

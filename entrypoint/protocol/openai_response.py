@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from entrypoint.protocol.errors import ErrorFamily, error_body, exception_for_output
 from entrypoint.protocol import schema
@@ -90,7 +90,9 @@ class CompletionBuilder:
 class CompletionStreamEncoder:
     """A `streaming.ChunkEncoder` for one `Completion`, as OpenAI's chunks."""
 
-    def __init__(self, completion: CompletionBuilder, include_usage: bool, jsonlines: bool = False):
+    def __init__(self, completion: CompletionBuilder, include_usage: bool, jsonlines: bool = False,
+                 fields: Mapping[str, str] | None = None):
+        self.fields = fields  # the engine's field names -> OpenAI's, for a refusal's param
         self.jsonlines = jsonlines
         self.media_type = "application/jsonlines" if jsonlines else "text/event-stream"
         self.completion = completion
@@ -103,7 +105,7 @@ class CompletionStreamEncoder:
     def feed(self, index: int, output: RequestOutput) -> list[bytes]:
         result = self.results[index]
         released = result.add(output)
-        error = exception_for_output(output) if output.finished else None
+        error = exception_for_output(output, self.fields) if output.finished else None
         if error is not None:
             return self.error(error)
         first = index not in self._started

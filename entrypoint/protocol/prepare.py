@@ -16,11 +16,11 @@ anything reaches the engine (a bad request costs the running batch nothing):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
-from entrypoint.protocol.errors import ModelNotFound
+from entrypoint.protocol.errors import ModelNotFound, exception_for_output
 from entrypoint.protocol.lmi import Accumulator, LmiParameters, build_response, parse_lmi
 from entrypoint.protocol.openai import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
@@ -33,7 +33,7 @@ from entrypoint.protocol.openai_response import CompletionBuilder, CompletionStr
 from entrypoint.protocol.streaming import BatchStreamEncoder, ChunkEncoder, Format, StreamEncoder, choose_format
 from entrypoint.protocol.tokenization import PromptTokenizer
 from entrypoint.protocol.validation import load_json_object
-from handlers.engine import Engine, GenerationRequest, InvalidRequest, SamplingParams
+from handlers.engine import Engine, GenerationRequest, InvalidRequest, RequestOutput, SamplingParams
 from handlers.engine_loop import EngineLoop
 from handlers.serving_properties import OutputFormatter
 
@@ -85,6 +85,11 @@ class Prepared:
     results: list[Accumulator]
     body: Callable[[], Any]
     encoder: ChunkEncoder | None = None
+    fields: Mapping[str, str] = field(default_factory=dict)  # the engine's field names -> the API's
+
+    def failure(self, output: RequestOutput) -> Exception | None:
+        """The error a final output stands for, naming the API's field (None for a successful finish)."""
+        return exception_for_output(output, self.fields) if output.finished else None
 
 
 async def prepare(body: bytes, route: Route, server: Server, tokenizer: PromptTokenizer, request_id: str,
@@ -175,7 +180,8 @@ async def _prepare_openai(parsed: CompletionRequest | ChatCompletionRequest, nam
     else:
         tokenized = [await _completion_prompt(engine, tokenizer, prompt) for prompt in prompts]
         requested = COMPLETIONS_DEFAULT_MAX_TOKENS if parsed.max_tokens is None else parsed.max_tokens
-    field = "messages" if chat else "prompt"
+    fields = {"inputs": "messages" if chat else "prompt", "max_new_tokens": parsed.limit_param}
+    prompt_field = fields["inputs"]
 
     def params(ids: list[int]) -> SamplingParams:
         """Chat without a limit gets the rest of the context."""
@@ -192,11 +198,10 @@ async def _prepare_openai(parsed: CompletionRequest | ChatCompletionRequest, nam
         ids, limit = tokenized[index][1], engine.max_total_tokens
         if exc.field == "max_new_tokens" and requested is not None:
             return InvalidRequest(f"This model's maximum context length is {limit} tokens. However, you requested "
-                                  f"{len(ids) + requested} tokens ({len(ids)} in the {field}, {requested} in the "
-                                  f"completion). Please reduce the length of the {field} or the completion.",
-                                  parsed.limit_param)
-        return InvalidRequest(str(exc), {"inputs": field, "max_new_tokens": parsed.limit_param}.get(exc.field or "",
-                                                                                                   exc.field))
+                                  f"{len(ids) + requested} tokens ({len(ids)} in the {prompt_field}, {requested} in "
+                                  f"the completion). Please reduce the length of the {prompt_field} or the "
+                                  "completion.", parsed.limit_param)
+        return InvalidRequest(str(exc), fields.get(exc.field or "", exc.field))
 
     requests = _fan_out(tokenized, n, request_id, params, error, engine)
     results = [Accumulator(request.prompt, request.params) for request in requests]
@@ -205,8 +210,8 @@ async def _prepare_openai(parsed: CompletionRequest | ChatCompletionRequest, nam
         model=parsed.model if named_model and parsed.model and server.knows_model(parsed.model) else server.model_name,
         results=results, prompt_tokens=sum(len(ids) for _, ids in tokenized), logprobs=parsed.wants_logprobs,
         echo=bool(getattr(parsed, "echo", False)), choices_per_prompt=parsed.choices_per_prompt, sequences_per_prompt=n)
-    encoder = CompletionStreamEncoder(completion, parsed.include_usage, jsonlines) if parsed.stream else None
-    return Prepared(loop, requests, results, completion.body, encoder)
+    encoder = CompletionStreamEncoder(completion, parsed.include_usage, jsonlines, fields) if parsed.stream else None
+    return Prepared(loop, requests, results, completion.body, encoder, fields)
 
 
 async def _completion_prompt(engine: Engine, tokenizer: PromptTokenizer, prompt: str | list[int]) -> tuple[str, list[int]]:
