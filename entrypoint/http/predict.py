@@ -41,8 +41,7 @@ class Predictor:
             raise ModelNotFound(f"model {model_name!r} is not served here; this server serves "
                                 f"{self.state.model_name!r}")
         body = await read_body(request, self.properties.max_request_size, self.properties.request_read_timeout)
-        # /invocations serves whichever model this is, so a chat body there is not checked against its "model"
-        route = Route(Api.LMI, request.headers.get("accept"), self.properties.output_formatter, check_model=False)
+        route = Route(Api.LMI, request.headers.get("accept"), self.properties.output_formatter)
         prepared = await prepare(body, route, self.state, self.tokenizer, record.request_id,
                                  getattr(self.observer, "ignored_fields", None))
         return await respond(request, prepared, record)

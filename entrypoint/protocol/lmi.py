@@ -37,7 +37,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from entrypoint.protocol.schema import LmiDetails, LmiResponse, LmiSequence, LmiToken, body, build
-from entrypoint.protocol.validation import IGNORED_FIELDS, Bool, StrictModel, Text, TokenId, stop_sequences, validation_error
+from entrypoint.protocol.validation import (IGNORED_FIELDS, Bool, StrictModel, Text, TokenId, stop_sequences,
+                                            validation_error)
 from handlers.engine import (
     OPENAI_PENALTY_RANGE,
     REPETITION_PENALTY_RANGE,

@@ -70,7 +70,6 @@ class Route:
     api: Api
     accept: str | None = None  # the Accept header
     output_formatter: OutputFormatter = OutputFormatter.JSON
-    check_model: bool = True  # OpenAI's "model" must be one of ours (not on /invocations)
     chat_bodies: bool = True  # LMI: a body with "messages" is an OpenAI chat request (LMI served those too)
     no_stream: str | None = None  # why streaming is refused here (DJL's handle() has no token stream)
 
@@ -103,14 +102,13 @@ async def prepare(body: bytes, route: Route, server: Server, tokenizer: PromptTo
         accept = (route.accept or "").lower()
         jsonlines = any(kind in accept for kind in _JSONLINES_TYPES) or \
             (route.output_formatter.value == "jsonlines" and "text/event-stream" not in accept)
-        return await _prepare_openai(parse_chat(data, count_ignored), False, jsonlines, server, tokenizer,
-                                     request_id)
+        # /invocations serves whichever model this is, so the body's "model" is not checked there
+        return await _prepare_openai(parse_chat(data, count_ignored), jsonlines, server, tokenizer, request_id)
     if route.api is Api.LMI:
         return await _prepare_lmi(data, route, server, tokenizer, request_id, count_ignored)
     parsed = parse_chat(data, count_ignored) if route.api is Api.CHAT else parse_completion(data, count_ignored)
-    if route.check_model:
-        check_model(server, parsed.model)
-    return await _prepare_openai(parsed, True, False, server, tokenizer, request_id)
+    check_model(server, parsed.model)
+    return await _prepare_openai(parsed, False, server, tokenizer, request_id)
 
 
 def check_model(server: Server, name: str | None) -> None:
@@ -147,7 +145,8 @@ async def _prepare_lmi(data: dict[str, Any], route: Route, server: Server, token
     encoder: ChunkEncoder | None = None
     if fmt.streaming:  # a one-element list streams like its string (LMI clients send it)
         encoder = StreamEncoder(fmt, results[0]) if len(results) == 1 else BatchStreamEncoder(fmt, results)
-    return Prepared(loop, requests, results, lambda: build_response(results, lmi.is_batch, returned, generated), encoder)
+    return Prepared(loop, requests, results, lambda: build_response(results, lmi.is_batch, returned, generated),
+                    encoder, _LMI_FIELDS)
 
 
 def _truncate(parameters: LmiParameters, ids: list[int]) -> list[int]:
@@ -155,15 +154,19 @@ def _truncate(parameters: LmiParameters, ids: list[int]) -> list[int]:
     return ids[-parameters.truncate:] if parameters.truncate is not None else ids
 
 
+#: the engine's field names as LMI's request has them
+_LMI_FIELDS = {"max_new_tokens": "parameters.max_new_tokens"}
+
+
 def _lmi_error(exc: InvalidRequest, index: int, inputs: int) -> InvalidRequest:
-    if inputs > 1:  # say which input of the list is the problem
-        return InvalidRequest(f"inputs[{index}]: {exc}", exc.field)
-    return exc
+    field = _LMI_FIELDS.get(exc.field or "", exc.field)
+    # in a list, say which input is the problem
+    return InvalidRequest(f"inputs[{index}]: {exc}" if inputs > 1 else str(exc), field)
 
 
 # ---- OpenAI ---------------------------------------------------------------------------------------------
-async def _prepare_openai(parsed: CompletionRequest | ChatCompletionRequest, named_model: bool, jsonlines: bool,
-                          server: Server, tokenizer: PromptTokenizer, request_id: str) -> Prepared:
+async def _prepare_openai(parsed: CompletionRequest | ChatCompletionRequest, jsonlines: bool, server: Server,
+                          tokenizer: PromptTokenizer, request_id: str) -> Prepared:
     chat = isinstance(parsed, ChatCompletionRequest)
     # the prompts' shape is checked before the loop is asked for: a malformed request is a 400 even while loading
     prompts = parsed.prompts() if isinstance(parsed, CompletionRequest) else [parsed.chat_messages()]
@@ -207,14 +210,15 @@ async def _prepare_openai(parsed: CompletionRequest | ChatCompletionRequest, nam
     results = [Accumulator(request.prompt, request.params) for request in requests]
     completion = CompletionBuilder(
         chat=chat, id=("chatcmpl-" if chat else "cmpl-") + request_id, created=int(time.time()),
-        model=parsed.model if named_model and parsed.model and server.knows_model(parsed.model) else server.model_name,
+        model=parsed.model if parsed.model and server.knows_model(parsed.model) else server.model_name,
         results=results, prompt_tokens=sum(len(ids) for _, ids in tokenized), logprobs=parsed.wants_logprobs,
         echo=bool(getattr(parsed, "echo", False)), choices_per_prompt=parsed.choices_per_prompt, sequences_per_prompt=n)
     encoder = CompletionStreamEncoder(completion, parsed.include_usage, jsonlines, fields) if parsed.stream else None
     return Prepared(loop, requests, results, completion.body, encoder, fields)
 
 
-async def _completion_prompt(engine: Engine, tokenizer: PromptTokenizer, prompt: str | list[int]) -> tuple[str, list[int]]:
+async def _completion_prompt(engine: Engine, tokenizer: PromptTokenizer,
+                             prompt: str | list[int]) -> tuple[str, list[int]]:
     if isinstance(prompt, str):
         return prompt, await tokenizer.encode(engine, prompt, "prompt")
     # Ids beyond the vocabulary would crash the engine's embedding lookup for the whole batch.
