@@ -1,6 +1,8 @@
-"""The response models: every JSON body and stream line the server writes is built from these (`lmi`,
-`streaming`, `openai_response`, `errors`, and the status routes), and /openapi.json documents the same
-models (`entrypoint.http.api_schema`), so the document cannot drift from what is sent.
+"""The response models: every JSON body the server writes is built from these (`lmi`, `openai_response`,
+`errors`, and the status routes), and /openapi.json documents the same models (`entrypoint.http.api_schema`).
+Stream lines are the exception where they are per token: LMI's token lines (`LmiStreamLine` with a token) and
+OpenAI's chunks are written as dicts, a fifth of a model's cost, once per token; their final and error lines,
+details, logprobs and usage are built from the models.
 
 Bodies are dumped with `body()`: fields never set are left out (a token's `special_token`, details'
 `top_tokens`), fields set to None are written as null (a choice's `logprobs`), in the order declared here.
