@@ -22,7 +22,7 @@ first, so inside DJL Serving the option must name this module.
   `{"inputs": str | [str], "parameters": {...}}` and gets exactly what /invocations answers for it:
   `{"generated_text": ...}` (+ `details`), or a list for list inputs, or the error body
   `{"error": {"message", "type", "code"}}` with the same status. Both paths use the same parser, response
-  builder and error table (`entrypoint.http.lmi_protocol`, `entrypoint.http.errors`).
+  builder and error table (`entrypoint.protocol.lmi`, `entrypoint.protocol.errors`).
 * In a batch, each request is parsed, tokenized and validated on its own: a bad one (invalid JSON, a bad
   parameter, a prompt too long) gets its own 400 and the others are served. The valid requests are
   submitted together, so they share the engine's rolling batch. The batch `Output` has code 200 and
@@ -38,17 +38,19 @@ with this handler, batching happens inside the engine, so DJL should run it with
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from entrypoint.configuration import Configuration, ConfigurationError, load_configuration_from_properties
-from entrypoint.http.errors import INTERNAL, PredictTimeout, error_body, exception_for_output, make_body, row_for
-from entrypoint.http.lmi_protocol import Accumulator, LmiRequest, build_response, generation_requests, parse_request
 from entrypoint.djl_io import Input, Output
-from handlers.engine import Engine, GenerationRequest, InvalidRequest, SamplingParams
+from entrypoint.protocol.errors import INTERNAL, PredictTimeout, error_body, exception_for_output, make_body, row_for
+from entrypoint.protocol.prepare import Api, Prepared, Route, prepare
+from entrypoint.protocol.tokenization import PromptTokenizer
+from handlers.engine import Engine
 from handlers.engine_loop import EngineLoop
 
 logger = logging.getLogger("lmi.djl")
@@ -78,35 +80,45 @@ def default_engine_factory(configuration: Configuration, progress: Callable[[str
     return build_engine(configuration, progress)
 
 
-def make_requests(engine: Engine, lmi: LmiRequest, params: SamplingParams,
-                  request_id: str) -> list[GenerationRequest]:
-    """Tokenize one LMI request's prompts and build its engine requests as /invocations does. Raises
-    `InvalidRequest`."""
-    return generation_requests(engine, lmi, params, [list(engine.tokenizer.encode(p)) for p in lmi.prompts],
-                               request_id)
+#: how requests arrive through `handle()`: LMI bodies, answered as JSON (DJL's dynamic batching has no stream)
+ROUTE = Route(Api.LMI, chat_bodies=False, no_stream="stream: true is not served through DJL's handle() (no token "
+              "stream); send \"stream\": false or use the HTTP server's /invocations")
 
 
 @dataclass
 class _Item:
-    """One request of a call: its parsed form and generation requests, or the error that ends it."""
+    """One request of a call: prepared, or the error that ends it."""
 
-    lmi: LmiRequest | None = None
-    requests: list[GenerationRequest] = field(default_factory=list)
-    results: list[Accumulator] = field(default_factory=list)
+    prepared: Prepared | None = None
     error: BaseException | None = None
 
     def answer(self) -> tuple[int, Any]:
         """(status, JSON body) as /invocations answers."""
-        if self.error is None:  # the first input of the request that finished with an error fails it
-            failures = (exception_for_output(r.final) for r in self.results if r.final is not None)
+        if self.error is None and self.prepared is not None:  # the first input that finished with an error fails it
+            failures = (exception_for_output(r.final) for r in self.prepared.results if r.final is not None)
             self.error = next((failure for failure in failures if failure is not None), None)
         if self.error is not None:
             row = row_for(self.error)
             if row is INTERNAL:
                 logger.error("unexpected error", exc_info=self.error)
             return row.status, error_body(self.error)
-        assert self.lmi is not None
-        return 200, build_response(self.results, self.lmi)
+        assert self.prepared is not None
+        return 200, self.prepared.body()
+
+
+class _LoopServer:
+    """What `prepare` asks of the server, for the handler's one engine loop (LMI bodies name no model)."""
+
+    model_name = ""
+
+    def __init__(self, loop: EngineLoop):
+        self.loop = loop
+
+    def knows_model(self, name: str) -> bool:
+        return False
+
+    def require_loop(self) -> EngineLoop:
+        return self.loop
 
 
 class DeepSpeedService:
@@ -118,6 +130,7 @@ class DeepSpeedService:
         self.configuration: Configuration | None = None
         self.loop: EngineLoop | None = None
         self.init_failure: Output | None = None  # the answer of the last failed initialization
+        self.tokenizer = PromptTokenizer()
         self._lock = threading.Lock()
 
     @property
@@ -162,14 +175,16 @@ class DeepSpeedService:
             loop, self.loop, self.configuration, self.init_failure = self.loop, None, None, None
         if loop is not None:
             loop.stop()
+        self.tokenizer.close()
+        self.tokenizer = PromptTokenizer()  # threads start on first use: a later initialization gets fresh ones
 
     # ---- inference ------------------------------------------------------------------------------------
     def inference(self, inputs: Input) -> Output:
         loop, configuration = self.loop, self.configuration
         if loop is None or configuration is None:
             raise RuntimeError("the handler is not initialized")
-        batch = inputs.get_batches()
-        items = [self._parse(loop.engine, item) for item in batch]
+        server = _LoopServer(loop)
+        items = asyncio.run(self._prepare(server, inputs.get_batches()))
         self._generate(loop, configuration, [item for item in items if item.error is None])
         answers = [item.answer() for item in items]
         if not inputs.is_batch():
@@ -183,21 +198,22 @@ class DeepSpeedService:
             output.add_property(f"batch_{index}_code", str(status))
         return output
 
-    def _parse(self, engine: Engine, item: Input) -> _Item:
-        try:
-            body = item.get_as_bytes()
-            lmi, params = parse_request(bytes(body) if body is not None else b"")
-            if lmi.stream:
-                raise InvalidRequest("stream: true is not served through DJL's handle() (no token stream); "
-                                     "send \"stream\": false or use the HTTP server's /invocations", "stream")
-            requests = make_requests(engine, lmi, params, f"djl-{uuid.uuid4().hex}")
-        except Exception as exc:  # noqa: BLE001 - InvalidRequest (400), or anything else (500), for this item
-            return _Item(error=exc)
-        return _Item(lmi, requests, [Accumulator(r.prompt, r.params) for r in requests])
+    async def _prepare(self, server: _LoopServer, batch: list[Input]) -> list[_Item]:
+        """Each request prepared on its own: a bad one gets its own error and the others are served."""
+        async def one(item: Input) -> _Item:
+            try:
+                body = item.get_as_bytes()
+                return _Item(await prepare(bytes(body) if body is not None else b"", ROUTE, server, self.tokenizer,
+                                           f"djl-{uuid.uuid4().hex}"))
+            except Exception as exc:  # noqa: BLE001 - InvalidRequest (400), or anything else (500), for this item
+                return _Item(error=exc)
+
+        return [await one(item) for item in batch]
 
     def _generate(self, loop: EngineLoop, configuration: Configuration, items: list[_Item]) -> None:
         """Run every valid item's requests together (one rolling batch) and collect their outputs."""
-        requests = [request for item in items for request in item.requests]
+        prepared = [item.prepared for item in items if item.prepared is not None]
+        requests = [request for each in prepared for request in each.requests]
         if not requests:
             return
         timeout = configuration.properties.predict_timeout + GENERATE_GRACE_SECONDS
@@ -208,8 +224,8 @@ class DeepSpeedService:
         except Exception as exc:  # noqa: BLE001 - QueueFull, EngineUnavailable (503), else 500
             failure = exc
         else:
-            for item in items:
-                for result in item.results:
+            for each in prepared:
+                for result in each.results:
                     for output in next(outputs):
                         result.add(output)
             return

@@ -61,6 +61,7 @@ class LoopErrorOutput(RequestOutput):
     that engines return themselves are plain `RequestOutput`s and count as `ErrorKind.GENERATION`."""
 
     kind: ErrorKind = ErrorKind.GENERATION
+    field: str | None = None  # the request field an `InvalidRequest` named
 
 
 def error_kind(output: RequestOutput) -> ErrorKind | None:
@@ -355,7 +356,7 @@ class EngineLoop:
             self.engine.add_request(entry.request)
         except InvalidRequest as exc:
             del self._active[request_id]
-            self._deliver_error(entry, ErrorKind.INVALID, str(exc))
+            self._deliver_error(entry, ErrorKind.INVALID, str(exc), exc.field)
         except EngineOutOfMemory as exc:
             del self._active[request_id]
             self._deliver_error(entry, ErrorKind.OUT_OF_MEMORY, f"out of memory: {exc}")
@@ -441,10 +442,10 @@ class EngineLoop:
             self._active.pop(entry.request.request_id, None)
             self._deliver_error(entry, kind, message)
 
-    def _deliver_error(self, entry: _Entry, kind: ErrorKind, message: str) -> None:
+    def _deliver_error(self, entry: _Entry, kind: ErrorKind, message: str, field: str | None = None) -> None:
         output = LoopErrorOutput(entry.request.request_id, (), "", finished=True, finish_reason=FinishReason.ERROR,
                                  error=message, prompt_tokens=len(entry.request.prompt_token_ids),
-                                 generated_tokens=entry.generated_tokens, kind=kind)
+                                 generated_tokens=entry.generated_tokens, kind=kind, field=field)
         self._send(entry, output)
 
     def _send(self, entry: _Entry, output: RequestOutput) -> None:

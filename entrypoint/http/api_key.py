@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from entrypoint.http.errors import ErrorFamily, Unauthorized, error_body
+from entrypoint.protocol.errors import ErrorFamily, Unauthorized, error_body
 
 #: paths answered without the key
 OPEN_PATHS = frozenset({"/ping"})

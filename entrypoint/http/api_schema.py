@@ -4,209 +4,30 @@ models and its error shapes, so clients and fuzzers (schemathesis) can discover 
 The routes read their bodies themselves (`read_body`: size limits, our own error messages), so FastAPI does
 not see the request models; they are attached here: request bodies are the models the routes validate with
 (`LmiRequest` + `LmiParameters`, `CompletionRequest`, `ChatCompletionRequest`), responses are the models
-below. The response models describe what `lmi_protocol`, `streaming`, `openai_response` and `errors` write;
-tests/unit/test_openapi.py validates real responses against them (extra fields forbidden) so the document
-cannot drift from the code.
+that build every response body (`entrypoint.protocol.schema`); tests/unit/test_openapi.py also validates
+real responses against them (extra fields forbidden).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from entrypoint.http.lmi_protocol import LmiParameters, LmiRequest
-from entrypoint.http.openai_protocol import ChatCompletionRequest, CompletionRequest
+from entrypoint.protocol.lmi import LmiParameters, LmiRequest
+from entrypoint.protocol.openai import ChatCompletionRequest, CompletionRequest
+from entrypoint.protocol.schema import (ChatCompletion, Completion, LmiError, LmiResponse, LmiStreamLine, ModelCard,
+                                        ModelList, Models, OpenAIError, PingOk, PingUnavailable)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-# ---- LMI ----------------------------------------------------------------------------------------------
 class LmiInvocation(LmiRequest):
     """LMI's request (`parameters` typed for the document; unknown fields are accepted and ignored)."""
 
     parameters: LmiParameters | None = None
 
-
-class LmiToken(_Strict):
-    id: int
-    text: str
-    log_prob: float | None = Field(description="null where there is none (the first prompt token)")
-    special_token: Literal[True] | None = Field(None, description="present (true) only for special tokens")
-    error_msg: str | None = Field(None, description="only on a stream's error line")
-
-
-class LmiSequence(_Strict):
-    """One of the other sequences of n / best_of (LMI's BestOfSequence)."""
-
-    generated_text: str
-    finish_reason: Literal["length", "eos_token", "stop_sequence"] | None
-    generated_tokens: int
-    tokens: list[LmiToken]
-    top_tokens: list[list[LmiToken]] | None = None
-    prefill: list[LmiToken] | None = None
-
-
-class LmiDetails(_Strict):
-    finish_reason: Literal["length", "eos_token", "stop_sequence", "error"] | None
-    generated_tokens: int | None
-    inputs: str | None
-    tokens: list[LmiToken] | None = Field(None, description="not streamed: the tokens came line by line")
-    top_tokens: list[list[LmiToken]] | None = Field(None, description="with top_n_tokens")
-    prefill: list[LmiToken] | None = Field(None, description="with decoder_input_details")
-    best_of_sequences: list[LmiSequence] | None = Field(None, description="with n > 1: the next best sequences")
-
-
-class LmiResponse(_Strict):
-    generated_text: str
-    details: LmiDetails | None = Field(None, description="with parameters.details")
-
-
-class LmiStreamLine(_Strict):
-    """One line of a jsonlines stream (an SSE event's data): a token; the last also has generated_text and
-    details; a failure after the headers ends the stream with LMI's error line (error, code, type)."""
-
-    token: LmiToken | None = None
-    generated_text: str | None = None
-    details: LmiDetails | None = None
-    error: str | None = None
-    code: int | None = None
-    type: str | None = None
-
-
-class LmiError(_Strict):
-    """LMI's error body: `error` and `code` as LMI's handlers answer, `type` and `message` as DJL Serving's;
-    a generation failure also has generated_text null and details.finish_reason "error"."""
-
-    error: str
-    code: int
-    type: str
-    message: str
-    generated_text: None = None
-    details: LmiDetails | None = None
-
-
-class PingOk(_Strict):
-    status: Literal["healthy"]
-
-
-class PingUnavailable(LmiError):
-    status: str
-    phase: str
-    progress: str
-
-
-class ModelEntry(_Strict):
-    modelName: str
-    status: Literal["LOADING", "READY", "FAILED"]
-    progress: str | None = None
-    error: str | None = None
-    engine: str | None = None
-    maxTotalTokens: int | None = None
-    healthy: bool | None = None
-
-
-class Models(_Strict):
-    models: list[ModelEntry]
-
-
-# ---- OpenAI -----------------------------------------------------------------------------------------------
-class Usage(_Strict):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class CompletionLogprobs(_Strict):
-    tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float] | None]
-    text_offset: list[int]
-
-
-class CompletionChoice(_Strict):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None
-    finish_reason: Literal["stop", "length"] | None
-
-
-class Completion(_Strict):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-class TopLogprob(_Strict):
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-class ChatTokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChatLogprobs(_Strict):
-    content: list[ChatTokenLogprob]
-    refusal: None
-
-
-class ChatMessage(_Strict):
-    role: Literal["assistant"]
-    content: str
-    refusal: None
-
-
-class ChatChoice(_Strict):
-    index: int
-    message: ChatMessage
-    logprobs: ChatLogprobs | None
-    finish_reason: Literal["stop", "length"] | None
-
-
-class ChatCompletion(_Strict):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class OpenAIErrorDetail(_Strict):
-    message: str
-    type: Literal["invalid_request_error", "server_error"]
-    param: str | None
-    code: str
-
-
-class OpenAIError(_Strict):
-    error: OpenAIErrorDetail
-
-
-class ModelCard(_Strict):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-    max_model_len: int | None = None
-
-
-class ModelList(_Strict):
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
-# ---- the document -------------------------------------------------------------------------------------------
 _REQUESTS: dict[str, type[BaseModel]] = {
     "/invocations": LmiInvocation,
     "/predictions/{model_name}": LmiInvocation,

@@ -15,7 +15,6 @@ these (`api_schema`), and GET /docs, its Swagger UI.
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -26,12 +25,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from entrypoint.configuration import Configuration
 from entrypoint.http import api_schema
 from entrypoint.http.api_key import ApiKeyMiddleware
-from entrypoint.http.errors import ErrorFamily, error_response, make_body, render, row_for_status
+from entrypoint.http.generation import error_response
+from entrypoint.protocol.errors import ErrorFamily, make_body, render, row_for_status
 from entrypoint.http.metrics import ServerMetrics
 from entrypoint.http.openai_api import OpenAIApi
 from entrypoint.http.predict import Predictor
 from entrypoint.http.state import LOADING_RETRY_AFTER, Phase, ServerState
-from entrypoint.http.tokenization import PromptTokenizer
+from entrypoint.protocol.schema import ModelEntry, Models, PingOk, PingUnavailable, body, build
+from entrypoint.protocol.tokenization import PromptTokenizer
 
 
 def create_app(configuration: Configuration, state: ServerState) -> FastAPI:
@@ -39,8 +40,7 @@ def create_app(configuration: Configuration, state: ServerState) -> FastAPI:
     tokenizer = PromptTokenizer()
     metrics = ServerMetrics(state)
     openai = OpenAIApi(properties, state, tokenizer, metrics)
-    # /invocations serves whichever model this is, so a chat body there is not checked against its "model"
-    predictor = Predictor(properties, state, tokenizer, metrics, chat=functools.partial(openai.chat, check_model=False))
+    predictor = Predictor(properties, state, tokenizer, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -69,13 +69,13 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
-        body = render(row_for_status(exc.status_code), message, ErrorFamily.for_path(request.url.path))
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        error = render(row_for_status(exc.status_code), message, ErrorFamily.for_path(request.url.path))
+        return JSONResponse(body(error), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        body = render(row_for_status(400), str(exc), ErrorFamily.for_path(request.url.path))
-        return JSONResponse(body, status_code=400)
+        error = render(row_for_status(400), str(exc), ErrorFamily.for_path(request.url.path))
+        return JSONResponse(body(error), status_code=400)
 
 
 def _status_routes(app: FastAPI, state: ServerState) -> None:
@@ -84,12 +84,12 @@ def _status_routes(app: FastAPI, state: ServerState) -> None:
     async def ping() -> JSONResponse:
         health = state.health()
         if health.healthy:
-            return JSONResponse({"status": "healthy"})
-        body = {"status": health.status, "phase": state.phase.value, "progress": state.progress,
-                **make_body(503, "ModelNotReady" if state.phase is not Phase.READY else "EngineUnavailable",
-                            health.detail)}
+            return JSONResponse(body(build(PingOk, status="healthy")))
+        unavailable = build(PingUnavailable, status=health.status, phase=state.phase.value, progress=state.progress,
+                            **make_body(503, "ModelNotReady" if state.phase is not Phase.READY else "EngineUnavailable",
+                                        health.detail))
         headers = {"Retry-After": str(LOADING_RETRY_AFTER)} if state.phase is Phase.LOADING else None
-        return JSONResponse(body, status_code=503, headers=headers)
+        return JSONResponse(body(unavailable), status_code=503, headers=headers)
 
     @app.get("/models")
     async def models() -> JSONResponse:
@@ -100,10 +100,9 @@ def _status_routes(app: FastAPI, state: ServerState) -> None:
         elif state.phase is Phase.FAILED:
             entry["error"] = state.failure
         elif loop is not None:
-            entry["engine"] = loop.engine.name
-            entry["maxTotalTokens"] = loop.engine.max_total_tokens
-            entry["healthy"] = loop.health().healthy
-        return JSONResponse({"models": [entry]})
+            entry.update(engine=loop.engine.name, maxTotalTokens=loop.engine.max_total_tokens,
+                         healthy=loop.health().healthy)
+        return JSONResponse(body(build(Models, models=[build(ModelEntry, **entry)])))
 
 
 def _generation_routes(app: FastAPI, predictor: Predictor, openai: OpenAIApi, metrics: ServerMetrics) -> None:
@@ -126,12 +125,12 @@ def _generation_routes(app: FastAPI, predictor: Predictor, openai: OpenAIApi, me
 
     @app.get("/v1/models")
     async def openai_models() -> JSONResponse:
-        return JSONResponse(openai.models())
+        return JSONResponse(body(openai.models()))
 
     @app.get("/v1/models/{model_name:path}")
     async def openai_model(model_name: str) -> Response:
         try:
-            return JSONResponse(openai.model_card(model_name))
+            return JSONResponse(body(openai.model_card(model_name)))
         except Exception as exc:
             return error_response(exc, ErrorFamily.OPENAI)
 

@@ -11,7 +11,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from entrypoint.http.errors import ClientClosed, RequestTimeout, RequestTooLarge
+from entrypoint.protocol.errors import ClientClosed, RequestTimeout, RequestTooLarge
 from handlers.engine import InvalidRequest
 
 T = TypeVar("T")

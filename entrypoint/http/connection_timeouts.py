@@ -17,7 +17,7 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from entrypoint.http.errors import make_body
+from entrypoint.protocol.errors import make_body
 
 logger = logging.getLogger("lmi.http")
 

@@ -1,42 +1,30 @@
 """From submitted engine requests to the HTTP response, shared by the LMI and OpenAI routes: collect every
 output into one JSON body, or stream them; either way a client that goes away cancels the requests.
 
-The protocol modules only say how outputs look on the wire (`ChunkEncoder` for streams, a body builder for
-JSON); how outputs are awaited, how failures end a response, and how disconnects cancel requests is here,
-once. Every engine request of one HTTP request succeeds or the response fails: the first failure cancels
-the others (LMI's list inputs and OpenAI's n > 1 alike).
+The protocol (`entrypoint.protocol`) says how outputs look on the wire (a `ChunkEncoder` for streams, a body
+builder for JSON); how outputs are awaited, how failures end a response, and how disconnects cancel requests
+is here, once. Every engine request of one HTTP request succeeds or the response fails: the first failure
+cancels the others (LMI's list inputs and OpenAI's n > 1 alike).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
+import logging
+from typing import AsyncIterator, Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from entrypoint.http.access_log import CLIENT_CLOSED, AccessRecord
 from entrypoint.http.client_connection import ClosingStreamingResponse, until_disconnect, wait_for_disconnect
-from entrypoint.http.errors import ErrorFamily, error_response, exception_for_output, row_for
-from entrypoint.http.lmi_protocol import Accumulator
+from entrypoint.protocol.errors import INTERNAL, ErrorFamily, error_body, row_for
+from entrypoint.protocol.prepare import Prepared
+from entrypoint.protocol.streaming import ChunkEncoder
 from handlers.engine import RequestOutput
 from handlers.engine_loop import OutputStream
 
-
-class ChunkEncoder(Protocol):
-    """Frames one response's outputs as a stream."""
-
-    media_type: str
-    failure: BaseException | None  # set by `error`: the stream ended with this error object
-
-    def feed(self, index: int, output: RequestOutput) -> list[bytes]:
-        """Chunks for output `output` of engine request `index` (ending with `error(...)` on an error finish)."""
-
-    def error(self, exc: BaseException) -> list[bytes]:
-        """The chunks that end a stream with `exc` (the headers already said 200)."""
-
-    def end(self) -> list[bytes]:
-        """The chunks after every request finished (OpenAI's usage chunk and `[DONE]`)."""
+logger = logging.getLogger("lmi.http")
 
 
 async def answer(record: AccessRecord, family: ErrorFamily, work: Callable[[], Awaitable[Response]]) -> Response:
@@ -49,39 +37,53 @@ async def answer(record: AccessRecord, family: ErrorFamily, work: Callable[[], A
         return error_response(exc, family)
 
 
-async def respond(request: Request, streams: list[OutputStream], record: AccessRecord, *,
-                  results: list[Accumulator], build: Callable[[], Any] | None = None,
-                  encoder: ChunkEncoder | None = None, headers: dict[str, str] | None = None) -> Response:
-    """The response for `streams`, already admitted: a stream through `encoder`, or else the JSON `build()`
-    makes once every output is in `results`. Raises the first failure (or `ClientClosed`) for `answer`;
-    whatever goes wrong, no request is left running."""
+def error_response(exc: BaseException, family: ErrorFamily = ErrorFamily.LMI) -> JSONResponse:
+    row = row_for(exc)
+    if row is INTERNAL:
+        logger.error("unexpected error", exc_info=exc)
+    headers = {}
+    retry_after = getattr(exc, "retry_after", None)
+    if row.status == 503 and retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    if getattr(exc, "close_connection", False):  # the rest of the body may still come: do not read it as a request
+        headers["Connection"] = "close"
+    return JSONResponse(error_body(exc, family), status_code=row.status, headers=headers)
+
+
+async def respond(request: Request, prepared: Prepared, record: AccessRecord) -> Response:
+    """Submit the prepared request and answer it: a stream through its encoder, or else its JSON body once
+    every output is in. Raises the first failure (or `ClientClosed`) for `answer`; whatever goes wrong, no
+    request is left running."""
+    streams = prepared.loop.streams(prepared.requests)  # QueueFull / EngineUnavailable raise here, before any output
+    record.admit(prepared.requests)
     merged = OutputMerge(streams)
+    headers = {"X-Request-Id": record.request_id}
     try:
-        if encoder is not None:
-            return await _stream(request, merged, encoder, record, headers or {})
-        await until_disconnect(request, _collect(merged, results, record))
+        if prepared.encoder is not None:
+            return await _stream(request, merged, prepared, prepared.encoder, record, headers)
+        await until_disconnect(request, _collect(merged, prepared, record))
         record.finish(200)
-        return JSONResponse(build() if build else None, headers=headers)
+        return JSONResponse(prepared.body(), headers=headers)
     except BaseException:
         merged.cancel()
         raise
 
 
-async def _collect(merged: OutputMerge, results: list[Accumulator], record: AccessRecord) -> None:
+async def _collect(merged: OutputMerge, prepared: Prepared, record: AccessRecord) -> None:
     async for index, output in merged:
         record.on_output(output)
-        results[index].add(output)
-        error = exception_for_output(output) if output.finished else None
+        prepared.results[index].add(output)
+        error = prepared.failure(output)
         if error is not None:
             raise error  # `respond` cancels the others
 
 
-async def _stream(request: Request, merged: OutputMerge, encoder: ChunkEncoder, record: AccessRecord,
-                  headers: dict[str, str]) -> Response:
+async def _stream(request: Request, merged: OutputMerge, prepared: Prepared, encoder: ChunkEncoder,
+                  record: AccessRecord, headers: dict[str, str]) -> Response:
     # Wait for the first output before sending headers, so that failures before any token (out of
     # memory in prefill, timeout while queued, engine crash) still get their own status code.
     first = await until_disconnect(request, merged.__anext__())
-    error = exception_for_output(first[1]) if first[1].finished else None
+    error = prepared.failure(first[1])
     if error is not None:
         record.on_output(first[1])
         raise error

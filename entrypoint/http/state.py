@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
-from entrypoint.http.errors import ModelNotReady
+from entrypoint.protocol.errors import ModelNotReady
 from handlers.engine import EngineHealth
 from handlers.engine_loop import EngineLoop
 

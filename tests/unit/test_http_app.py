@@ -244,8 +244,8 @@ def test_a_list_of_inputs_streams_one_line_per_step_in_input_order(serve):
 
 
 def test_a_list_stream_pads_finished_inputs_with_empty_strings():
-    from entrypoint.http.lmi_protocol import Accumulator
-    from entrypoint.http.streaming import BatchStreamEncoder, Format
+    from entrypoint.protocol.lmi import Accumulator
+    from entrypoint.protocol.streaming import BatchStreamEncoder, Format
     from handlers.engine import FinishReason, RequestOutput, SamplingParams, Token
 
     def out(text, finished=False):

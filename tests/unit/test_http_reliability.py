@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from entrypoint.http.tokenization import NORMALIZER_MARGIN, SHORT_PROMPT_CHARS, PromptTokenizer, max_chars_per_token
+from entrypoint.protocol.tokenization import NORMALIZER_MARGIN, SHORT_PROMPT_CHARS, PromptTokenizer, max_chars_per_token
 from tests.support.fake_engine import CharTokenizer, FakeEngine
 from tests.unit.test_http_app import assert_error, serve  # noqa: F401 - `serve` is a fixture
 

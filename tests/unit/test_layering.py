@@ -43,6 +43,25 @@ def test_quantization_imports_neither_handlers_nor_entrypoint():
     assert {name: found for name, found in offenders.items() if found} == {}
 
 
+def test_the_protocol_and_the_djl_handler_do_not_depend_on_the_http_server():
+    """`entrypoint/protocol/` is shared by the HTTP server and DJL's `handle()`: neither it nor the DJL handler
+    imports `entrypoint.http`, and the protocol has no web framework in it."""
+    offenders = {name: sorted(i for i in imported if i.startswith("entrypoint.http"))
+                 for name, imported in _modules().items()
+                 if name.startswith("entrypoint.protocol") or name == "entrypoint.djl_handler"}
+    assert {name: found for name, found in offenders.items() if found} == {}
+    frameworks = {}
+    for path in (REPO / "entrypoint" / "protocol").rglob("*.py"):
+        imported = {alias.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        found = sorted(i for i in imported if i.split(".")[0] in ("fastapi", "starlette", "uvicorn"))
+        if found:
+            frameworks[path.name] = found
+    assert frameworks == {}
+
+
 def test_no_import_cycles():
     graph = _modules()
     cycles = []

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from entrypoint.http.validation import IGNORED_FIELDS
+from entrypoint.protocol.validation import IGNORED_FIELDS
 from handlers.engine import SamplingParams, Token
 from tests.support.fake_engine import FakeEngine, expected_text
 from tests.unit.test_http_app import Served, assert_error, json_lines, sse_events

@@ -18,7 +18,7 @@ from entrypoint.configuration import Configuration
 from entrypoint.http.app import create_app
 from entrypoint.http.state import ServerState
 from handlers.serving_properties import ServingProperties
-from handlers.engine import GenerationRequest, Token
+from handlers.engine import GenerationRequest, InvalidRequest, Token
 from handlers.engine_loop import EngineLoop
 from tests.support.fake_engine import ALPHABET, CharTokenizer, FakeEngine, expected_text
 
@@ -402,3 +402,20 @@ def test_non_streaming_client_timeout_cancels_the_request(live):
     wait_for(lambda: served.loop.stats().admitted == 0)
     assert len(served.engine.cancelled) == 1
     assert metric(served, "lmi_num_requests_active") == 0
+
+
+class RefusingEngine(RecordingEngine):
+    """Refuses every request when it is added (after the server's own checks passed), naming a field."""
+
+    def add_request(self, request: GenerationRequest) -> None:
+        raise InvalidRequest("max_new_tokens is more than this engine's scheduler takes", "max_new_tokens")
+
+
+def test_a_refusal_from_the_engine_keeps_its_field_in_the_api_s_name(serve):
+    served = serve(RefusingEngine())
+    openai_error(served.completion(prompt="x", max_tokens=3), 400, "max_tokens", "scheduler")  # engine: max_new_tokens
+    chat = served.post("/v1/chat/completions", {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}],
+                                                "max_completion_tokens": 3, "stream": True})
+    openai_error(chat, 400, "max_completion_tokens", "scheduler")
+    lmi = served.post("/invocations", {"inputs": "x", "parameters": {"max_new_tokens": 3}})
+    assert lmi.status_code == 400 and "scheduler" in lmi.json()["message"]

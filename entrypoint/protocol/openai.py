@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from entrypoint.http.validation import IGNORED_FIELDS, Bool, StrictModel, Text, stop_sequences, validation_error
+from entrypoint.protocol.validation import IGNORED_FIELDS, Bool, StrictModel, Text, stop_sequences, validation_error
 from handlers.engine import (
     OPENAI_PENALTY_RANGE,
     REPETITION_PENALTY_RANGE,
@@ -127,8 +127,8 @@ class _OpenAIRequest(StrictModel):
         """Whether the prompt's log-probabilities are wanted (completions' echo with logprobs)."""
         return False
 
-    def sampling_params(self, max_new_tokens: int, choice: int) -> SamplingParams:
-        """The engine parameters for choice number `choice` (0..n-1) of one prompt."""
+    def sampling_params(self, max_new_tokens: int) -> SamplingParams:
+        """The engine parameters of one prompt's first choice (`prepare` seeds the others)."""
         temperature = 1.0 if self.temperature is None else self.temperature
         top_p = 1.0 if self.top_p is None else self.top_p
         greedy = temperature == 0.0 or top_p == 0.0  # both limits select the most likely token
@@ -146,7 +146,7 @@ class _OpenAIRequest(StrictModel):
             "top_n_tokens": self.top_n_tokens(),
             "prompt_logprobs": self.prompt_logprobs(),
             # OpenAI takes any 64-bit seed; the engine's are 0..2**63-1, so fold, keeping "same seed, same text"
-            "seed": None if self.seed is None else (self.seed + choice) % 2**63,
+            "seed": None if self.seed is None else self.seed % 2**63,
         }
         try:
             return SamplingParams(**values)

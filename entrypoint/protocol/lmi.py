@@ -34,10 +34,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from entrypoint.http.validation import (IGNORED_FIELDS, Bool, StrictModel, Text, TokenId, load_json_object, stop_sequences,
-                                        validation_error)
+from entrypoint.protocol.schema import LmiDetails, LmiResponse, LmiSequence, LmiToken, body, build
+from entrypoint.protocol.validation import (IGNORED_FIELDS, Bool, StrictModel, Text, TokenId, stop_sequences,
+                                            validation_error)
 from handlers.engine import (
     OPENAI_PENALTY_RANGE,
     REPETITION_PENALTY_RANGE,
@@ -46,7 +47,6 @@ from handlers.engine import (
     TOP_N_TOKENS_RANGE,
     TOP_P_RANGE,
     FinishReason,
-    GenerationRequest,
     InvalidRequest,
     RequestOutput,
     SamplingParams,
@@ -68,18 +68,6 @@ class LmiRequest(BaseModel):
     parameters: dict[str, Any] | None = None  # null and {} both mean the defaults
     stream: Bool | None = None
     adapters: Any = None
-    _returned: int = PrivateAttr(1)  # sequences returned per input (n)
-    _generated: int = PrivateAttr(1)  # sequences generated per input (best_of)
-
-    @property
-    def sequences(self) -> tuple[int, int]:
-        """(returned, generated) sequences per input."""
-        return self._returned, self._generated
-
-    def with_sequences(self, returned: int, generated: int) -> "LmiRequest":
-        """This request, answering `returned` of `generated` sequences per input (from its parameters)."""
-        self._returned, self._generated = returned, generated
-        return self
 
     @property
     def is_batch(self) -> bool:
@@ -163,13 +151,9 @@ class LmiParameters(StrictModel):
             raise validation_error(exc, "parameters.", SamplingParams) from None
 
 
-def parse_request(body: bytes) -> tuple[LmiRequest, SamplingParams]:
-    """Parse and validate a request body; raises `InvalidRequest` naming what is wrong."""
-    return parse_lmi(load_json_object(body))
-
-
-def parse_lmi(data: dict[str, Any], count: Any = None) -> tuple[LmiRequest, SamplingParams]:
-    """The request and its engine parameters; `count(api, n)` is told how many unknown fields were ignored."""
+def parse_lmi(data: dict[str, Any], count: Any = None) -> tuple[LmiRequest, LmiParameters, SamplingParams]:
+    """The request, its parameters and their engine parameters; `count(api, n)` is told how many unknown fields
+    were ignored. Raises `InvalidRequest` naming what is wrong."""
     try:
         request = LmiRequest.model_validate(data)
     except ValidationError as exc:
@@ -184,46 +168,7 @@ def parse_lmi(data: dict[str, Any], count: Any = None) -> tuple[LmiRequest, Samp
         raise validation_error(exc, "parameters.", LmiParameters, ()) from None
     ignored = [*(request.model_extra or {}), *(f"parameters.{name}" for name in parameters.model_extra or {})]
     IGNORED_FIELDS.note("lmi", ignored, count)
-    params = parameters.sampling_params()
-    return request.with_sequences(*parameters.sequences()), params
-
-
-def sequence_params(params: SamplingParams, generated: int) -> list[SamplingParams]:
-    """The parameters of each of an input's `generated` sequences: with a seed, sequence i uses seed + i (so
-    each is what the same request with that seed alone gives), as the OpenAI routes do for n."""
-    if generated == 1:
-        return [params]
-    return [params if params.seed is None else params.model_copy(update={"seed": (params.seed + i) % 2**63})
-            for i in range(generated)]
-
-
-def generation_requests(engine: Any, request: LmiRequest, params: SamplingParams, prompt_ids: list[list[int]],
-                        request_id: str) -> list[GenerationRequest]:
-    """The engine requests of an LMI request whose prompts are tokenized (`prompt_ids`, one list per input):
-    truncated, one per sequence of n / best_of, each checked against the engine's limits (an input of a list
-    is named by its index). Shared by /invocations and the DJL handler. Raises `InvalidRequest`."""
-    every = sequence_params(params, request.sequences[1])
-    prompts = request.prompts
-    requests = []
-    for index, (prompt, ids) in enumerate(zip(prompts, prompt_ids)):
-        ids = truncate(request, ids)
-        for number, sequence in enumerate(every):
-            generation_id = request_id if len(prompts) * len(every) == 1 else f"{request_id}-{index * len(every) + number}"
-            requests.append(GenerationRequest(generation_id, prompt, ids, sequence))
-    for index, generation in enumerate(requests):
-        try:
-            engine.validate(generation)
-        except InvalidRequest as exc:
-            if len(prompts) > 1:  # say which input of the list is the problem
-                raise InvalidRequest(f"inputs[{index // len(every)}]: {exc}", exc.field) from None
-            raise
-    return requests
-
-
-def truncate(request: LmiRequest, ids: list[int]) -> list[int]:
-    """The prompt's token ids after parameters.truncate (already validated): its last N tokens, as TGI."""
-    value = (request.parameters or {}).get("truncate")
-    return ids[-int(value):] if value is not None else ids
+    return request, parameters, parameters.sampling_params()
 
 
 # ---- responses --------------------------------------------------------------------------------------
@@ -233,12 +178,17 @@ def log_prob(value: float) -> float | None:
 
 
 def token_dict(token: Token, text: str | None = None) -> dict[str, Any]:
-    """LMI's Token.as_dict: id, text, log_prob, and special_token only when true."""
+    """LMI's Token.as_dict: id, text, log_prob, and special_token only when true (an `LmiToken`; stream lines
+    write it as a dict, which costs a fifth of building the model, once per token)."""
     data: dict[str, Any] = {"id": token.id, "text": token.text if text is None else text,
                             "log_prob": log_prob(token.log_prob)}
     if token.special:
         data["special_token"] = True
     return data
+
+
+def lmi_token(token: Token) -> LmiToken:
+    return build(LmiToken, **token_dict(token))
 
 
 class TokenAligner:
@@ -315,39 +265,48 @@ class Accumulator:
     def generated_text(self) -> str:
         return self.prompt + self.text if self.params.return_full_text else self.text
 
-    def details(self, with_tokens: bool = True) -> dict[str, Any]:
-        details: dict[str, Any] = {
+    def details(self, with_tokens: bool = True, best_of: list[LmiSequence] | None = None) -> LmiDetails:
+        values: dict[str, Any] = {
             "finish_reason": self.finish_reason.value if self.finish_reason else None,
             "generated_tokens": self.generated_tokens,
             "inputs": self.prompt,
         }
         if with_tokens:
-            details["tokens"] = [token_dict(token) for token in self.tokens]
-            if self.params.top_n_tokens:
-                details["top_tokens"] = [[token_dict(top) for top in token.top_tokens] for token in self.tokens]
+            values.update(self._token_details())
+        elif self.params.prompt_logprobs:
+            values["prefill"] = [lmi_token(token) for token in self.prompt_details]
+        if best_of is not None:
+            values["best_of_sequences"] = best_of
+        return build(LmiDetails, **values)
+
+    def _token_details(self) -> dict[str, Any]:
+        values: dict[str, Any] = {"tokens": [lmi_token(token) for token in self.tokens]}
+        if self.params.top_n_tokens:
+            values["top_tokens"] = [[lmi_token(top) for top in token.top_tokens] for token in self.tokens]
         if self.params.prompt_logprobs:
-            details["prefill"] = [token_dict(token) for token in self.prompt_details]
-        return details
+            values["prefill"] = [lmi_token(token) for token in self.prompt_details]
+        return values
 
-    def response(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"generated_text": self.generated_text}
-        if self.params.details:
-            body["details"] = self.details()
-        return body
+    def sequence(self) -> LmiSequence:
+        """This sequence as one of a best_of answer's other sequences."""
+        return build(LmiSequence, finish_reason=self.finish_reason.value if self.finish_reason else None,
+                     generated_tokens=self.generated_tokens, **self._token_details(),
+                     generated_text=self.generated_text)
+
+    def response(self, best_of: list[LmiSequence] | None = None) -> LmiResponse:
+        """The answer for this sequence; with `best_of` (n > 1) details are always there, as in LMI's best_of
+        response (output_formatter._json_output_formatter_best_of)."""
+        if not self.params.details and best_of is None:
+            return build(LmiResponse, generated_text=self.generated_text)
+        return build(LmiResponse, generated_text=self.generated_text, details=self.details(best_of=best_of))
 
 
-def build_response(results: list[Accumulator], request: LmiRequest) -> Any:
-    """`{"generated_text": ...}` for a string input, `[{...}, ...]` for a list input; `results` hold each
-    input's generated sequences in turn."""
-    returned, generated = request.sequences
+def build_response(results: list[Accumulator], is_batch: bool, returned: int, generated: int) -> Any:
+    """`{"generated_text": ...}` for a string input, `[{...}, ...]` for a list input (`is_batch`); `results`
+    hold each input's `generated` sequences in turn, of which the best `returned` are answered."""
     bodies = []
     for start in range(0, len(results), generated):
         ranked = sorted(results[start:start + generated], key=lambda result: result.mean_log_prob, reverse=True)
-        body = ranked[0].response()
-        if returned > 1:  # LMI's best_of response (output_formatter._json_output_formatter_best_of): details always
-            body["details"] = {**ranked[0].details(), "best_of_sequences": [
-                {**other.details(), "generated_text": other.generated_text} for other in ranked[1:returned]]}
-            for other in body["details"]["best_of_sequences"]:
-                other.pop("inputs")
-        bodies.append(body)
-    return bodies if request.is_batch else bodies[0]
+        best_of = [other.sequence() for other in ranked[1:returned]] if returned > 1 else None
+        bodies.append(body(ranked[0].response(best_of)))
+    return bodies if is_batch else bodies[0]

@@ -58,7 +58,6 @@ class PromptTokenizer:
         await self._check_length(engine, size, "messages")
         lane = self._lane(size)
         prompt = await lane.run(engine.tokenizer, render_chat, messages)
-        await self._check_length(engine, len(prompt), "messages")
         return prompt, await lane.run(engine.tokenizer, _encode, prompt, False)
 
     def _lane(self, size: int) -> _Lane:

@@ -14,7 +14,7 @@ visible token, so there are at most max_new_tokens lines (`BatchStreamEncoder`).
 
 A token line's `text` is that token's own text. A token is sent once the engine made its text visible
 (the engine holds back text that may start a stop sequence, and incomplete UTF-8), and the tokens of a
-stop sequence, which the output leaves out, are cut (`lmi_protocol.TokenAligner`): joining the streamed
+stop sequence, which the output leaves out, are cut (`lmi.TokenAligner`): joining the streamed
 texts gives exactly `generated_text` (without the prompt of return_full_text), as in `details.tokens`.
 """
 
@@ -23,12 +23,29 @@ from __future__ import annotations
 import collections
 import json
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
-from entrypoint.http.errors import exception_for_output, lmi_stream_error
-from entrypoint.http.lmi_protocol import Accumulator, token_dict
+from entrypoint.protocol.errors import exception_for_output, lmi_stream_error
+from entrypoint.protocol.lmi import Accumulator, token_dict
+from entrypoint.protocol.schema import body
 from handlers.serving_properties import OutputFormatter
 from handlers.engine import RequestOutput
+
+
+class ChunkEncoder(Protocol):
+    """Frames one response's outputs as a stream."""
+
+    media_type: str
+    failure: BaseException | None  # set by `error`: the stream ended with this error object
+
+    def feed(self, index: int, output: RequestOutput) -> list[bytes]:
+        """Chunks for output `output` of engine request `index` (ending with `error(...)` on an error finish)."""
+
+    def error(self, exc: BaseException) -> list[bytes]:
+        """The chunks that end a stream with `exc` (the headers already said 200)."""
+
+    def end(self) -> list[bytes]:
+        """The chunks after every request finished (OpenAI's usage chunk and `[DONE]`)."""
 
 
 class Format(str, Enum):
@@ -74,7 +91,7 @@ def frame(fmt: Format, obj: dict[str, Any]) -> bytes:
 
 
 class StreamEncoder:
-    """Turns one request's outputs into LMI's framed chunks (a `generation.ChunkEncoder`); `result`
+    """Turns one request's outputs into LMI's framed chunks (a `ChunkEncoder`); `result`
     accumulates them."""
 
     def __init__(self, fmt: Format, result: Accumulator):
@@ -92,7 +109,7 @@ class StreamEncoder:
                 objects.append({"token": token_dict(output.tokens[-1], text="")} if output.tokens else {})
             objects[-1]["generated_text"] = self.result.generated_text
             if self.result.params.details:
-                objects[-1]["details"] = self.result.details(with_tokens=False)  # the tokens were streamed
+                objects[-1]["details"] = body(self.result.details(with_tokens=False))  # the tokens were streamed
         chunks = [frame(self.fmt, obj) for obj in objects]
         if error is not None:
             chunks += self.error(error)
@@ -100,14 +117,14 @@ class StreamEncoder:
 
     def error(self, exc: BaseException) -> list[bytes]:
         self.failure = exc
-        return [frame(self.fmt, lmi_stream_error(exc))]
+        return [frame(self.fmt, body(lmi_stream_error(exc)))]
 
     def end(self) -> list[bytes]:
         return []  # the last token line already carries generated_text
 
 
 class BatchStreamEncoder:
-    """A list of inputs as one stream of `{"outputs": [...]}` lines (a `generation.ChunkEncoder`): the i-th
+    """A list of inputs as one stream of `{"outputs": [...]}` lines (a `ChunkEncoder`): the i-th
     line carries each input's i-th visible token text, sent once every input still generating has its i-th
     token; `results` accumulate the outputs as for a JSON answer."""
 
@@ -140,7 +157,7 @@ class BatchStreamEncoder:
     def error(self, exc: BaseException) -> list[bytes]:
         """The batch fails as a whole (its requests are cancelled): the complete lines, then the error."""
         self.failure = exc
-        return self._lines() + [frame(self.fmt, lmi_stream_error(exc))]
+        return self._lines() + [frame(self.fmt, body(lmi_stream_error(exc)))]
 
     def end(self) -> list[bytes]:
         return self._lines()

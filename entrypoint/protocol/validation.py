@@ -9,7 +9,7 @@ model) accepts them.
 
 Unknown fields are accepted and ignored, as LMI and vLLM do (load tools and clients send fields they use
 elsewhere, e.g. `use_beam_search`, `adapters`): each name is logged once at debug level and every ignored
-field is counted in `lmi_ignored_request_fields_total{api}` (see `http.metrics`).
+field is counted in `lmi_ignored_request_fields_total{api}` (see `entrypoint.http.metrics`).
 """
 
 from __future__ import annotations

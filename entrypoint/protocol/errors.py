@@ -35,17 +35,15 @@ Status choices, as LMI (DJL Serving) had them where it had one:
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from enum import Enum
+from typing import Mapping
 
-from fastapi.responses import JSONResponse
-
+from entrypoint.protocol.schema import (LmiDetails, LmiError, LmiStreamLine, LmiToken, OpenAIError, OpenAIErrorDetail,
+                                        body, build)
 from handlers.engine import EngineOutOfMemory, FinishReason, InvalidRequest, RequestOutput
 from handlers.engine_loop import EngineUnavailable, ErrorKind, QueueFull, error_kind
-
-logger = logging.getLogger("lmi.http")
 
 
 class ModelNotFound(LookupError):
@@ -157,55 +155,54 @@ def row_for_status(status: int) -> ErrorRow:
 
 
 def error_body(exc: BaseException, family: ErrorFamily = ErrorFamily.LMI) -> dict:
+    return body(error_model(exc, family))
+
+
+def error_model(exc: BaseException, family: ErrorFamily = ErrorFamily.LMI) -> LmiError | OpenAIError:
     row = row_for(exc)
     # Unexpected exceptions may carry internals (paths, tensors); the log has the details.
     message = str(exc) if row is not INTERNAL else "internal server error; see the server log"
     return render(row, message, family, getattr(exc, "field", None))
 
 
-def render(row: ErrorRow, message: str, family: ErrorFamily = ErrorFamily.LMI, param: str | None = None) -> dict:
+def render(row: ErrorRow, message: str, family: ErrorFamily = ErrorFamily.LMI,
+                 param: str | None = None) -> LmiError | OpenAIError:
     """The error body of `row` in `family`'s shape; `param` (the offending field) only OpenAI's shape has."""
     if family is ErrorFamily.OPENAI:
-        return {"error": {"message": message, "type": row.openai_type, "param": param, "code": row.openai_code}}
-    body = make_body(row.status, row.type, message)
+        return build(OpenAIError, error=build(OpenAIErrorDetail, message=message, type=row.openai_type, param=param,
+                                              code=row.openai_code))
     if row.generation:  # LMI's non-streaming generation failure (output_formatter._json_output_formatter)
-        body.update({"generated_text": None, "details": _ERROR_DETAILS})
-    return body
+        return build(LmiError, error=message, code=row.status, type=row.type, message=message, generated_text=None,
+                     details=_error_details())
+    return lmi_error(row.status, row.type, message)
+
+
+def lmi_error(status: int, error_type: str, message: str) -> LmiError:
+    """LMI's error body (see the module docstring)."""
+    return build(LmiError, error=message, code=status, type=error_type, message=message)
 
 
 def make_body(status: int, error_type: str, message: str) -> dict:
-    """LMI's error body (see the module docstring)."""
-    return {"error": message, "code": status, "type": error_type, "message": message}
+    return body(lmi_error(status, error_type, message))
 
 
-#: LMI's details of a failed generation (lmi_input_output_schema.md, "Error Responses")
-_ERROR_DETAILS = {"finish_reason": "error", "generated_tokens": None, "inputs": None}
+def _error_details() -> LmiDetails:
+    """LMI's details of a failed generation (lmi_input_output_schema.md, "Error Responses")."""
+    return build(LmiDetails, finish_reason="error", generated_tokens=None, inputs=None)
 
 
-def lmi_stream_error(exc: BaseException) -> dict:
+def lmi_stream_error(exc: BaseException) -> LmiStreamLine:
     """The last line of an LMI stream that failed after its headers: LMI's error token line
     (lmi_input_output_schema.md), which LMI clients recognise by details.finish_reason, plus the error body's
     fields."""
-    body = error_body(exc)
-    return {"token": {"id": -1, "text": "", "log_prob": -1, "special_token": True, "error_msg": body["error"]},
-            "generated_text": "", "details": dict(_ERROR_DETAILS), **{k: body[k] for k in ("error", "code", "type")}}
-
-
-def error_response(exc: BaseException, family: ErrorFamily = ErrorFamily.LMI) -> JSONResponse:
-    row = row_for(exc)
-    if row is INTERNAL:
-        logger.error("unexpected error", exc_info=exc)
-    headers = {}
-    retry_after = getattr(exc, "retry_after", None)
-    if row.status == 503 and retry_after is not None:
-        headers["Retry-After"] = str(retry_after)
-    if getattr(exc, "close_connection", False):  # the rest of the body may still come: do not read it as a request
-        headers["Connection"] = "close"
-    return JSONResponse(error_body(exc, family), status_code=row.status, headers=headers)
+    error = error_model(exc)
+    assert isinstance(error, LmiError)
+    return build(LmiStreamLine, token=build(LmiToken, id=-1, text="", log_prob=-1, special_token=True,
+                                            error_msg=error.error),
+                 generated_text="", details=_error_details(), error=error.error, code=error.code, type=error.type)
 
 
 _KIND_TO_EXCEPTION: dict[ErrorKind, type[Exception]] = {
-    ErrorKind.INVALID: InvalidRequest,
     ErrorKind.GENERATION: GenerationFailed,
     ErrorKind.ENGINE_FAILED: GenerationFailed,
     ErrorKind.OUT_OF_MEMORY: EngineOutOfMemory,
@@ -214,11 +211,15 @@ _KIND_TO_EXCEPTION: dict[ErrorKind, type[Exception]] = {
 }
 
 
-def exception_for_output(output: RequestOutput) -> Exception | None:
-    """The exception a final output stands for (None for a successful finish)."""
+def exception_for_output(output: RequestOutput, fields: Mapping[str, str] | None = None) -> Exception | None:
+    """The exception a final output stands for (None for a successful finish). A refusal keeps the field the
+    engine named, as the API calls it (`fields` maps the engine's names to the API's)."""
     kind = error_kind(output)
     if kind is None:
         if output.finished and output.finish_reason is FinishReason.CANCELLED:  # cancelled by someone else
             return GenerationFailed("the request was cancelled")
         return None
+    if kind is ErrorKind.INVALID:
+        field = getattr(output, "field", None)
+        return InvalidRequest(output.error or kind.value, (fields or {}).get(field or "", field))
     return _KIND_TO_EXCEPTION[kind](output.error or kind.value)

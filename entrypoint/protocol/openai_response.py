@@ -20,10 +20,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
-from entrypoint.http.errors import ErrorFamily, error_body, exception_for_output
-from entrypoint.http.lmi_protocol import Accumulator
+from entrypoint.protocol.errors import ErrorFamily, error_body, exception_for_output
+from entrypoint.protocol import schema
+from entrypoint.protocol.lmi import Accumulator
+from entrypoint.protocol.schema import body, build
 from handlers.engine import FinishReason, RequestOutput, Token
 
 DONE = b"data: [DONE]\n\n"
@@ -34,7 +36,7 @@ _FINISH_REASONS = {FinishReason.EOS_TOKEN: "stop", FinishReason.STOP_SEQUENCE: "
 
 
 @dataclass
-class Completion:
+class CompletionBuilder:
     """One OpenAI response under construction: its choices (one Accumulator each, in index order)."""
 
     chat: bool
@@ -63,33 +65,35 @@ class Completion:
     def object(self) -> str:
         return "chat.completion" if self.chat else "text_completion"
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> schema.Usage:
         completion = sum(result.generated_tokens for result in self.results)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
+        return build(schema.Usage, prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+                     total_tokens=self.prompt_tokens + completion)
 
     def body(self) -> dict[str, Any]:
-        choices = []
+        choices: list[Any] = []
         for index, result in enumerate(self.chosen()):
-            choice: dict[str, Any] = {"index": index}
+            reason = finish_reason(result.finish_reason)
             if self.chat:
-                choice["message"] = {"role": "assistant", "content": result.text, "refusal": None}
-                choice["logprobs"] = chat_logprobs(result.tokens, self.token_ids) if self.logprobs else None
+                message = build(schema.ChatMessage, role="assistant", content=result.text, refusal=None)
+                choices.append(build(schema.ChatChoice, index=index, message=message, finish_reason=reason,
+                                     logprobs=chat_logprobs(result.tokens, self.token_ids) if self.logprobs else None))
             else:
-                prefix = result.prompt if self.echo else ""
-                choice["text"] = prefix + result.text
                 tokens = [*result.prompt_details, *result.tokens] if self.echo else result.tokens
-                choice["logprobs"] = completion_logprobs(tokens, 0, self.token_ids) if self.logprobs else None
-            choice["finish_reason"] = finish_reason(result.finish_reason)
-            choices.append(choice)
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, "usage": self.usage()}
+                choices.append(build(schema.CompletionChoice, index=index, finish_reason=reason,
+                                     text=(result.prompt if self.echo else "") + result.text,
+                                     logprobs=completion_logprobs(tokens, 0, self.token_ids) if self.logprobs else None))
+        model = schema.ChatCompletion if self.chat else schema.Completion
+        return body(build(model, id=self.id, object=self.object, created=self.created, model=self.model,
+                          choices=choices, usage=self.usage()))
 
 
 class CompletionStreamEncoder:
-    """A `generation.ChunkEncoder` for one `Completion`, as OpenAI's chunks."""
+    """A `streaming.ChunkEncoder` for one `Completion`, as OpenAI's chunks."""
 
-    def __init__(self, completion: Completion, include_usage: bool, jsonlines: bool = False):
+    def __init__(self, completion: CompletionBuilder, include_usage: bool, jsonlines: bool = False,
+                 fields: Mapping[str, str] | None = None):
+        self.fields = fields  # the engine's field names -> OpenAI's, for a refusal's param
         self.jsonlines = jsonlines
         self.media_type = "application/jsonlines" if jsonlines else "text/event-stream"
         self.completion = completion
@@ -102,7 +106,7 @@ class CompletionStreamEncoder:
     def feed(self, index: int, output: RequestOutput) -> list[bytes]:
         result = self.results[index]
         released = result.add(output)
-        error = exception_for_output(output) if output.finished else None
+        error = exception_for_output(output, self.fields) if output.finished else None
         if error is not None:
             return self.error(error)
         first = index not in self._started
@@ -117,14 +121,14 @@ class CompletionStreamEncoder:
                 delta["content"] = output.text
             choice["delta"] = delta
             logprobs = chat_logprobs(released, self.completion.token_ids) if self.completion.logprobs else None
-            choice["logprobs"] = logprobs
+            choice["logprobs"] = body(logprobs) if logprobs is not None else None
         else:
             prefix = result.prompt if first and self.completion.echo else ""
             choice["text"] = prefix + output.text
             logprobs = None
             if self.completion.logprobs:
                 tokens = [*result.prompt_details, *released] if prefix else released
-                logprobs = completion_logprobs(tokens, self._offsets[index], self.completion.token_ids)
+                logprobs = body(completion_logprobs(tokens, self._offsets[index], self.completion.token_ids))
                 self._offsets[index] += sum(len(token.text) for token in tokens)
             choice["logprobs"] = logprobs
         choice["finish_reason"] = reason
@@ -135,7 +139,7 @@ class CompletionStreamEncoder:
         return [self._frame(error_body(exc, ErrorFamily.OPENAI)), *self._done()]
 
     def end(self) -> list[bytes]:
-        chunks = [self._chunk([], usage=self.completion.usage())] if self.include_usage else []
+        chunks = [self._chunk([], usage=body(self.completion.usage()))] if self.include_usage else []
         return chunks + self._done()
 
     def _done(self) -> list[bytes]:
@@ -162,17 +166,18 @@ def token_name(token: Token, as_id: bool) -> str:
     return f"token_id:{token.id}" if as_id else token.text
 
 
-def chat_logprobs(tokens: list[Token] | tuple[Token, ...], as_ids: bool = False) -> dict[str, Any]:
-    def entry(token: Token) -> dict[str, Any]:
-        return {"token": token_name(token, as_ids), "logprob": _log_prob(token.log_prob),
-                "bytes": list(token.text.encode())}
+def chat_logprobs(tokens: list[Token] | tuple[Token, ...], as_ids: bool = False) -> schema.ChatLogprobs:
+    def entry(token: Token, model: type[schema.TopLogprob]) -> Any:
+        top = {"top_logprobs": [entry(alternative, schema.TopLogprob) for alternative in token.top_tokens]} \
+            if model is schema.ChatTokenLogprob else {}
+        return build(model, token=token_name(token, as_ids), logprob=_log_prob(token.log_prob),
+                     bytes=list(token.text.encode()), **top)
 
-    return {"content": [{**entry(token), "top_logprobs": [entry(top) for top in token.top_tokens]}
-                        for token in tokens],
-            "refusal": None}
+    return build(schema.ChatLogprobs, content=[entry(token, schema.ChatTokenLogprob) for token in tokens], refusal=None)
 
 
-def completion_logprobs(tokens: list[Token] | tuple[Token, ...], offset: int, as_ids: bool = False) -> dict[str, Any]:
+def completion_logprobs(tokens: list[Token] | tuple[Token, ...], offset: int,
+                        as_ids: bool = False) -> schema.CompletionLogprobs:
     """The legacy completions shape: parallel lists, `text_offset` counted from the start of the choice's text.
     top_logprobs always holds the chosen token too, even when it is not among the most likely (as OpenAI and
     vLLM answer). A prompt token without context (the first, echo) has null for both, as OpenAI's."""
@@ -180,10 +185,10 @@ def completion_logprobs(tokens: list[Token] | tuple[Token, ...], offset: int, as
     for token in tokens:
         offsets.append(offset)
         offset += len(token.text)
-    return {"tokens": [token_name(token, as_ids) for token in tokens],
-            "token_logprobs": [None if math.isnan(token.log_prob) else _log_prob(token.log_prob) for token in tokens],
-            "top_logprobs": [None if math.isnan(token.log_prob) else _top_logprobs(token, as_ids) for token in tokens],
-            "text_offset": offsets}
+    return build(schema.CompletionLogprobs, tokens=[token_name(token, as_ids) for token in tokens],
+                 token_logprobs=[None if math.isnan(token.log_prob) else _log_prob(token.log_prob) for token in tokens],
+                 top_logprobs=[None if math.isnan(token.log_prob) else _top_logprobs(token, as_ids) for token in tokens],
+                 text_offset=offsets)
 
 
 def _top_logprobs(token: Token, as_ids: bool = False) -> dict[str, float]:
