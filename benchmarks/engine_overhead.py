@@ -152,18 +152,39 @@ HOST_READS = frozenset({
 })
 
 
-class StandInStream:
-    """One device stream whose every pass takes `seconds`: passes run one after the other."""
+_KERNEL_ARGUMENT = torch.zeros(8)
 
-    def __init__(self, seconds: float):
+
+def _hold_the_host(seconds: float) -> None:
+    """The host's work of launching a pass for `seconds`: Python, and one small torch operation after another
+    (as DeepSpeed's put() launches its kernels), each of which releases the GIL and takes it back."""
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        torch.add(_KERNEL_ARGUMENT, 1.0)
+
+
+class StandInStream:
+    """One device stream whose every pass takes `seconds` on the device, after `launch_seconds` of the host's
+    time to launch it: passes run one after the other."""
+
+    #: the device time of the last kernel of a pass, which can start only once the launch has ended
+    TAIL_SECONDS = 0.0005
+
+    def __init__(self, seconds: float, launch_seconds: float = 0.0):
         self.seconds = seconds
+        self.launch_seconds = launch_seconds
         self.free_at = 0.0  # when the last launched pass ends
         self.passes = 0
 
     def launch(self, compute: Callable[[], torch.Tensor]) -> DeviceTensor:
-        """Queue a pass computing `compute()` and return at once; its result is ready when the pass ends."""
+        """Queue a pass computing `compute()` and return once it is launched; its result is ready when the
+        pass ends: `seconds` after it starts, and not before its last kernel, launched last, has run."""
         start = max(time.perf_counter(), self.free_at)
-        self.free_at = start + self.seconds
+        if self.launch_seconds:
+            _hold_the_host(self.launch_seconds)
+            self.free_at = max(start + self.seconds, time.perf_counter() + min(self.TAIL_SECONDS, self.seconds))
+        else:
+            self.free_at = start + self.seconds
         self.passes += 1
         return _on_device(compute(), self.free_at)
 
@@ -187,11 +208,11 @@ class StandInRunner(Runner):
     #: its passes return before the stand-in device has computed them, as CUDA launches do
     asynchronous = True
 
-    def __init__(self, device_ms: float, ragged: bool = True):
+    def __init__(self, device_ms: float, ragged: bool = True, launch_ms: float = 0.0):
         self.device = torch.device("cpu")
         self.cache = None
         self.ragged = ragged
-        self.stream = StandInStream(device_ms / 1000.0)
+        self.stream = StandInStream(device_ms / 1000.0, launch_ms / 1000.0)
         self._table = successor_logits()
 
     def assign(self, sequence: int, blocks: list[int]) -> None:
@@ -225,7 +246,7 @@ def word_tokenizer() -> Any:
 
 
 def build_engine(sequences: int, steps: int, device_ms: float, ragged: bool = True,
-                 overlap: bool = True) -> RollingBatchEngine:
+                 overlap: bool = True, launch_ms: float = 0.0) -> RollingBatchEngine:
     """The engine as the FastGen loader builds it (handlers/fastgen_engine.py), over the stand-in runner,
     with KV blocks for every request at once; `overlap=False` runs the steps in the order a CPU runner gets
     (each pass read back and processed before the next is launched), the baseline of the overlap."""
@@ -233,7 +254,7 @@ def build_engine(sequences: int, steps: int, device_ms: float, ragged: bool = Tr
     per_request = -(-max_total // BLOCK_SIZE)
     budget = KVBudget(block_size=BLOCK_SIZE, num_blocks=per_request * sequences + 1, bytes_per_token=1,
                       basis="stand-in: every request fits")
-    return RollingBatchEngine(StandInRunner(device_ms, ragged), word_tokenizer(), allocator=BlockAllocator(budget),
+    return RollingBatchEngine(StandInRunner(device_ms, ragged, launch_ms), word_tokenizer(), allocator=BlockAllocator(budget),
                               max_batch=sequences, max_prefill_tokens=4096, max_total_tokens=max_total,
                               eos_token_ids=[EOS_ID], vocab_size=VOCAB, name="stand-in", overlap=overlap)
 
@@ -302,7 +323,7 @@ def run_in_process(args: argparse.Namespace) -> Run:
     from handlers.engine_loop import EngineLoop
 
     engine = build_engine(args.sequences, args.steps, args.device_ms, ragged=not args.split_passes,
-                          overlap=not args.sequential)
+                          overlap=not args.sequential, launch_ms=args.launch_ms)
     loop = EngineLoop(engine, job_queue_size=args.sequences + 1).start()
     try:
         warm_up(loop, engine.tokenizer, timeout=args.timeout)
@@ -315,6 +336,26 @@ def run_in_process(args: argparse.Namespace) -> Run:
         run.extra["device_passes"] = engine.runner.stream.passes
     finally:
         loop.stop()
+    return run
+
+
+# ---- the bare loop --------------------------------------------------------------------------------------
+def run_bare(args: argparse.Namespace) -> Run:
+    """The loop an engine is compared with (as `benchmarks/fastgen_loop.py` is on the GPU): the stand-in
+    runner driven directly, every sequence prefilled in one pass, then one decode pass per step, each token
+    the argmax read back before the next pass, nothing else (no scheduler, no sampler, no text, no clients)."""
+    runner = StandInRunner(args.device_ms, launch_ms=args.launch_ms)
+    prompt = [successor(t) for t in range(PROMPT_TOKENS)]
+    sequences = list(range(args.sequences))
+    run = Run(time.perf_counter(), [[] for _ in sequences])
+    logits = runner.prefill(sequences, [prompt] * len(sequences), [0] * len(sequences))
+    for _ in range(args.steps):
+        tokens = logits.argmax(dim=-1).tolist()
+        now = time.perf_counter()
+        for times in run.arrivals:
+            times.append(now)
+        logits = runner.decode(sequences, tokens, [0] * len(sequences))
+    run.extra["device_passes"] = runner.stream.passes
     return run
 
 
@@ -331,14 +372,15 @@ def serve(args: argparse.Namespace) -> int:
 
     def factory(configuration: Configuration, progress: Callable[[str], None]) -> RollingBatchEngine:
         return build_engine(args.sequences, args.steps, args.device_ms, ragged=not args.split_passes,
-                            overlap=not args.sequential)
+                            overlap=not args.sequential, launch_ms=args.launch_ms)
 
     return serve_http(configuration, engine_factory=factory, host="127.0.0.1")
 
 
 def start_server(args: argparse.Namespace, port: int, log: Any) -> subprocess.Popen:
     command = [sys.executable, str(Path(__file__).resolve()), "--serve-port", str(port),
-               "--sequences", str(args.sequences), "--device-ms", str(args.device_ms), "--steps", str(args.steps)]
+               "--sequences", str(args.sequences), "--device-ms", str(args.device_ms), "--steps", str(args.steps),
+               "--launch-ms", str(args.launch_ms)]
     if args.split_passes:
         command.append("--split-passes")
     if args.sequential:
@@ -462,8 +504,8 @@ def machine(load: list[float]) -> dict[str, Any]:
 
 def result_line(args: argparse.Namespace, run: Run, load: list[float]) -> dict[str, Any]:
     line: dict[str, Any] = {
-        "benchmark": "engine_overhead", "mode": "http" if args.http else "in-process",
-        "sequences": args.sequences, "device_ms": args.device_ms, "steps": args.steps,
+        "benchmark": "engine_overhead", "mode": "bare" if args.bare else "http" if args.http else "in-process",
+        "sequences": args.sequences, "device_ms": args.device_ms, "launch_ms": args.launch_ms, "steps": args.steps,
         "prompt_tokens": PROMPT_TOKENS, "passes": "split" if args.split_passes else "ragged",
         "step_order": "sequential" if args.sequential else "overlapped",
     }
@@ -483,6 +525,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device-ms", type=float, required=True, help="the stand-in device's time per pass (D)")
     parser.add_argument("--steps", type=int, required=True, help="tokens generated per request (S, at least 4)")
     parser.add_argument("--http", action="store_true", help="through the real HTTP server, clients in this process")
+    parser.add_argument("--launch-ms", type=float, default=0.0,
+                        help="the host's time to launch a pass, holding the GIL (DeepSpeed's put() is Python): the "
+                             "device starts at once and cannot end before the launch has; default 0")
+    parser.add_argument("--bare", action="store_true",
+                        help="no engine: the stand-in runner in a bare loop (prefill, then argmax and decode), the "
+                             "baseline the engine is compared with on the GPU")
     parser.add_argument("--split-passes", action="store_true",
                         help="a decode pass and a prefill pass per step (AutoTP's runner) instead of one ragged pass")
     parser.add_argument("--sequential", action="store_true",
@@ -493,8 +541,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds the run (and server start) may take")
     parser.add_argument("--serve-port", type=int, help=argparse.SUPPRESS)  # internal: be the --http server
     args = parser.parse_args(argv)
-    if args.steps < 4 or args.sequences < 1 or args.device_ms <= 0:
-        parser.error("need --steps >= 4, --sequences >= 1 and --device-ms > 0")
+    if args.steps < 4 or args.sequences < 1 or args.device_ms <= 0 or args.launch_ms < 0:
+        parser.error("need --steps >= 4, --sequences >= 1, --device-ms > 0 and --launch-ms >= 0")
+    if args.bare and args.http:
+        parser.error("--bare runs no server: it cannot be combined with --http")
     return args
 
 
@@ -504,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_port is not None:
         return serve(args)
     load = [round(x, 2) for x in os.getloadavg()]
-    run = run_http(args) if args.http else run_in_process(args)
+    run = run_bare(args) if args.bare else run_http(args) if args.http else run_in_process(args)
     line = result_line(args, run, load)
     text = json.dumps(line)
     if args.out is not None:

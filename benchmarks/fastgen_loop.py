@@ -2,6 +2,13 @@
 loop (no server, no sampler: greedy argmax on the device, DeepSpeed's own build_hf_engine without the
 project's bridges) and Hugging Face `generate`, on the same model and request shape, at several batch sizes.
 
+The same bare loop also runs over the engine the server builds (`fastgen-project-build`:
+handlers.fastgen_model.build_fastgen_engine with the server's limits at `--server-batch` sequences, its
+attention-atom room and its bridges) and over that build without its fp32-rotary bridge
+(`fastgen-project-build-hf-rotary-off`, DeepSpeed's own rotary kernel): the server's gap to DeepSpeed's
+bare loop then splits into what the build costs (state-manager sizes, bridges) and what the serving
+costs (scheduler, sampler, output processing, HTTP).
+
     python benchmarks/fastgen_loop.py --model-dir /tmp/llama7b-random --batches 1 8 32 64 128 \
         --prompt-tokens 128 --max-tokens 128 --out results/fastgen-baselines.jsonl
 
@@ -19,7 +26,6 @@ from pathlib import Path
 
 
 def bare_loop(model_dir: str, batch: int, prompt_tokens: int, max_tokens: int, engine=None) -> tuple[float, object]:
-    import torch
     from deepspeed.inference.v2 import RaggedInferenceEngineConfig, build_hf_engine
 
     if engine is None:
@@ -27,6 +33,37 @@ def bare_loop(model_dir: str, batch: int, prompt_tokens: int, max_tokens: int, e
             "max_tracked_sequences": 256, "max_ragged_sequence_count": 256, "max_ragged_batch_size": 8192,
             "memory_config": {"mode": "allocate", "size": 1024}})
         engine = build_hf_engine(model_dir, config)
+    return _timed_loop(engine, batch, prompt_tokens, max_tokens)
+
+
+def project_build(model_dir: str, server_batch: int, rotary_bridge: bool = True) -> object:
+    """The engine `python -m entrypoint serve` builds for this model (handlers/fastgen_engine.py `_build`):
+    the same limits (`server_batch` sequences, the default prefill budget, the model's context, the default
+    gpu_memory_utilization), atom room and bridges; `rotary_bridge=False` leaves DeepSpeed's own rotary."""
+    import torch
+    from transformers import AutoConfig
+
+    from handlers.fastgen_engine import reserve_bytes
+    from handlers.fastgen_model import Bridges, EngineLimits, build_fastgen_engine, preflight
+    from handlers.serving_properties import ServingProperties
+
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    defaults = ServingProperties()
+    total = torch.cuda.mem_get_info()[1]
+    limits = EngineLimits(max_sequences=server_batch, max_prefill_tokens=defaults.max_rolling_batch_prefill_tokens,
+                          max_context=hf_config.max_position_embeddings,
+                          reserve_bytes=reserve_bytes(total, defaults.gpu_memory_utilization, server_batch,
+                                                      hf_config.vocab_size))
+    bridges = preflight(hf_config, limits.max_context)
+    if not rotary_bridge:
+        bridges = Bridges(norm_eps=bridges.norm_eps, inv_freqs=None)
+    engine, _, _ = build_fastgen_engine(model_dir, hf_config, limits, dtype=torch.float16, bridges=bridges)
+    return engine
+
+
+def _timed_loop(engine: object, batch: int, prompt_tokens: int, max_tokens: int) -> tuple[float, object]:
+    import torch
+
     uids = list(range(batch))
     prompts = [torch.randint(0, 32000, (prompt_tokens,)) for _ in uids]
     torch.cuda.synchronize()
@@ -65,7 +102,10 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--engines", nargs="+", default=["fastgen-bare-loop", "hf-generate"],
-                        choices=["fastgen-bare-loop", "hf-generate"])
+                        choices=["fastgen-bare-loop", "fastgen-project-build", "fastgen-project-build-hf-rotary-off",
+                                 "hf-generate"])
+    parser.add_argument("--server-batch", type=int, default=64,
+                        help="the project builds: max_rolling_batch_size of the server they stand for")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
@@ -73,6 +113,9 @@ def main() -> int:
     for name in args.engines:
         run = bare_loop if name == "fastgen-bare-loop" else hf_generate
         state = None
+        if name.startswith("fastgen-project-build"):
+            run = bare_loop
+            state = project_build(args.model_dir, args.server_batch, rotary_bridge=not name.endswith("rotary-off"))
         _, state = run(args.model_dir, 1, 16, 4, state)  # warm-up: kernels, allocator
         for batch in args.batches:
             tok_s, state = run(args.model_dir, batch, args.prompt_tokens, args.max_tokens, state)

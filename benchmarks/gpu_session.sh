@@ -2,6 +2,8 @@
 # One call on the GPU machine (see RESULTS.md): install the carried wheels, then run the parts asked for.
 #   usage: bash benchmarks/gpu_session.sh WHEELS_DIR TOKENIZER_DIR OUT_DIR PART...
 # parts: eng-gpu (the overlapped engine: GPU tests, the put-fence A/B, HTTP vs bare loop in two rounds),
+# eng-gap (HTTP vs the bare put() loop over DeepSpeed's build, over the server's build, and over the server's build
+# without its fp32-rotary bridge, at 1/32/64: where the gap to the bare loop comes from),
 # fg-tests (FastGen's GPU tests and gate table), fg-serve (a 7B FastGen server: long prompts and bursts),
 # fg-speed (HTTP vs bare put() loop at 1/32/64 clients), fg-fastmath (in the background: DeepSpeed's v2 ops built with
 # and without --use_fast_math in parallel, then the gate table of every architecture with each build),
@@ -87,6 +89,29 @@ for part in "$@"; do
         python3 benchmarks/fastgen_loop.py --model-dir $MODEL --batches 1 32 64 --engines fastgen-bare-loop \
             --out "$OUT/eng-speed.jsonl" 2>&1 | tail -4 | tee -a "$OUT/eng-speed.txt"
       done; stamp "bare loop done" ;;
+    eng-gap)
+      # The server's gap to DeepSpeed's bare put() loop, split: the bare loop over DeepSpeed's own build, over
+      # the build the server makes (its limits, atom room and bridges), and over that build without the fp32
+      # rotary bridge, each in its own process (a built engine keeps its KV cache until the process ends),
+      # then the server through HTTP; two rounds of everything, 128/128 greedy at 1/32/64.
+      stamp "start"
+      build_ops_into normal & BUILD=$!
+      make_model > /dev/null; wait $BUILD; stamp "ops built, model made"
+      for round in 1 2; do
+        for engine in fastgen-bare-loop fastgen-project-build fastgen-project-build-hf-rotary-off; do
+          python3 benchmarks/fastgen_loop.py --model-dir $MODEL --batches 1 32 64 --engines $engine \
+              --server-batch 64 --out "$OUT/eng-gap.jsonl" 2>&1 | tail -4 | tee -a "$OUT/eng-gap.txt"
+          stamp "round $round $engine done"
+        done
+      done
+      start_server 8098 "$OUT/eng-gap-server.log" OPTION_DTYPE=fp16 OPTION_MAX_ROLLING_BATCH_SIZE=64 || exit 1
+      stamp "server up"
+      for round in 1 2; do
+        python3 benchmarks/sweep.py run --url http://127.0.0.1:8098 --model "$MODEL" --tokenizer "$TOKENIZER" \
+            --concurrency 1 32 64 --shapes 128/128 --requests-per-client 3 --label "fastgen-http-round$round" \
+            --out "$OUT/eng-gap.jsonl" 2>&1 | tail -4 | tee -a "$OUT/eng-gap.txt"
+      done
+      kill -TERM $SERVER; wait $SERVER; stamp "http rounds done" ;;
     fg-tests)
       # FastGen's correctness (issue 19): AutoTP/engine-core tests while the v2 ops build, then the FastGen
       # tests beside the per-architecture gate table (before/after the fixes) and the atom-boundary rows.

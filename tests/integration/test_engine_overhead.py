@@ -45,6 +45,21 @@ def test_a_pass_returns_at_once_queues_behind_the_last_and_a_host_read_waits_for
     assert type(second.cpu()) is torch.Tensor and time.perf_counter() >= second.ready_at
 
 
+def test_a_pass_with_a_launch_cost_holds_the_host_and_ends_no_sooner_than_its_last_kernel():
+    bench = load_benchmark()
+    stream = bench.StandInStream(0.002, launch_seconds=0.05)  # launch-bound: the device waits for the host
+    before = time.perf_counter()
+    result = stream.launch(lambda: torch.ones(1))
+    after = time.perf_counter()
+    assert after - before >= 0.05  # the launch held the host
+    # not ready before its last kernel, launched at the launch's end, has run (not at start + 2 ms)
+    assert before + 0.05 + bench.StandInStream.TAIL_SECONDS <= result.ready_at <= after + bench.StandInStream.TAIL_SECONDS
+    device_bound = bench.StandInStream(0.2, launch_seconds=0.01)
+    start = time.perf_counter()
+    ready = device_bound.launch(lambda: torch.ones(1)).ready_at
+    assert start + 0.2 <= ready <= start + 0.2 + 0.05  # the device started at the launch's first kernel
+
+
 def test_the_stand_in_runner_decodes_the_successor_of_each_last_token():
     bench = load_benchmark()
     runner = bench.StandInRunner(device_ms=1)
@@ -60,6 +75,14 @@ def run_benchmark(*extra: str) -> dict:
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=480)
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_bare_loop_generates_every_token_at_the_device_speed():
+    line = run_benchmark("--bare", "--launch-ms", "1")
+    assert line["mode"] == "bare" and line["launch_ms"] == 1 and line["errors"] == 0
+    assert line["tokens"] == line["expected_tokens"] == SEQUENCES * STEPS
+    assert line["device_passes"] == STEPS + 1  # one prefill, then a decode pass per token
+    assert line["mean_step_ms"] >= DEVICE_MS  # a pass never takes less than the device's time
 
 
 @pytest.mark.slow
