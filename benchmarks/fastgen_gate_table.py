@@ -75,18 +75,24 @@ def saved_model(kind: str, directory: Path, context: int = 8192) -> str:
     return str(directory)
 
 
-def references_for(path: str, lengths: list[int]):
+def references_for(path: str, lengths: list[int], int8: bool = False):
+    """HF fp32 and fp16 logits of the probes; with `int8`, the fp16 model's linear layers W8A8 as the AutoTP
+    engine quantizes them (quantize=dynamic_int8), the reference an int8 engine is held to."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from handlers.correctness_gate import hf_references, probe_tokens
+    from quantization.quantizer import DYNAMIC_INT8, quantize_model
 
+    prepare = (lambda model: quantize_model(model, DYNAMIC_INT8)) if int8 else None
     return hf_references(lambda dtype: AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
-                         [probe_tokens(VOCAB, n) for n in lengths], torch.float16, torch.device("cuda"))
+                         [probe_tokens(VOCAB, n) for n in lengths], torch.float16, torch.device("cuda"),
+                         prepare_half=prepare)
 
 
 def engine_for(path: str, variant: str, max_sequences: int, prefill: int, kv_blocks: int = 1024):
-    """(FastGenRunner, AtomRoom) of one variant; the runner checks atoms only for `fixed`."""
+    """(FastGenRunner, AtomRoom) of one variant; the runner checks atoms only for `fixed` and `int8` (the fixed
+    engine with W8A8 linear layers, handlers/fastgen_int8.py)."""
     import dataclasses
 
     import torch
@@ -107,12 +113,13 @@ def engine_for(path: str, variant: str, max_sequences: int, prefill: int, kv_blo
     elif variant == "one-atom-short":
         fastgen_model.attention_atoms = lambda sequences, tokens, q: original(sequences, tokens, q) - 1
     try:
-        engine, _, room = fastgen_model.build_fastgen_engine(path, hf_config, limits, torch.float16, bridges=bridges)
+        engine, _, room = fastgen_model.build_fastgen_engine(path, hf_config, limits, torch.float16, bridges=bridges,
+                                                             int8_linear=variant == "int8")
     finally:
         fastgen_model.attention_atoms = original
     if variant == "no-put-fence":  # the fixed engine, but puts issued without waiting for the previous one
         return FastGenRunner(engine, "cuda", room, fence=lambda: _NoWait()), room
-    return FastGenRunner(engine, "cuda", room if variant == "fixed" else None), room
+    return FastGenRunner(engine, "cuda", room if variant in ("fixed", "int8") else None), room
 
 
 class _NoWait:

@@ -7,7 +7,9 @@ handlers.fastgen_model.build_fastgen_engine with the server's limits at `--serve
 attention-atom room and its bridges) and over that build without its fp32-rotary bridge
 (`fastgen-project-build-hf-rotary-off`, DeepSpeed's own rotary kernel): the server's gap to DeepSpeed's
 bare loop then splits into what the build costs (state-manager sizes, bridges) and what the serving
-costs (scheduler, sampler, output processing, HTTP).
+costs (scheduler, sampler, output processing, HTTP). `fastgen-project-build-int8` is the server's build with
+`quantize=dynamic_int8` (W8A8 linear layers, handlers/fastgen_int8.py); the project builds' rows also give
+the bytes of the weights DeepSpeed holds (`weights_bytes`, its flattened parameters).
 
     python benchmarks/fastgen_loop.py --model-dir /tmp/llama7b-random --batches 1 8 32 64 128 \
         --prompt-tokens 128 --max-tokens 128 --out results/fastgen-baselines.jsonl
@@ -36,7 +38,7 @@ def bare_loop(model_dir: str, batch: int, prompt_tokens: int, max_tokens: int, e
     return _timed_loop(engine, batch, prompt_tokens, max_tokens)
 
 
-def project_build(model_dir: str, server_batch: int, rotary_bridge: bool = True) -> object:
+def project_build(model_dir: str, server_batch: int, rotary_bridge: bool = True, int8: bool = False) -> object:
     """The engine `python -m entrypoint serve` builds for this model (handlers/fastgen_engine.py `_build`):
     the same limits (`server_batch` sequences, the default prefill budget, the model's context, the default
     gpu_memory_utilization), atom room and bridges; `rotary_bridge=False` leaves DeepSpeed's own rotary."""
@@ -57,7 +59,8 @@ def project_build(model_dir: str, server_batch: int, rotary_bridge: bool = True)
     bridges = preflight(hf_config, limits.max_context)
     if not rotary_bridge:
         bridges = Bridges(norm_eps=bridges.norm_eps, inv_freqs=None)
-    engine, _, _ = build_fastgen_engine(model_dir, hf_config, limits, dtype=torch.float16, bridges=bridges)
+    engine, _, _ = build_fastgen_engine(model_dir, hf_config, limits, dtype=torch.float16, bridges=bridges,
+                                        int8_linear=int8)
     return engine
 
 
@@ -103,7 +106,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--engines", nargs="+", default=["fastgen-bare-loop", "hf-generate"],
                         choices=["fastgen-bare-loop", "fastgen-project-build", "fastgen-project-build-hf-rotary-off",
-                                 "hf-generate"])
+                                 "fastgen-project-build-int8", "hf-generate"])
     parser.add_argument("--server-batch", type=int, default=64,
                         help="the project builds: max_rolling_batch_size of the server they stand for")
     parser.add_argument("--out", required=True)
@@ -113,14 +116,19 @@ def main() -> int:
     for name in args.engines:
         run = bare_loop if name == "fastgen-bare-loop" else hf_generate
         state = None
+        extra = {}
         if name.startswith("fastgen-project-build"):
             run = bare_loop
-            state = project_build(args.model_dir, args.server_batch, rotary_bridge=not name.endswith("rotary-off"))
+            state = project_build(args.model_dir, args.server_batch, rotary_bridge=not name.endswith("rotary-off"),
+                                  int8=name.endswith("int8"))
+            weights = state.model().flattened_params
+            extra["weights_bytes"] = weights.numel() * weights.element_size()
         _, state = run(args.model_dir, 1, 16, 4, state)  # warm-up: kernels, allocator
         for batch in args.batches:
             tok_s, state = run(args.model_dir, batch, args.prompt_tokens, args.max_tokens, state)
             row = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "engine": name, "batch": batch,
-                   "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "output_tok_s": round(tok_s, 1)}
+                   "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "output_tok_s": round(tok_s, 1),
+                   **extra}
             print(json.dumps(row), flush=True)
             with out.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")

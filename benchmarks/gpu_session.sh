@@ -4,6 +4,9 @@
 # parts: eng-gpu (the overlapped engine: GPU tests, the put-fence A/B, HTTP vs bare loop in two rounds),
 # eng-gap (HTTP vs the bare put() loop over DeepSpeed's build, over the server's build, and over the server's build
 # without its fp32-rotary bridge, at 1/32/64: where the gap to the bare loop comes from),
+# int8 (the int8 unit tests compiled for the GPU, tests/gpu/test_gpu_int8.py, FastGen's fp16 and W8A8 layers timed
+# with the Triton block sweep), int8-serve (the 7B model: bare loop over the server's fp16 and int8 builds with their
+# weight bytes, then the server fp16 and with quantize=dynamic_int8 through HTTP at 1/32/64, two rounds),
 # fg-tests (FastGen's GPU tests and gate table), fg-serve (a 7B FastGen server: long prompts and bursts),
 # fg-speed (HTTP vs bare put() loop at 1/32/64 clients), fg-fastmath (in the background: DeepSpeed's v2 ops built with
 # and without --use_fast_math in parallel, then the gate table of every architecture with each build),
@@ -60,6 +63,14 @@ start_server() {  # start_server PORT LOG KEY=VALUE...: python -m entrypoint ser
     kill -0 $SERVER 2>/dev/null || { echo "server exited"; tail -50 "$log"; return 1; }; sleep 1; done
   return 1
 }
+http_rounds() {  # http_rounds PORT LABEL NAME: the 128/128 sweep at 1/32/64 clients, two rounds, into $OUT/NAME.*
+  local port=$1 label=$2 name=$3
+  for round in 1 2; do
+    python3 benchmarks/sweep.py run --url http://127.0.0.1:$port --model "$MODEL" --tokenizer "$TOKENIZER" \
+        --concurrency 1 32 64 --shapes 128/128 --requests-per-client 3 --label "$label-round$round" \
+        --out "$OUT/$name.jsonl" 2>&1 | tail -4 | tee -a "$OUT/$name.txt"
+  done
+}
 for part in "$@"; do
   case $part in
     eng-gpu)
@@ -79,11 +90,7 @@ for part in "$@"; do
       tail -3 "$OUT"/gpu-tests-*.txt; cut -c1-300 "$OUT/put-fence.jsonl"
       start_server 8097 "$OUT/eng-speed-server.log" OPTION_DTYPE=fp16 OPTION_MAX_ROLLING_BATCH_SIZE=64 || exit 1
       stamp "server up"
-      for round in 1 2; do
-        python3 benchmarks/sweep.py run --url http://127.0.0.1:8097 --model "$MODEL" --tokenizer "$TOKENIZER" \
-            --concurrency 1 32 64 --shapes 128/128 --requests-per-client 3 --label "fastgen-http-round$round" \
-            --out "$OUT/eng-speed.jsonl" 2>&1 | tail -4 | tee -a "$OUT/eng-speed.txt"
-      done
+      http_rounds 8097 fastgen-http eng-speed
       kill -TERM $SERVER; wait $SERVER; stamp "http rounds done"
       for round in 1 2; do
         python3 benchmarks/fastgen_loop.py --model-dir $MODEL --batches 1 32 64 --engines fastgen-bare-loop \
@@ -106,12 +113,40 @@ for part in "$@"; do
       done
       start_server 8098 "$OUT/eng-gap-server.log" OPTION_DTYPE=fp16 OPTION_MAX_ROLLING_BATCH_SIZE=64 || exit 1
       stamp "server up"
-      for round in 1 2; do
-        python3 benchmarks/sweep.py run --url http://127.0.0.1:8098 --model "$MODEL" --tokenizer "$TOKENIZER" \
-            --concurrency 1 32 64 --shapes 128/128 --requests-per-client 3 --label "fastgen-http-round$round" \
-            --out "$OUT/eng-gap.jsonl" 2>&1 | tail -4 | tee -a "$OUT/eng-gap.txt"
-      done
+      http_rounds 8098 fastgen-http eng-gap
       kill -TERM $SERVER; wait $SERVER; stamp "http rounds done" ;;
+    int8)
+      # int8 on the GPU: the Triton kernels' unit tests (compiled here; interpreted on the CPU) while the v2 ops
+      # build, then the GPU tests, then the layer benchmark alone on the GPU.
+      stamp "start"
+      build_ops_into normal & BUILD=$!
+      python3 -m pytest -q -rs tests/unit/test_int8_triton.py tests/unit/test_fastgen_int8.py tests/unit/test_int8_math.py \
+          -p no:cacheprovider > "$OUT/int8-unit.txt" 2>&1
+      wait $BUILD; stamp "unit tests done, ops built"
+      python3 -m pytest -q -rs tests/gpu/test_gpu_int8.py -p no:cacheprovider > "$OUT/gpu-tests-int8.txt" 2>&1
+      stamp "gpu tests done"; tail -3 "$OUT/int8-unit.txt" "$OUT/gpu-tests-int8.txt"
+      python3 benchmarks/int8_linear_benchmark.py --configs --out "$OUT/int8-linear.jsonl" > "$OUT/int8-linear.txt" 2>&1
+      stamp "layer benchmark done"; cut -c1-400 "$OUT/int8-linear.jsonl" | head -60 ;;
+    int8-serve)
+      # The 7B-shaped model, fp16 against quantize=dynamic_int8 on FastGen: the bare loop over each build (weights
+      # bytes in its rows), then each server through HTTP (its summary: weights, the gate against HF int8).
+      stamp "start"
+      build_ops_into normal & BUILD=$!
+      make_model > /dev/null; wait $BUILD; stamp "ops built, model made"
+      for engine in fastgen-project-build fastgen-project-build-int8; do
+        python3 benchmarks/fastgen_loop.py --model-dir $MODEL --batches 1 32 64 --engines $engine \
+            --server-batch 64 --out "$OUT/int8-serve.jsonl" 2>&1 | tail -4 | tee -a "$OUT/int8-serve.txt"
+        stamp "$engine bare loop done"
+      done
+      for quantize in none dynamic_int8; do
+        extra=(); [ $quantize = none ] || extra=(OPTION_QUANTIZE=$quantize)
+        start_server 8099 "$OUT/int8-serve-$quantize.log" OPTION_DTYPE=fp16 OPTION_MAX_ROLLING_BATCH_SIZE=64 \
+            "${extra[@]}" || { tail -40 "$OUT/int8-serve-$quantize.log"; continue; }
+        stamp "server $quantize up"
+        http_rounds 8099 "http-$quantize" int8-serve
+        kill -TERM $SERVER; wait $SERVER; stamp "server $quantize done"
+        grep -E "weights_bytes|quantization|correctness_gate|engine " "$OUT/int8-serve-$quantize.log" | cut -c1-300
+      done ;;
     fg-tests)
       # FastGen's correctness (issue 19): AutoTP/engine-core tests while the v2 ops build, then the FastGen
       # tests beside the per-architecture gate table (before/after the fixes) and the atom-boundary rows.

@@ -23,6 +23,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--window-tokens", type=int, default=256, help="tokens per window (default 256)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the model runs (default cpu); cuda: the first visible GPU")
     args = parser.parse_args(argv)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     unknown = [v for v in variants if v not in VARIANTS]
@@ -31,15 +33,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     # stdout carries the JSON object alone: libraries' log lines (DeepSpeed logs to stdout, binding the stream
     # when it is first imported, which happens inside this block) go to stderr.
     with contextlib.redirect_stdout(sys.stderr):
+        from handlers.engine_plan import cpu_device, detect_device
+
+        machine = cpu_device() if args.device == "cpu" else detect_device()
+        if machine.kind != args.device:
+            parser.error(f"--device {args.device}: no CUDA GPU is visible to this process ({machine.name})")
         model_dir = args.model_dir
         if model_dir is None:
             from entrypoint.embedded_model import ensure_embedded_model
             from quantization.calibration_cache import default_cache_dir
             model_dir = ensure_embedded_model(default_cache_dir())
-        from handlers.engine_plan import cpu_device
-
         command = "python -m entrypoint quality " + " ".join(argv if argv is not None else sys.argv[1:])
-        report = {"command": command, "model": str(model_dir), **evaluation.environment(cpu_device().name),
-                  **evaluation.evaluate(model_dir, args.windows, args.window_tokens, variants)}
+        report = {"command": command, "model": str(model_dir), **evaluation.environment(machine.name),
+                  **evaluation.evaluate(model_dir, args.windows, args.window_tokens, variants, args.device)}
     print(json.dumps(report, indent=2))
     return 0

@@ -164,9 +164,12 @@ class Reference:
     half: Any  # [TAIL, vocab]
 
 
-def hf_references(load_model: Callable[[Any], Any], probes: list[list[int]], dtype: Any, device: Any) -> list[Reference]:
+def hf_references(load_model: Callable[[Any], Any], probes: list[list[int]], dtype: Any, device: Any,
+                  prepare_half: Callable[[Any], Any] | None = None) -> list[Reference]:
     """HF's reference logits for each probe: the model from `load_model(torch.float32)` on `device`, then the
-    same weights cast to `dtype`. Runs before the engine is built, so both fit beside nothing else."""
+    same weights cast to `dtype` and, with `prepare_half`, changed by it as the engine changes them (int8:
+    the gate then asks "as close as HF with the same quantization"). Runs before the engine is built, so both
+    fit beside nothing else."""
     import torch
 
     model = load_model(torch.float32).to(device).eval()
@@ -179,6 +182,8 @@ def hf_references(load_model: Callable[[Any], Any], probes: list[list[int]], dty
         for name, buffer in frequencies.items():
             owner, _, attribute = name.rpartition(".")
             setattr(model.get_submodule(owner), attribute, buffer)
+        if prepare_half is not None:
+            prepare_half(model)
         half = [_tail_logits(model, tokens, device) for tokens in probes]
     finally:
         del model

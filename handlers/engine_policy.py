@@ -180,9 +180,13 @@ class QuantizationSupport:
     dtype: str | None = None  # the activation dtype it forces when dtype=auto
 
 
-_INT8_ENGINES = "quantize runs on autotp only"
-_NO_INT8_IN_FASTGEN = fails("DeepSpeed-FastGen 0.19.8 has no int8 path (its only quantization_mode is wf6af16, FP6 "
-                            f"weights) and ours is not registered with it yet; {_INT8_ENGINES}")
+_INT8_ENGINES = "quantize runs on fastgen and autotp"
+_W8A8_IN_FASTGEN = ("DeepSpeed-FastGen 0.19.8 has no int8 path (its only quantization_mode is wf6af16, FP6 weights); "
+                    "ours registers a W8A8 linear layer with its linear registry (handlers/fastgen_int8.py: int8 "
+                    "weights per output channel, int8 activations per token, the scales applied inside a Triton "
+                    "int8 matmul, ~50% of the fp16 weight bytes), checked at start-up by the correctness gate "
+                    "against HF with the same quantization; not yet run on a GPU, so neither its speed nor its "
+                    "gate has been measured")
 _NO_INT8_IN_KERNEL_INJECTION = fails("public DeepSpeed 0.19.8 refuses init_inference(dtype=torch.int8) and has no "
                                      "smoothing step (LMI's int8 keys existed only in AWS's DeepSpeed build), and "
                                      "our int8 layers cannot go inside its fused kernels; " + _INT8_ENGINES)
@@ -219,7 +223,11 @@ FASTGEN_POLICY = EnginePolicy(
                       "1 and 8,063 at batch 256 (shared/FACTS.md, 2026-11-22)",
     unknown=fails("not in the FastGen architecture list (DeepSpeed 0.19.8 inference v2 implements "
                   + ", ".join(row.model_type for row in _ROWS if row.engines[FASTGEN].supported) + ")"),
-    quantization=MappingProxyType({"smoothquant": _NO_INT8_IN_FASTGEN, "dynamic_int8": _NO_INT8_IN_FASTGEN}),
+    quantization=MappingProxyType({
+        "smoothquant": works("smoothing factors folded into the norms after calibration on the HF model, the "
+                             "smoothed weights loaded into FastGen in place of the checkpoint's; " + _W8A8_IN_FASTGEN),
+        "dynamic_int8": works(_W8A8_IN_FASTGEN + "; no smoothing"),
+    }),
     caveats=(
         "DeepSpeed 0.19.8's FastGen rounds rotary frequencies to fp16 (logits 11x HF fp16's deviation at 600 "
         "positions, 34x at 2,000, measured); this build feeds it HF's fp32 frequencies through its trained-rotary "

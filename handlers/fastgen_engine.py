@@ -4,8 +4,11 @@ shared sampler on the GPU and admits requests by free KV blocks.
 
 Start-up: the correctness gate's HF references (fp32, then the serving dtype) are computed first, while the
 GPU is empty; then DeepSpeed builds the model and a KV cache of what `gpu_memory_utilization` leaves; then
-the gate compares. Anything that makes FastGen unable to serve the model correctly raises
-`FastGenUnsupported`, and the engine factory falls back to the next engine the plan allows.
+the gate compares. With `quantize`, the linear layers are W8A8 (handlers.fastgen_int8), smoothquant's
+smoothed weights load in place of the checkpoint's, and the gate's half-precision reference gets the same
+smoothing and W8A8 layers (AutoTP's), so it checks "as close as our int8 on HF". Anything that makes FastGen
+unable to serve the model correctly raises `FastGenUnsupported`, and the engine factory falls back to the next
+engine the plan allows.
 """
 
 from __future__ import annotations
@@ -61,11 +64,16 @@ def load_fastgen_engine(properties: ServingProperties, plan: EnginePlan, model_p
     references = None
     if properties.correctness_gate:
         progress("correctness gate: HF reference logits in fp32 and " + plan.dtype)
+        prepare = None
+        if plan.quantize is not None:
+            from handlers.fastgen_int8 import reference_quantizer
+            prepare = reference_quantizer(plan.quantize, properties, tokenizer, model_path)
         references = _references(model_path, properties, dtype, device,
                                  [probe_tokens(hf_config.vocab_size, n) for n in probe_lengths(max_total_tokens)],
-                                 AutoModelForCausalLM)
+                                 AutoModelForCausalLM, prepare)
 
-    built = _build(model_path, hf_config, properties, plan, dtype, device, max_sequences, max_total_tokens, progress)
+    built = _build(model_path, hf_config, properties, plan, dtype, device, max_sequences, max_total_tokens, progress,
+                   tokenizer)
     gate_summary: dict[str, Any] = {"correctness_gate": "off (correctness_gate=false)"}
     if references is not None:
         progress("correctness gate: FastGen's teacher-forced logits, each probe alone and all in one full batch")
@@ -81,7 +89,7 @@ def load_fastgen_engine(properties: ServingProperties, plan: EnginePlan, model_p
     loaded = LoadedModel(built.runner, tokenizer, built.budget, max_sequences, max_total_tokens,
                          eos_token_ids_from_files(model_path, hf_config, tokenizer), hf_config.vocab_size,
                          architecture=built.architecture, device=str(device), tensor_parallel_degree=1,
-                         details={**built.details, **gate_summary})
+                         weights_bytes=built.weights_bytes, details={**built.details, **gate_summary})
     return serving_engine("fastgen", properties, plan, loaded, started, description or model_path)
 
 
@@ -94,10 +102,12 @@ class _Built:
     budget: Any  # handlers.kv_blocks.KVBudget
     architecture: str
     details: dict[str, Any]  # its summary lines
+    weights_bytes: int | None = None  # DeepSpeed's flattened parameters (int8 weights and their scales included)
 
 
 def _build(model_path: str, hf_config: Any, properties: ServingProperties, plan: EnginePlan, dtype: Any,
-           device: Any, max_sequences: int, max_total_tokens: int, progress: Callable[[str], None]) -> _Built:
+           device: Any, max_sequences: int, max_total_tokens: int, progress: Callable[[str], None],
+           tokenizer: Any) -> _Built:
     """Build DeepSpeed-FastGen with a KV cache of what gpu_memory_utilization leaves, sized for the batch."""
     import torch
 
@@ -112,8 +122,10 @@ def _build(model_path: str, hf_config: Any, properties: ServingProperties, plan:
                                                       hf_config.vocab_size))
     progress(f"building DeepSpeed-FastGen for {hf_config.model_type} ({plan.dtype}; DeepSpeed's ops JIT-build "
              "on first use unless the image has them)")
+    substitutes, quantization = _quantization(model_path, properties, plan, tokenizer, dtype, device, progress)
     # FastGen reads the dtype from the config it loads (torch_dtype / dtype); the plan's dtype wins.
-    engine, bridges, atoms = build_fastgen_engine(model_path, hf_config, limits, dtype=dtype)
+    engine, bridges, atoms = build_fastgen_engine(model_path, hf_config, limits, dtype=dtype,
+                                                  int8_linear=plan.quantize is not None, substitutes=substitutes)
     budget = _kv_budget(engine, dtype, properties.gpu_memory_utilization, total, limits.reserve_bytes)
     progress(f"KV cache: {budget.tokens} tokens in {budget.num_blocks} blocks of {budget.block_size} "
              f"({budget.bytes / 2**30:.2f} GiB)")
@@ -121,8 +133,31 @@ def _build(model_path: str, hf_config: Any, properties: ServingProperties, plan:
         "fastgen_bridges": bridges.describe(),
         "attention_atoms": f"{atoms.atoms} of {atoms.q_block} query tokens: the most a step of {max_sequences} "
                            f"sequences with a {limits.max_prefill_tokens}-token prefill budget needs",
+        **quantization,
     }
-    return _Built(FastGenRunner(engine, device, atoms), limits, budget, type(engine.model()).__name__, details)
+    weights = getattr(engine.model(), "flattened_params", None)
+    return _Built(FastGenRunner(engine, device, atoms), limits, budget, type(engine.model()).__name__, details,
+                  weights.numel() * weights.element_size() if weights is not None else None)
+
+
+def _quantization(model_path: str, properties: ServingProperties, plan: EnginePlan, tokenizer: Any, dtype: Any,
+                  device: Any, progress: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+    """(smoothed weights to load instead of the checkpoint's, or None; the summary's quantization lines)."""
+    if plan.quantize is None:
+        return None, {}
+    from quantization.quantizer import SMOOTHQUANT
+
+    lines = {"quantization": f"quantize={plan.quantize}: W8A8 linear layers in FastGen (int8 weights per output "
+                             "channel, int8 activations per token; Triton kernels); embeddings and the output head "
+                             "stay in " + plan.dtype}
+    if plan.quantize != SMOOTHQUANT:
+        return None, lines
+    from handlers.fastgen_int8 import smoothed_weights
+
+    weights, result = smoothed_weights(model_path, properties, tokenizer, dtype, device, progress)
+    lines["smoothquant"] = (f"alpha={result.alpha:g} ({result.alpha_source}); {result.calibration}; "
+                            f"{len(weights)} tensors smoothed")
+    return weights, lines
 
 
 def _require_servable(plan: EnginePlan) -> None:
@@ -140,6 +175,9 @@ def _require_servable(plan: EnginePlan) -> None:
         raise FastGenUnsupported("FastGen is wired for tensor_parallel_degree=1 only in this build")
     if plan.dtype not in HALF_DTYPES:
         raise FastGenUnsupported(f"FastGen runs fp16 or bf16, not {plan.dtype}")
+    if plan.quantize is not None and importlib.util.find_spec("triton") is None:
+        raise FastGenUnsupported(f"quantize={plan.quantize} on FastGen runs Triton kernels, and Triton is not "
+                                 "installed (it comes with CUDA builds of torch)")
 
 
 def _kv_budget(engine: Any, dtype: Any, gpu_memory_utilization: float, total_bytes: int, reserved: int) -> Any:
@@ -169,7 +207,7 @@ def _run_gate(references: Any, runner: Any, limits: EngineLimits, vocab_size: in
 
 
 def _references(model_path: str, properties: ServingProperties, dtype: Any, device: Any, probes: list[list[int]],
-                auto_model: Any) -> Any:
+                auto_model: Any, prepare_half: Callable[[Any], Any] | None = None) -> Any:
     """HF references on the GPU when fp32 weights fit in free memory, else on the CPU (slow, but the gate is
     what keeps wrong text from being served), else None with a warning (the gate is skipped)."""
     import torch
@@ -184,11 +222,11 @@ def _references(model_path: str, properties: ServingProperties, dtype: Any, devi
     fp32_bytes = _parameter_count(model_path, properties) * 4
     free = torch.cuda.mem_get_info(device)[0]
     if fp32_bytes < 0.8 * free:
-        return hf_references(loader(device), probes, dtype, device)
+        return hf_references(loader(device), probes, dtype, device, prepare_half)
     if fp32_bytes < 0.7 * _host_available_bytes():
         logger.info("correctness gate: fp32 weights (%.1f GiB) do not fit in free GPU memory; the reference runs "
                     "on the CPU", fp32_bytes / 2**30)
-        return hf_references(loader("cpu"), probes, dtype, torch.device("cpu"))
+        return hf_references(loader("cpu"), probes, dtype, torch.device("cpu"), prepare_half)
     logger.warning("correctness gate skipped: the model's fp32 weights (%.1f GiB) fit neither in free GPU memory "
                    "nor in host memory", fp32_bytes / 2**30)
     return None

@@ -192,14 +192,16 @@ def _policy_class(model_type: str) -> type:
     return getattr(model_implementations, POLICIES[model_type])
 
 
-def bridged_model_class(model_type: str, bridges: Bridges) -> type:
-    """A subclass of DeepSpeed's v2 model implementation for `model_type` that carries the bridges."""
+def bridged_model_class(model_type: str, bridges: Bridges, int8_linear: bool = False) -> type:
+    """A subclass of DeepSpeed's v2 model implementation for `model_type` that carries the bridges, and with
+    `int8_linear` W8A8 linear layers (handlers.fastgen_int8) in every transformer layer."""
     from deepspeed.accelerator import get_accelerator
     from deepspeed.inference.v2.modules.configs import PositionalEmbeddingType, RotateHalfConfig
 
     model_cls = typing.get_type_hints(_policy_class(model_type).instantiate_model)["return"]
+    base = _int8_model_class(model_cls) if int8_linear else model_cls
 
-    class BridgedModel(model_cls):  # type: ignore[misc, valid-type]
+    class BridgedModel(base):  # type: ignore[misc, valid-type]
         @property
         def positional_embedding_config(self) -> Any:
             if bridges.inv_freqs is not None and self.positional_embedding_type == PositionalEmbeddingType.rotate_half:
@@ -225,10 +227,36 @@ def bridged_model_class(model_type: str, bridges: Bridges) -> type:
     return BridgedModel
 
 
-def bridged_policy_class(model_type: str, bridges: Bridges) -> type:
+def _int8_model_class(model_cls: type) -> type:
+    """`model_cls` whose four linear layers per transformer layer are W8A8 (their weights are quantized as
+    they load: v2 calls each layer's `transform_param` on the checkpoint's tensors)."""
+    from handlers.fastgen_int8 import replace_linear
+
+    class Int8Model(model_cls):  # type: ignore[misc, valid-type]
+        def make_qkv_layer(self) -> None:
+            super().make_qkv_layer()
+            self.qkv = replace_linear(self.qkv)
+
+        def make_attn_out_layer(self) -> None:
+            super().make_attn_out_layer()
+            self.attn_out = replace_linear(self.attn_out)
+
+        def make_mlp_1_layer(self) -> None:
+            super().make_mlp_1_layer()
+            self.mlp_1 = replace_linear(self.mlp_1)
+
+        def make_mlp_2_layer(self) -> None:
+            super().make_mlp_2_layer()
+            self.mlp_2 = replace_linear(self.mlp_2)
+
+    Int8Model.__name__ = Int8Model.__qualname__ = f"Int8{model_cls.__name__}"
+    return Int8Model
+
+
+def bridged_policy_class(model_type: str, bridges: Bridges, int8_linear: bool = False) -> type:
     """A subclass of DeepSpeed's policy for `model_type` that builds the bridged model."""
     policy_cls = _policy_class(model_type)
-    BridgedModel = bridged_model_class(model_type, bridges)  # noqa: N806 - a class
+    BridgedModel = bridged_model_class(model_type, bridges, int8_linear)  # noqa: N806 - a class
 
     class BridgedPolicy(policy_cls):  # type: ignore[misc, valid-type]
         def instantiate_model(self, engine_config: Any, mp_group: Any) -> Any:
@@ -337,11 +365,15 @@ class AtomRoom:
 
 
 def build_fastgen_engine(model_path: str, hf_config: Any, limits: EngineLimits, dtype: Any,
-                         tensor_parallel: int = 1, bridges: Bridges | None = None) -> tuple[Any, Bridges, AtomRoom]:
+                         tensor_parallel: int = 1, bridges: Bridges | None = None,
+                         int8_linear: bool = False,
+                         substitutes: Mapping[str, Any] | None = None) -> tuple[Any, Bridges, AtomRoom]:
     """DeepSpeed's `InferenceEngineV2` for the checkpoint at `model_path` in `dtype` (fp16/bf16), with the
-    bridges applied (`bridges`: others than the config's, to measure DeepSpeed without them); the KV cache
-    takes what device memory is left after the weights and `limits.reserve_bytes`. Also returns the room its
-    attention has for atoms, read back from the built module."""
+    bridges applied (`bridges`: others than the config's, to measure DeepSpeed without them), with
+    `int8_linear` W8A8 linear layers, and with `substitutes` (checkpoint name -> tensor: SmoothQuant's smoothed
+    weights) loaded instead of the checkpoint's own tensors of those names; the KV cache takes what device
+    memory is left after the weights and `limits.reserve_bytes`. Also returns the room its attention has for
+    atoms, read back from the built module."""
     import torch
     from deepspeed.inference.v2 import InferenceEngineV2, RaggedInferenceEngineConfig
     from deepspeed.inference.v2.checkpoint import HuggingFaceCheckpointEngine
@@ -352,11 +384,13 @@ def build_fastgen_engine(model_path: str, hf_config: Any, limits: EngineLimits, 
     q_block = q_block_size(head_size, torch.cuda.get_device_capability())
     config = RaggedInferenceEngineConfig(tensor_parallel={"tp_size": tensor_parallel},
                                          state_manager=limits.state_manager(q_block))
-    checkpoint = HuggingFaceCheckpointEngine(model_path)
+    checkpoint = (HuggingFaceCheckpointEngine(model_path) if substitutes is None
+                  else _substituted_checkpoint(HuggingFaceCheckpointEngine)(model_path, substitutes))
     # v2's models take their activation dtype from the config (`torch_dtype`), which says float32 for many
     # checkpoints saved that way; the plan's dtype is what is served.
     checkpoint.model_config.dtype = dtype
-    policy = bridged_policy_class(hf_config.model_type, bridges)(checkpoint.model_config, checkpoint_engine=checkpoint)
+    policy = bridged_policy_class(hf_config.model_type, bridges, int8_linear)(checkpoint.model_config,
+                                                                              checkpoint_engine=checkpoint)
     if tensor_parallel == 1:
         _single_process_group()
     try:
@@ -367,6 +401,30 @@ def build_fastgen_engine(model_path: str, hf_config: Any, limits: EngineLimits, 
         raise FastGenUnsupported(f"DeepSpeed's FastGen could not build this checkpoint ({type(error).__name__}: "
                                  f"{error})") from error
     return engine, bridges, built_atom_room(engine, limits.atoms(q_block), q_block)
+
+
+def _substituted_checkpoint(base: type) -> type:
+    """DeepSpeed's Hugging Face checkpoint reader, yielding given tensors in place of the files' tensors of the
+    same names; every given tensor must replace one (a checkpoint that names its tensors otherwise than the
+    loaded model does would silently lose them)."""
+
+    class SubstitutedCheckpoint(base):  # type: ignore[misc, valid-type]
+        def __init__(self, model_path: str, substitutes: Mapping[str, Any]) -> None:
+            super().__init__(model_path)
+            self.substitutes = dict(substitutes)
+
+        def parameters(self) -> Any:
+            unused = set(self.substitutes)
+            for name, tensor in super().parameters():
+                if name in self.substitutes:
+                    unused.discard(name)
+                    tensor = self.substitutes[name].to(tensor.device, tensor.dtype)
+                yield name, tensor
+            if unused:
+                raise FastGenUnsupported(f"the checkpoint has no tensors named {sorted(unused)[:3]} (of {len(unused)} "
+                                         "smoothed ones): its names differ from the loaded model's")
+
+    return SubstitutedCheckpoint
 
 
 def _single_process_group() -> None:

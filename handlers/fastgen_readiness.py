@@ -114,4 +114,8 @@ def plan_notes(properties: ServingProperties, shape: ModelShape) -> list[str]:
                  "(correctness_gate=false skips it)"
                  if properties.correctness_gate else
                  "correctness_gate=false: FastGen's logits are not checked against HF's at start-up")
+    if properties.quantize is not None and properties.correctness_gate:
+        notes.append(f"quantize={properties.quantize.value}: the gate's half-precision reference is HF with the "
+                     "same quantization (AutoTP's W8A8 layers, the same smoothing), so FastGen's int8 layers must "
+                     "compute as ours do on HF")
     return notes

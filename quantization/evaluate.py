@@ -1,9 +1,11 @@
 """Quality of the int8 paths: perplexity on held-out text, printed as one JSON object.
 
-    python -m entrypoint quality [--model-dir DIR] [--windows 16] [--window-tokens 256]   (entrypoint/quality.py)
+    python -m entrypoint quality [--model-dir DIR] [--windows 16] [--window-tokens 256] [--device cuda]
+                                                                                          (entrypoint/quality.py)
 
 Four variants of the same model (default: the embedded SmolLM2-135M-Instruct, converted if needed), each
-loaded fresh in float32 on the CPU and quantized through the serving code (`quantization.quantizer`):
+loaded fresh in float32 on the CPU (or moved to `--device`, where the int8 layers take the GPU's paths) and
+quantized through the serving code (`quantization.quantizer`):
   - fp32:          unquantized;
   - naive_w8a8:    int8 weights and activations with one scale per tensor (weights) and per call
                    (activations), no smoothing: SmoothQuant's "W8A8 naive" baseline (Xiao et al., 2022);
@@ -45,7 +47,8 @@ def perplexity(model: Any, windows: Any, batch: int = 4) -> float:
     return math.exp(total / count)
 
 
-def evaluate(model_dir: Path, windows: int, window_tokens: int, variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:
+def evaluate(model_dir: Path, windows: int, window_tokens: int, variants: tuple[str, ...] = VARIANTS,
+             device: str = "cpu") -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -53,10 +56,10 @@ def evaluate(model_dir: Path, windows: int, window_tokens: int, variants: tuple[
     from quantization.quantizer import quantize_model
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    held_out = token_windows(tokenizer, pydoc_topics("evaluation"), windows, window_tokens)
+    held_out = token_windows(tokenizer, pydoc_topics("evaluation"), windows, window_tokens).to(device)
     results: dict[str, Any] = {}
     for variant in variants:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
         started = time.monotonic()
         entry: dict[str, Any] = {}
         if variant != "fp32":
@@ -76,8 +79,8 @@ def evaluate(model_dir: Path, windows: int, window_tokens: int, variants: tuple[
         results[variant] = entry
         print(f"{variant}: {entry}", file=sys.stderr, flush=True)
         del model
-    return {"held_out": {"text": "pydoc_data.topics (evaluation half)", "windows": int(held_out.shape[0]),
-                         "window_tokens": int(held_out.shape[1])},
+    return {"device": device, "held_out": {"text": "pydoc_data.topics (evaluation half)",
+                                           "windows": int(held_out.shape[0]), "window_tokens": int(held_out.shape[1])},
             "variants": results, "targets": _targets(results)}
 
 

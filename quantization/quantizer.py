@@ -7,7 +7,8 @@
 
 `quantize_loaded_model` is the engine's hook (handlers/autotp_engine.load_autotp_model calls it right
 after the model is built and AutoTP has sharded it); `quantize_model` is the same with explicit settings
-(`python -m entrypoint quality` uses it).
+(`python -m entrypoint quality` uses it). `smooth_model` is the smoothing alone, for an engine whose own
+int8 layers quantize the smoothed weights (FastGen's, handlers/fastgen_int8.py).
 """
 
 from __future__ import annotations
@@ -51,12 +52,16 @@ def quantize_loaded_model(module: Any, properties: Any, plan: Any, model_path: s
     """The AutoTP engine's hook: quantize as the plan says (nothing when quantize is unset)."""
     if getattr(plan, "quantize", None) is None:
         return None
-    cache_dir = Path(properties.model_cache_dir) if properties.model_cache_dir else None
-    from quantization.calibration_cache import default_cache_dir
     return quantize_model(module, plan.quantize, tokenizer=tokenizer, model_path=model_path,
                           alpha=properties.smoothquant_alpha,
                           calibration_data=properties.smoothquant_calibration_data,
-                          cache_dir=cache_dir or default_cache_dir(), progress=progress)
+                          cache_dir=calibration_cache_dir(properties.model_cache_dir), progress=progress)
+
+
+def calibration_cache_dir(model_cache_dir: str | None) -> Path:
+    """Where SmoothQuant's calibrations are saved: under model_cache_dir when it is set, else the default."""
+    from quantization.calibration_cache import default_cache_dir
+    return Path(model_cache_dir) if model_cache_dir else default_cache_dir()
 
 
 def quantize_model(module: Any, method: str, *, tokenizer: Any = None, model_path: str | None = None,
@@ -85,9 +90,27 @@ def quantize_model(module: Any, method: str, *, tokenizer: Any = None, model_pat
     return result
 
 
+def smooth_model(module: Any, *, tokenizer: Any, model_path: str | None, alpha: float | None = None,
+                 calibration_data: str | None = None, cache_dir: Path | None = None,
+                 progress: Callable[[str], None] = lambda message: None) -> tuple[QuantizationResult, list[str]]:
+    """SmoothQuant's smoothing of a loaded float model, without replacing its linear layers: calibrate (or reuse a
+    saved calibration), choose alpha unless given, fold the factors. Returns the result (no int8 bytes yet) and
+    the names of the parameters the folding changed (norms and the linear layers they feed)."""
+    result = QuantizationResult(SMOOTHQUANT, "", 0, 0, 0)
+    groups = _smooth(module, result, tokenizer=tokenizer, model_path=model_path, alpha=alpha,
+                     calibration_data=calibration_data, cache_dir=cache_dir, progress=progress,
+                     show_progress=_is_rank_zero())
+    names = {id(m): name for name, m in module.named_modules()}
+    changed = []
+    for group in groups:
+        for part in (group.norm, *group.linears):
+            changed += [f"{names[id(part)]}.{p}" for p, _ in part.named_parameters(recurse=False)]
+    return result, sorted(set(changed))
+
+
 def _smooth(module: Any, result: QuantizationResult, *, tokenizer: Any, model_path: str | None, alpha: float | None,
             calibration_data: str | None, cache_dir: Path | None, progress: Callable[[str], None],
-            show_progress: bool) -> None:
+            show_progress: bool) -> list[Any]:
     from quantization import calibration_cache as cache
     from quantization.alpha_search import search_alpha
     from quantization.calibration import WINDOW_TOKENS, WINDOWS, calibrate
@@ -152,6 +175,7 @@ def _smooth(module: Any, result: QuantizationResult, *, tokenizer: Any, model_pa
     logger.info("%s; %s", message, result.calibration)
     progress(message)
     smooth(groups, act_absmax, chosen)
+    return groups
 
 
 def _world_size() -> int:

@@ -6,6 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without CUDA, Triton's interpreter runs the GPU kernels of quantization/int8_triton.py on the CPU
+# (tests/unit/test_int8_triton.py). Triton reads TRITON_INTERPRET when it is first used, and DeepSpeed's
+# import already uses it, so the choice is made here, before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

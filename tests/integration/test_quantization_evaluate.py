@@ -26,3 +26,12 @@ def test_prints_one_json_object(embedded_model_dir: Path):
     assert report["variants"]["dynamic_int8"]["linear_layers"] == 210
     assert report["targets"]["weights_at_most_55_percent"] is True
     assert {"date", "torch", "transformers", "deepspeed", "machine", "command"} <= set(report)
+    assert report["device"] == "cpu"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_refused_before_anything_loads():
+    result = subprocess.run([sys.executable, "-m", "entrypoint", "quality", "--device", "cuda"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "--device cuda: no CUDA GPU is visible to this process" in result.stderr

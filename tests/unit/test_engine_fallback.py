@@ -99,3 +99,20 @@ def test_autotp_has_no_fallback_its_error_ends_the_start_up(planned_on_a_gpu, lo
     loaders(fastgen=fastgen, autotp=autotp)
     with pytest.raises(MemoryError, match="KV cache"):
         engine_factory.build_engine(planned_on_a_gpu, lambda text: None)
+
+
+def test_int8_that_fastgen_cannot_serve_is_served_by_autotps_int8_layers(planned_on_a_gpu, loaders):
+    planned_on_a_gpu.properties = ServingProperties(quantize="dynamic_int8")
+    seen = []
+
+    def fastgen(properties, plan, path, progress, description):
+        seen.append((plan.engine, plan.quantize))
+        raise FastGenUnsupported("correctness gate FAILED (tolerance 2x): 48 positions: 3.10x")
+
+    def autotp(properties, plan, path, progress, description):
+        seen.append((plan.engine, plan.quantize))
+        return SimpleNamespace(name="autotp", plan=plan)
+
+    loaders(fastgen=fastgen, autotp=autotp)
+    engine = engine_factory.build_engine(planned_on_a_gpu, lambda text: None)
+    assert seen == [("fastgen", "dynamic_int8"), ("autotp", "dynamic_int8")] and engine.name == "autotp"

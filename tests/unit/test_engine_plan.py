@@ -325,20 +325,29 @@ def test_a_missing_calibration_file_is_a_plan_error(tmp_path):
     assert plan_engine(props(quantize="smoothquant", smoothquant_calibration_data=missing), SMOL, CPU).quantize
 
 
-def test_smoothquant_on_gpu_llama_runs_on_autotp_in_fp16():
+def test_smoothquant_on_gpu_llama_runs_on_fastgens_int8_layers_in_fp16_with_autotp_as_fallback():
     plan = plan_engine(props(quantize="smoothquant"), {**LLAMA_7B, "torch_dtype": "bfloat16"}, GPU1)
-    assert (plan.engine, plan.dtype, plan.quantize) == (AUTOTP, "fp16", "smoothquant")
-    assert "no int8 path" in ruled_out(plan)[FASTGEN]
+    assert (plan.engine, plan.dtype, plan.quantize) == (FASTGEN, "fp16", "smoothquant")
+    note = next(note for note in plan.notes if note.startswith("quantize=smoothquant on fastgen"))
+    assert "W8A8 linear layer" in note and "not yet run on a GPU" in note
+    assert any("reference is HF with the same quantization" in note for note in plan.notes)
+
+
+def test_dynamic_int8_on_gpu_runs_on_fastgen_unless_fastgen_cannot_start():
+    plan = plan_engine(props(quantize="dynamic_int8"), LLAMA_7B, GPU1)
+    assert (plan.engine, plan.quantize) == (FASTGEN, "dynamic_int8")
+    without = plan_engine(props(quantize="dynamic_int8"), LLAMA_7B, GPU1, available={AUTOTP})
+    assert (without.engine, without.quantize) == (AUTOTP, "dynamic_int8")
 
 
 @pytest.mark.parametrize("method", ["smoothquant", "dynamic_int8"])
 def test_int8_never_takes_kernel_injection(method):
     plan = plan_engine(props(quantize=method, rolling_batch="disable"), GPTJ, GPU1)
     assert plan.engine == AUTOTP
-    assert "runs on autotp only" in ruled_out(plan)[KERNEL_INJECTION]
+    assert "quantize runs on fastgen and autotp" in ruled_out(plan)[KERNEL_INJECTION]
     # kernel injection forced by CUDA graphs: a plan error that names where int8 runs
     message = str(plan_error(props(quantize=method, enable_cuda_graph=True), GPTJ, GPU1))
-    assert "enable_cuda_graph" in message and "quantize runs on autotp only" in message
+    assert "enable_cuda_graph" in message and "quantize runs on fastgen and autotp" in message
 
 
 def test_dynamic_int8_runs_on_cpu_autotp():

@@ -95,6 +95,28 @@ def test_a_changed_setting_or_model_misses_the_cache(model_dir, tokenizer, calib
     assert changed.calibration.startswith("calibrated") and changed.calibration_file != base.calibration_file
 
 
+def test_smoothing_alone_keeps_the_float_model_names_what_it_changed_and_matches_smoothquant(
+        model_dir, tokenizer, calibration_file, tmp_path):
+    """What FastGen's int8 path uses: the smoothed float weights, quantized afterwards by its own layers."""
+    from quantization.int8_linear import linear_names, replace_linears
+
+    model, before = load(model_dir), load(model_dir)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 250]])
+    result, changed = quantizer.smooth_model(model, tokenizer=tokenizer, model_path=str(model_dir), alpha=0.5,
+                                             calibration_data=calibration_file, cache_dir=tmp_path / "cache")
+    assert result.method == "smoothquant" and result.alpha == 0.5 and result.calibration.startswith("calibrated")
+    with torch.no_grad():  # folding is exact in real arithmetic: the float function stays
+        assert torch.allclose(model(ids).logits, before(ids).logits, atol=1e-4)
+    params, old = dict(model.named_parameters()), dict(before.named_parameters())
+    really = sorted(name for name in params if not torch.equal(params[name], old[name]))
+    assert changed == really and len(changed) == 2 * (2 + 3 + 2 + 1)  # per layer: 2 norms, q/k/v, gate/up, down
+    replace_linears(model, linear_names(model))
+    reference = load(model_dir)
+    run(reference, tokenizer, model_dir, tmp_path / "cache", alpha=0.5, calibration_data=calibration_file)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
 def test_dynamic_int8_does_not_smooth(model_dir):
     model = load(model_dir)
     norm = model.model.layers[0].input_layernorm.weight.detach().clone()
