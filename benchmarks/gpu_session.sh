@@ -4,8 +4,9 @@
 # parts: eng-gpu (the overlapped engine: GPU tests, the put-fence A/B, HTTP vs bare loop in two rounds),
 # eng-gap (HTTP vs the bare put() loop over DeepSpeed's build, over the server's build, and over the server's build
 # without its fp32-rotary bridge, at 1/32/64: where the gap to the bare loop comes from),
-# int8 (the int8 unit tests compiled for the GPU, tests/gpu/test_gpu_int8.py, FastGen's fp16 and W8A8 layers timed
-# with the Triton block sweep), int8-serve (the 7B model: bare loop over the server's fp16 and int8 builds with their
+# int8 (the int8 unit tests compiled for the GPU, tests/gpu/test_gpu_int8.py but its servers, FastGen's fp16 and W8A8
+# layers timed with the Triton block sweep), int8-loop (the bare loop over the 7B fp16 and int8 builds),
+# int8-servers (its server tests), int8-serve (the 7B model: bare loop over the server's fp16 and int8 builds with their
 # weight bytes, then the server fp16 and with quantize=dynamic_int8 through HTTP at 1/32/64, two rounds),
 # fg-tests (FastGen's GPU tests and gate table), fg-serve (a 7B FastGen server: long prompts and bursts),
 # fg-speed (HTTP vs bare put() loop at 1/32/64 clients), fg-fastmath (in the background: DeepSpeed's v2 ops built with
@@ -23,11 +24,12 @@ export TORCH_CUDA_ARCH_LIST=9.0 DS_SKIP_CUDA_CHECK=1  # DeepSpeed 0.19.8 cannot 
 export DS_ACCELERATOR=cuda  # the carried wheel was built on a CPU machine
 # Installed once per machine: reinstalling gives DeepSpeed's sources new mtimes, and torch's JIT then rebuilds
 # every op (~2 min) on a machine that had them built (measured 2026-12-04).
-[ -d /tmp/site/deepspeed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+[ -d /tmp/site/deepspeed ] && [ -d /tmp/site/pydantic ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "$WHEELS"/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpus.txt"
-python3 -c "import torch, transformers, deepspeed; print(torch.__version__, transformers.__version__, deepspeed.__version__)" | tee "$OUT/versions.txt"
+python3 -c "import torch, transformers, deepspeed, triton; print(torch.__version__, transformers.__version__, deepspeed.__version__, 'triton', triton.__version__)" | tee "$OUT/versions.txt"
+python3 -c "import importlib.util as u; m=[n for n in ('fastapi','uvicorn','pydantic','prometheus_client','boto3','yaml','tqdm','accelerate','safetensors','httpx','pytest','gguf') if u.find_spec(n) is None]; print('missing on this machine:', m or 'none')" | tee -a "$OUT/versions.txt"
 MODEL=/tmp/llama7b-random
 make_model() {
   python3 -c "
@@ -120,13 +122,31 @@ for part in "$@"; do
       # build, then the GPU tests, then the layer benchmark alone on the GPU.
       stamp "start"
       build_ops_into normal & BUILD=$!
+      [ -d $MODEL ] || { make_model > /dev/null & }
       python3 -m pytest -q -rs tests/unit/test_int8_triton.py tests/unit/test_fastgen_int8.py tests/unit/test_int8_math.py \
           -p no:cacheprovider > "$OUT/int8-unit.txt" 2>&1
       wait $BUILD; stamp "unit tests done, ops built"
-      python3 -m pytest -q -rs tests/gpu/test_gpu_int8.py -p no:cacheprovider > "$OUT/gpu-tests-int8.txt" 2>&1
-      stamp "gpu tests done"; tail -3 "$OUT/int8-unit.txt" "$OUT/gpu-tests-int8.txt"
+      python3 -m pytest -q -rs tests/gpu/test_gpu_int8.py -k "not server and not tensor_parallel" -p no:cacheprovider \
+          > "$OUT/gpu-tests-int8.txt" 2>&1
+      stamp "gpu tests done"; tail -n 3 "$OUT/int8-unit.txt" "$OUT/gpu-tests-int8.txt"
       python3 benchmarks/int8_linear_benchmark.py --configs --out "$OUT/int8-linear.jsonl" > "$OUT/int8-linear.txt" 2>&1
-      stamp "layer benchmark done"; cut -c1-400 "$OUT/int8-linear.jsonl" | head -60 ;;
+      stamp "layer benchmark done"; cut -c1-400 "$OUT/int8-linear.jsonl" | head -60; wait ;;
+    int8-loop)
+      # The bare put() loop over the server's fp16 build and its quantize=dynamic_int8 build of the 7B model
+      # (weights bytes in each row), at 1/32/64 sequences.
+      [ -d $MODEL ] || make_model > /dev/null
+      for engine in fastgen-project-build fastgen-project-build-int8; do
+        python3 benchmarks/fastgen_loop.py --model-dir $MODEL --batches 1 32 64 --engines $engine \
+            --server-batch 64 --out "$OUT/int8-loop.jsonl" 2>&1 | tail -4 | tee -a "$OUT/int8-loop.txt"
+        stamp "$engine bare loop done"
+      done ;;
+    int8-servers)
+      # The server with each quantize value on FastGen and on AutoTP (tests/gpu/test_gpu_int8.py), and degree 2
+      # where two GPUs are present.
+      [ -f "$OUT/build-normal-RaggedOpsBuilder.txt" ] || build_ops_into normal
+      python3 -m pytest -q -rs tests/gpu/test_gpu_int8.py -k "server or tensor_parallel" -p no:cacheprovider \
+          > "$OUT/gpu-tests-int8-servers.txt" 2>&1
+      stamp "server tests done"; tail -n 5 "$OUT/gpu-tests-int8-servers.txt" ;;
     int8-serve)
       # The 7B-shaped model, fp16 against quantize=dynamic_int8 on FastGen: the bare loop over each build (weights
       # bytes in its rows), then each server through HTTP (its summary: weights, the gate against HF int8).

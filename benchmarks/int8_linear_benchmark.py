@@ -102,20 +102,24 @@ def config_rows(args: argparse.Namespace) -> list[dict]:
 
     from quantization import int8, int8_triton
 
-    candidates = [int8_triton.BlockConfig(16, n, k, w, s) for n in (32, 64, 128) for k in (128, 256)
-                  for w in (4, 8) for s in (3, 4)]
+    small = [int8_triton.BlockConfig(16, n, k, w, s) for n in (32, 64, 128) for k in (128, 256)
+             for w in (4, 8) for s in (3, 4)]
+    large = [int8_triton.BlockConfig(m, n, k, w, s) for m in (32, 64, 128) for n in (64, 128) for k in (64, 128)
+             for w in (4, 8) for s in (3,)]
     found = []
     for layer_name, in_channels, out_channels, activation_name in LAYERS:
         width = out_channels * (2 if activation_name == "SiGLU" else 1)
         wq, ws = int8.quantize_weight(torch.randn(width, in_channels, device="cuda"))
-        for rows in (1, 8, 16):
+        for rows in (1, 16, 64, 512):
+            candidates = small if rows <= 16 else large
             q, scale = int8_triton.quantize_rows(torch.randn(rows, in_channels, device="cuda", dtype=torch.float16))
             fp16 = torch.randn(width, in_channels, device="cuda", dtype=torch.float16)
             x = torch.randn(rows, in_channels, device="cuda", dtype=torch.float16)
             baseline = triton.testing.do_bench(lambda: x @ fp16.t(), warmup=25, rep=100) * 1000
-            kernels = {"fused": lambda c: int8_triton.w8a8_fused(x, wq, ws, config=c),
-                       "matmul_alone": lambda c: int8_triton.int8_matmul_scaled(q, scale, wq, ws, torch.float16,
+            kernels = {"matmul_alone": lambda c: int8_triton.int8_matmul_scaled(q, scale, wq, ws, torch.float16,
                                                                                 config=c)}
+            if rows <= int8_triton.FUSED_MAX_ROWS:
+                kernels["fused"] = lambda c: int8_triton.w8a8_fused(x, wq, ws, config=c)
             for kernel, call in kernels.items():
                 timings = {}
                 for config in candidates:
@@ -124,9 +128,9 @@ def config_rows(args: argparse.Namespace) -> list[dict]:
                     except Exception as error:  # a configuration that needs more shared memory than there is
                         print(f"# {layer_name} rows={rows} {kernel} {config}: {type(error).__name__}", file=sys.stderr)
                 best = min(timings, key=timings.get)
+                default = int8_triton.FUSED_CONFIG if kernel == "fused" else int8_triton.block_config(rows)
                 line = {"layer": layer_name, "rows": rows, "kernel": kernel, "fp16_matmul_us": round(baseline, 1),
-                        "default": list(int8_triton.block_config(rows)),
-                        "default_us": round(timings.get(int8_triton.block_config(rows), float("nan")), 1),
+                        "default": list(default), "default_us": round(timings.get(default, float("nan")), 1),
                         "best": list(best), "best_us": round(timings[best], 1)}
                 found.append(line)
                 print(json.dumps(line), flush=True)

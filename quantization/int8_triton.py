@@ -12,10 +12,10 @@ gain, and at one sequence FastGen's step is bound by the host's launching. Here:
   - `int8_matmul_scaled`: int8 x int8 -> int32 on the tensor cores (`tl.dot`, exact), then
     out[m, n] = acc[m, n] * x_scale[m] * w_scale[n] (+ bias[n]) in float32, stored in the output dtype.
     Any number of rows: a program covers BLOCK_M rows and masks the rest.
-  - `w8a8_linear` for at most `FUSED_MAX_ROWS` rows (decoding): one kernel that does both, each program
-    reading its rows of the input twice (their abs-max, then the tiles it quantizes as it multiplies).
-    Every program of a row block re-reads those rows, which costs nothing when they are a few KB (served
-    from L2) and too much for a long prefill, which takes the two kernels.
+  - `w8a8_linear` for at most `FUSED_MAX_ROWS` rows (decoding few sequences): one kernel that does both,
+    each program reading its rows of the input twice (their abs-max, then the tiles it quantizes as it
+    multiplies). Every program of a row block re-reads those rows, which costs little when they are a few KB
+    (served from L2) and too much for many rows, which take the two kernels.
 
 Block shapes come from `block_config`, a small table by row count (decode: 16-row programs, narrow in N
 so that a 4,096-wide layer still spreads over the GPU's multiprocessors; prefill: square-ish tiles).
@@ -28,6 +28,7 @@ tests check them.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -36,6 +37,42 @@ import triton.language as tl
 
 QMAX = 127.0
 _MIN_SCALE = 1e-8
+#: Triton's interpreter (CPU): kernels run as Python; nothing is compiled to keep
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class _Launcher:
+    """Launches a Triton kernel, compiled once per specialization, without Triton's per-call Python work.
+
+    `kernel[grid](...)` binds and specializes every argument, checks the kernel's globals and builds launch
+    metadata on each call: 25-45 us of host time per launch measured on the H200's host (RESULTS.md section 7),
+    against ~5 us for a torch operation, and FastGen at one sequence is bound by the host's launching. Here the
+    first call with a given specialization goes through Triton and keeps the compiled kernel it returns; later
+    calls pass the same arguments straight to its launcher. The key is a superset of what Triton specializes
+    on (every integer argument's value, each tensor's dtype and 16-byte alignment, the constexprs), so a
+    cached kernel only ever sees arguments Triton would have compiled it for. Under the interpreter (CPU), with
+    launch hooks set (profilers), or off CUDA, every call goes through Triton."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.compiled: dict = {}
+
+    def __call__(self, grid: tuple, args: tuple, constexprs: dict, options: dict) -> None:
+        key = (grid, *_specialization(args), *constexprs.values(), *options.values())
+        compiled = self.compiled.get(key)
+        hooks = (triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook)
+        if compiled is None or hooks != (None, None):
+            compiled = self.kernel[grid](*args, **constexprs, **options)
+            if args[0].is_cuda and not _INTERPRET:
+                self.compiled[key] = compiled
+            return
+        stream = triton.runtime.driver.active.get_current_stream(args[0].device.index)
+        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                     compiled.function, compiled.packed_metadata, None, None, None, *args, *constexprs.values())
+
+
+def _specialization(args: tuple) -> tuple:
+    return tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args)
 
 
 class BlockConfig(NamedTuple):
@@ -46,8 +83,15 @@ class BlockConfig(NamedTuple):
     num_stages: int
 
 
-#: the most rows the single fused kernel takes (above, the quantization runs once, in its own kernel)
-FUSED_MAX_ROWS = 64
+#: the most rows the single fused kernel takes (above, the quantization runs once, in its own kernel): every
+#: program of the fused kernel reads its rows of the input twice, which for 16 rows of a 11,008-wide input is
+#: already as many bytes (from L2) as the layer's int8 weights; benchmarks/int8_linear_benchmark.py times both
+FUSED_MAX_ROWS = 16
+
+
+#: the fused kernel's tiles (it takes at most FUSED_MAX_ROWS rows): wide in N, so that fewer programs re-read the
+#: input; the fastest of 24 on the H200 for three of Llama-2-7B's four layers at 1-16 rows (RESULTS.md section 7)
+FUSED_CONFIG = BlockConfig(16, 128, 128, 8, 4)
 
 
 def block_config(rows: int) -> BlockConfig:
@@ -84,6 +128,9 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, cols, x_row_stride, q_row_str
     tl.store(scale_ptr + row, scale)
 
 
+_QUANTIZE_ROWS = _Launcher(_quantize_rows_kernel)
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 [rows, cols] and float32 scales [rows] of a 2-D floating-point `x`, each row with its own scale."""
     if x.dim() != 2:
@@ -95,8 +142,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if rows:
         block = triton.next_power_of_2(cols)
         warps = 4 if block <= 4096 else 8 if block <= 16384 else 16
-        _quantize_rows_kernel[(rows,)](x, q, scale, cols, x.stride(0), q.stride(0), BLOCK=block, QMAX=QMAX,
-                                       MIN_SCALE=_MIN_SCALE, num_warps=warps)
+        _QUANTIZE_ROWS((rows,), (x, q, scale, cols, x.stride(0), q.stride(0)),
+                       {"BLOCK": block, "QMAX": QMAX, "MIN_SCALE": _MIN_SCALE}, {"num_warps": warps})
     return q, scale
 
 
@@ -138,6 +185,9 @@ def _int8_matmul_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_pt
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
+_INT8_MATMUL = _Launcher(_int8_matmul_kernel)
+
+
 def int8_matmul_scaled(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                        out_dtype: torch.dtype, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
                        config: BlockConfig | None = None) -> torch.Tensor:
@@ -153,11 +203,12 @@ def int8_matmul_scaled(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
         return out
     config = config or block_config(rows)
     grid = (triton.cdiv(rows, config.block_m) * triton.cdiv(outer, config.block_n),)
-    _int8_matmul_kernel[grid](
-        a, weight, out, a_scale, weight_scale, bias if bias is not None else a_scale, rows, outer, inner,
-        a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=8, num_warps=config.num_warps, num_stages=config.num_stages)
+    _INT8_MATMUL(grid, (a, weight, out, a_scale, weight_scale, bias if bias is not None else a_scale, rows, outer,
+                        inner, a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
+                        out.stride(1)),
+                 {"HAS_BIAS": bias is not None, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
+                  "BLOCK_K": config.block_k, "GROUP_M": 8},
+                 {"num_warps": config.num_warps, "num_stages": config.num_stages})
     return out
 
 
@@ -193,6 +244,9 @@ def _w8a8_fused_kernel(x_ptr, b_ptr, out_ptr, b_scale_ptr, bias_ptr, M, N, K,
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
+_W8A8_FUSED = _Launcher(_w8a8_fused_kernel)
+
+
 def w8a8_fused(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
                out: torch.Tensor | None = None, config: BlockConfig | None = None) -> torch.Tensor:
     """`w8a8_linear` in the single fused kernel, whatever the number of rows (see the module docstring)."""
@@ -204,13 +258,13 @@ def w8a8_fused(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         out = torch.empty((rows, outer), dtype=x.dtype, device=x.device)
     if rows == 0:
         return out
-    config = config or block_config(rows)
+    config = config or FUSED_CONFIG
     grid = (triton.cdiv(outer, config.block_n), triton.cdiv(rows, config.block_m))
-    _w8a8_fused_kernel[grid](
-        x, weight, out, weight_scale, bias if bias is not None else weight_scale, rows, outer, inner,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        QMAX=QMAX, MIN_SCALE=_MIN_SCALE, num_warps=config.num_warps, num_stages=config.num_stages)
+    _W8A8_FUSED(grid, (x, weight, out, weight_scale, bias if bias is not None else weight_scale, rows, outer, inner,
+                       x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1)),
+                {"HAS_BIAS": bias is not None, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
+                 "BLOCK_K": config.block_k, "QMAX": QMAX, "MIN_SCALE": _MIN_SCALE},
+                {"num_warps": config.num_warps, "num_stages": config.num_stages})
     return out
 
 

@@ -38,11 +38,12 @@ def gpu_install():
 
 
 def float64_w8a8(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Both quantized per row (absmax / 127, round half to even), multiplied exactly, scaled back, in float64."""
+    """Both quantized per row as the W8A8 rule says (float32 scale = absmax / 127, round half to even of the
+    float32 quotient), multiplied exactly and scaled back in float64."""
     def rows(t):
-        t = t.double()
+        t = t.float()
         scale = t.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127
-        return torch.round(t / scale).clamp(-127, 127), scale
+        return torch.round(t / scale).clamp(-127, 127).double(), scale.double()
     xq, xs = rows(x)
     wq, ws = rows(weight)
     return (xq @ wq.t()) * xs * ws.t()
@@ -158,6 +159,36 @@ def test_the_server_serves_each_quantize_value_on_each_int8_engine(quantize, eng
         else:
             layers = tiny_config("llama").num_hidden_layers * 7
             assert f"quantize={quantize}: {layers} linear layers now int8 (W8A8)" in log, log[-5000:]
+    finally:
+        process.terminate()
+        process.wait(timeout=120)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="tensor parallelism needs two GPUs")
+def test_int8_at_tensor_parallel_degree_2_answers_with_every_rank_quantized(tmp_path):
+    """FastGen serves one GPU only, so degree 2 is AutoTP's: each rank quantizes its own shards (row-parallel
+    layers dequantize before the all-reduce), and the greedy text answers through HTTP."""
+    from fastgen_gate_table import VOCAB, saved_model
+
+    from tests.gpu.test_gpu_fastgen import _word_tokenizer
+
+    model_dir = saved_model("llama", tmp_path / "model")
+    _word_tokenizer(VOCAB).save_pretrained(model_dir)
+    port = free_port()
+    env = {**os.environ, "SAGEMAKER_BIND_TO_PORT": str(port), "OPTION_MODEL_ID": str(model_dir),
+           "OPTION_QUANTIZE": "dynamic_int8", "OPTION_TENSOR_PARALLEL_DEGREE": "2", "OPTION_MAX_TOKENS": "2048",
+           "OPTION_GPU_MEMORY_UTILIZATION": "0.3"}
+    log_path = tmp_path / "server.log"
+    process = subprocess.Popen([sys.executable, "-m", "entrypoint", "serve"], env=env, stdout=open(log_path, "w"),
+                               stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, process, 900, lambda: log_path.read_text()[-3000:], interval=1)
+        answer = httpx.post(f"{url}/invocations", timeout=120,
+                            json={"inputs": "w1 w2 w3", "parameters": {"max_new_tokens": 8, "do_sample": False}})
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json()["generated_text"].split()) == 8
+        assert log_path.read_text().count("linear layers now int8 (W8A8)") >= 2  # both ranks
     finally:
         process.terminate()
         process.wait(timeout=120)

@@ -23,10 +23,11 @@ def kernels():
 
 
 def reference_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric absmax int8 per row in float64, round half to even (torch.round's rule)."""
-    x = x.double()
+    """Symmetric absmax int8 per row as the W8A8 rule says: a float32 scale (absmax / 127) and the float32
+    quotient rounded half to even (torch.round's rule); returned in float64 for exact products."""
+    x = x.float()
     scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127
-    return torch.round(x / scale).clamp(-127, 127), scale
+    return torch.round(x / scale).clamp(-127, 127).double(), scale.double()
 
 
 def reference_w8a8(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -46,7 +47,7 @@ def test_rows_are_quantized_with_their_own_scales(kernels, rows, cols):
     ref_q, ref_scale = reference_rows(x.half().float())
     assert q.dtype == torch.int8 and q.shape == (rows, cols) and scale.shape == (rows,)
     assert torch.allclose(scale.double(), ref_scale.squeeze(1), rtol=1e-6)
-    assert (q.double() - ref_q).abs().max() <= 1 and (q.double() != ref_q).float().mean() < 1e-2  # ties only
+    assert torch.equal(q.double(), ref_q)  # the same float32 arithmetic gives the same integers
     assert (q.abs().amax(dim=1) == 127).all()
 
 
@@ -89,7 +90,7 @@ def test_the_scaled_int8_matmul_matches_the_float64_w8a8(kernels, path, rows, in
     assert (got.double() - exact).abs().max() < 0.05 * exact.abs().max()
 
 
-@pytest.mark.parametrize("rows", [9, 65])  # the fused kernel, then the two
+@pytest.mark.parametrize("rows", [9, 17])  # the fused kernel, then the two
 def test_half_inputs_give_half_outputs_into_a_given_buffer(kernels, rows):
     torch.manual_seed(3)
     x = torch.randn(rows, 64).half()
