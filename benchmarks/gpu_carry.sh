@@ -4,7 +4,8 @@
 #   usage: bash benchmarks/gpu_carry.sh [WHEELS_DIR=.whl] [TOKENIZER_DIR=.gpu/tokenizer]
 # WHEELS_DIR: DeepSpeed 0.19.8 as a pure-Python wheel (its ops JIT-build on the GPU machine), deepspeed-kernels
 # (FastGen's blocked flash attention, a prebuilt wheel), and the server's packages the GPU image lacks (pydantic,
-# fastapi, uvicorn and theirs, as this venv has them, built for the image's CPython 3.12; opentelemetry-api,
+# fastapi, uvicorn and theirs, as this venv has them, built for the image's CPython 3.12; DeepSpeed's hjson,
+# py-cpuinfo, msgpack and einops; opentelemetry-api,
 # which fastapi 0.165 imports: shared/FACTS.md). The image brings torch, transformers, Triton, httpx, pytest;
 # gpu_session.sh lists what is still missing there (boto3 and gguf are, and only S3 models and the embedded
 # model need them).
@@ -20,7 +21,7 @@ pinned() { python3 -c "from importlib.metadata import version; print('$1==' + ve
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
     --implementation cp -d "$WHEELS" "$(pinned pydantic)" "$(pinned pydantic_core)" "$(pinned fastapi)" \
     "$(pinned starlette)" "$(pinned uvicorn)" "$(pinned h11)" "$(pinned click)" annotated-types typing-inspection \
-    annotated-doc
+    annotated-doc hjson py-cpuinfo msgpack einops  # the last four: DeepSpeed's own dependencies
 python3 - "$TOKENIZER" <<'EOF'
 import shutil, sys
 from pathlib import Path
