@@ -65,13 +65,17 @@ def project_build(model_dir: str, server_batch: int, rotary_bridge: bool = True,
 
 
 def _timed_loop(engine: object, batch: int, prompt_tokens: int, max_tokens: int) -> tuple[float, object]:
+    """Prefill every sequence (in as few puts as the engine's ragged batch holds), then decode them together,
+    each token the argmax read back before the next put."""
     import torch
 
     uids = list(range(batch))
     prompts = [torch.randint(0, 32000, (prompt_tokens,)) for _ in uids]
+    per_put = max(1, engine._config.state_manager.max_ragged_batch_size // prompt_tokens)
     torch.cuda.synchronize()
     started = time.perf_counter()
-    logits = engine.put(uids, prompts, do_checks=False)
+    logits = torch.cat([engine.put(uids[i:i + per_put], prompts[i:i + per_put], do_checks=False)
+                        for i in range(0, batch, per_put)])
     for _ in range(max_tokens - 1):
         next_tokens = logits.argmax(dim=-1).cpu()
         logits = engine.put(uids, [t.view(1) for t in next_tokens], do_checks=False)
