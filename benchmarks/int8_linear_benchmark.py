@@ -131,7 +131,8 @@ def config_rows(args: argparse.Namespace) -> list[dict]:
                 default = int8_triton.FUSED_CONFIG if kernel == "fused" else int8_triton.block_config(rows)
                 line = {"layer": layer_name, "rows": rows, "kernel": kernel, "fp16_matmul_us": round(baseline, 1),
                         "default": list(default), "default_us": round(timings.get(default, float("nan")), 1),
-                        "best": list(best), "best_us": round(timings[best], 1)}
+                        "best": list(best), "best_us": round(timings[best], 1),
+                        "timings_us": {",".join(map(str, c)): round(t, 1) for c, t in timings.items()}}
                 found.append(line)
                 print(json.dumps(line), flush=True)
     return found

@@ -90,17 +90,27 @@ FUSED_MAX_ROWS = 16
 
 
 #: the fused kernel's tiles (it takes at most FUSED_MAX_ROWS rows): wide in N, so that fewer programs re-read the
-#: input; the fastest of 24 on the H200 for three of Llama-2-7B's four layers at 1-16 rows (RESULTS.md section 7)
-FUSED_CONFIG = BlockConfig(16, 128, 128, 8, 4)
+#: input; of 24 tried on the H200 the fastest at one row for Llama-2-7B's two widest layers (QKV, gate/up:
+#: RESULTS.md section 7, "int8 on the H200")
+FUSED_CONFIG = BlockConfig(16, 128, 256, 8, 3)
 
 
 def block_config(rows: int) -> BlockConfig:
-    """The matmul's tiles for `rows` rows (tl.dot needs 16 or more in every dimension)."""
+    """The matmul's tiles for `rows` rows (tl.dot needs 16 or more in every dimension), from the block sweep of
+    `benchmarks/int8_linear_benchmark.py --configs` on an H200 over Llama-2-7B's four layers (RESULTS.md section
+    7). The best differed per layer: at 1-16 rows a 256-deep tile everywhere, 64 wide at four of the eight
+    (layer, rows) points, 32 at three, 128 at one; at 64 rows 32- or 64-row blocks; at 512 rows
+    64 x 64 (attention output, down projection), 64 x 128 (QKV) and 128 x 128 (gate/up), so 64 x 64 is taken
+    there and 128 x 128 above 1,024 rows (prefill chunks, where the widest layer dominates)."""
     if rows <= 16:
-        return BlockConfig(16, 32, 256, 4, 4)
+        return BlockConfig(16, 64, 256, 4, 4)
+    if rows <= 32:
+        return BlockConfig(32, 64, 128, 8, 3)
     if rows <= 64:
-        return BlockConfig(64, 64, 128, 4, 4)
-    return BlockConfig(128, 128, 64, 8, 3)
+        return BlockConfig(64, 64, 128, 8, 3)
+    if rows <= 1024:
+        return BlockConfig(64, 64, 128, 4, 3)
+    return BlockConfig(128, 128, 128, 8, 3)
 
 
 @triton.jit
