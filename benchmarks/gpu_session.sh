@@ -131,6 +131,17 @@ for part in "$@"; do
       stamp "gpu tests done"; tail -n 3 "$OUT/int8-unit.txt" "$OUT/gpu-tests-int8.txt"
       python3 benchmarks/int8_linear_benchmark.py --configs --out "$OUT/int8-linear.jsonl" > "$OUT/int8-linear.txt" 2>&1
       stamp "layer benchmark done"; cut -c1-400 "$OUT/int8-linear.jsonl" | head -60; wait ;;
+    int8-lite)
+      # int8's unit tests (compiled) and the layer benchmark without the block sweep, the ops and the 7B model
+      # made meanwhile.
+      stamp "start"
+      build_ops_into normal & BUILD=$!
+      [ -d $MODEL ] || { make_model > /dev/null & }
+      python3 -m pytest -q -rs tests/unit/test_int8_triton.py tests/unit/test_fastgen_int8.py -p no:cacheprovider \
+          > "$OUT/int8-unit.txt" 2>&1
+      wait $BUILD; stamp "unit tests done, ops built"; tail -n 3 "$OUT/int8-unit.txt"
+      python3 benchmarks/int8_linear_benchmark.py --out "$OUT/int8-linear.jsonl" > "$OUT/int8-linear.txt" 2>&1
+      stamp "layer benchmark done"; wait ;;
     int8-loop)
       # The bare put() loop over the server's fp16 build and its quantize=dynamic_int8 build of the 7B model
       # (weights bytes in each row), at 1/32/64 sequences.

@@ -45,13 +45,15 @@ class _Launcher:
     """Launches a Triton kernel, compiled once per specialization, without Triton's per-call Python work.
 
     `kernel[grid](...)` binds and specializes every argument, checks the kernel's globals and builds launch
-    metadata on each call: 25-45 us of host time per launch measured on the H200's host (RESULTS.md section 7),
-    against ~5 us for a torch operation, and FastGen at one sequence is bound by the host's launching. Here the
-    first call with a given specialization goes through Triton and keeps the compiled kernel it returns; later
-    calls pass the same arguments straight to its launcher. The key is a superset of what Triton specializes
-    on (every integer argument's value, each tensor's dtype and 16-byte alignment, the constexprs), so a
-    cached kernel only ever sees arguments Triton would have compiled it for. Under the interpreter (CPU), with
-    launch hooks set (profilers), or off CUDA, every call goes through Triton."""
+    metadata on each call (Triton 3.6 builds it whenever its launch hooks exist, and they always exist, empty),
+    and a W8A8 layer made of such launches cost the H200's host 70-130 us a call against 13-24 us for
+    DeepSpeed's fp16 layer (RESULTS.md section 7), where FastGen at one sequence is bound by the host's
+    launching. Here the first call with a given specialization goes through Triton and keeps the compiled
+    kernel it returns; later calls hand the same arguments straight to its launcher. The key is a superset of
+    what Triton specializes on (every integer argument's value, each tensor's dtype and 16-byte alignment, the
+    constexprs and options), so a cached kernel only ever sees arguments Triton would have compiled it for.
+    Under the interpreter (CPU), off CUDA, or while a launch hook is registered (a profiler), every call goes
+    through Triton."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -60,15 +62,29 @@ class _Launcher:
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, options: dict) -> None:
         key = (grid, *_specialization(args), *constexprs.values(), *options.values())
         compiled = self.compiled.get(key)
-        hooks = (triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook)
-        if compiled is None or hooks != (None, None):
+        if compiled is None or _launch_hooks_registered():
             compiled = self.kernel[grid](*args, **constexprs, **options)
             if args[0].is_cuda and not _INTERPRET:
                 self.compiled[key] = compiled
             return
-        stream = triton.runtime.driver.active.get_current_stream(args[0].device.index)
-        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
-                     compiled.function, compiled.packed_metadata, None, None, None, *args, *constexprs.values())
+        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                     self.stream(args[0]), compiled.function, compiled.packed_metadata, None, None, None, *args,
+                     *constexprs.values())
+
+    @staticmethod
+    def stream(tensor: torch.Tensor) -> int:
+        """The current CUDA stream of `tensor`'s device, as Triton launches on it."""
+        return triton.runtime.driver.active.get_current_stream(tensor.device.index)
+
+
+def _launch_hooks_registered() -> bool:
+    """Whether anything listens to Triton's launches (a profiler): Triton >= 3.4 keeps hook chains that are
+    empty by default, older versions None."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is None:
+        return True  # a Triton without knobs: always its own launch path
+    hooks = (getattr(runtime, "launch_enter_hook", None), getattr(runtime, "launch_exit_hook", None))
+    return any(hook is not None and bool(getattr(hook, "calls", True)) for hook in hooks)
 
 
 def _specialization(args: tuple) -> tuple:

@@ -122,3 +122,67 @@ def test_shapes_that_do_not_fit_are_refused_by_name(kernels):
     with pytest.raises(ValueError, match="input has 8 features, the weight 9"):
         kernels.int8_matmul_scaled(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), torch.zeros(4, 9, dtype=torch.int8),
                                    torch.ones(4), torch.float32)
+
+
+class _Compiled:
+    """Stands in for Triton's CompiledKernel: records what its launcher is handed."""
+
+    function, packed_metadata = "function", "metadata"
+
+    def __init__(self):
+        self.launches = []
+
+    def run(self, *launch):
+        self.launches.append(launch)
+
+
+class _JitKernel:
+    """Stands in for a `triton.jit` function: `kernel[grid](...)` compiles (once) and returns the compiled kernel."""
+
+    def __init__(self):
+        self.calls, self.compiled = [], _Compiled()
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs)) or self.compiled
+
+
+class _CudaTensor:
+    is_cuda = True
+    device = torch.device("cuda", 0)
+
+
+def test_the_launcher_hands_repeated_launches_straight_to_the_compiled_kernel(kernels, monkeypatch):
+    monkeypatch.setattr(kernels, "_INTERPRET", False)
+    monkeypatch.setattr(kernels._Launcher, "stream", staticmethod(lambda tensor: 7))
+    kernel = _JitKernel()
+    launch = kernels._Launcher(kernel)
+    x = _CudaTensor()
+    launch((4,), (x, 16, 32), {"BLOCK": 64}, {"num_warps": 4})
+    launch((4,), (x, 16, 32), {"BLOCK": 64}, {"num_warps": 4})
+    assert len(kernel.calls) == 1  # compiled and launched by Triton once
+    assert kernel.compiled.launches == [(4, 1, 1, 7, "function", "metadata", None, None, None, x, 16, 32, 64)]
+    launch((4,), (x, 17, 32), {"BLOCK": 64}, {"num_warps": 4})  # another integer: Triton decides again
+    launch((4,), (x, 16, 32), {"BLOCK": 128}, {"num_warps": 4})  # another constexpr
+    assert len(kernel.calls) == 3 and len(kernel.compiled.launches) == 1
+
+
+def test_the_launcher_leaves_launches_to_triton_while_a_launch_hook_listens(kernels, monkeypatch):
+    import triton
+
+    monkeypatch.setattr(kernels, "_INTERPRET", False)
+    monkeypatch.setattr(kernels._Launcher, "stream", staticmethod(lambda tensor: 7))
+    kernel = _JitKernel()
+    launch = kernels._Launcher(kernel)
+    x = _CudaTensor()
+    launch((1,), (x,), {}, {})
+    assert not kernels._launch_hooks_registered()  # Triton's hook chains exist, empty
+    hook = lambda metadata: None  # noqa: E731
+    triton.knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        assert kernels._launch_hooks_registered()
+        launch((1,), (x,), {}, {})
+    finally:
+        triton.knobs.runtime.launch_enter_hook.remove(hook)
+    assert len(kernel.calls) == 2 and kernel.compiled.launches == []
+    launch((1,), (x,), {}, {})
+    assert len(kernel.compiled.launches) == 1
