@@ -145,7 +145,9 @@ for part in "$@"; do
     int8-loop)
       # The bare put() loop over the server's fp16 build and its quantize=dynamic_int8 build of the 7B model
       # (weights bytes in each row), at 1/32/64 sequences.
+      build_ops_into normal & BUILD=$!
       [ -d $MODEL ] || make_model > /dev/null
+      wait $BUILD; stamp "ops built, model made"
       for engine in fastgen-project-build fastgen-project-build-int8; do
         python3 benchmarks/fastgen_loop.py --model-dir $MODEL --batches 1 32 64 --engines $engine \
             --server-batch 64 --out "$OUT/int8-loop.jsonl" 2>&1 | tail -4 | tee -a "$OUT/int8-loop.txt"
