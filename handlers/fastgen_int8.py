@@ -73,6 +73,7 @@ def _define() -> type:
             self._width = width
             dtype = config.output_dtype
             self._activation = _activation(config, self._device, self._gated)
+            self._matmul = _matmul(self._device)
             self._staging = (torch.empty((config.max_tokens, width), dtype=dtype, device=self._device)
                              if self._gated else None)
             self._output = torch.empty((config.max_tokens, config.out_channels), dtype=dtype, device=self._device)
@@ -92,7 +93,7 @@ def _define() -> type:
             rows = hidden_states.shape[0]
             output = empty_from(self._output, (rows, self._config.out_channels))
             product = empty_from(self._staging, (rows, self._width)) if self._gated else output
-            _matmul(hidden_states, w, w.scales, product)
+            self._matmul(hidden_states, w, w.scales, product)
             self._activation(output, product, b)
             return output
 
@@ -103,14 +104,14 @@ def _define() -> type:
     return W8A8Linear
 
 
-def _matmul(hidden_states: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
-    """out [rows, width] = W8A8 product of hidden_states [rows, in] and the int8 weight [width, in]."""
-    if hidden_states.is_cuda:
+def _matmul(device: torch.device) -> Any:
+    """matmul(hidden_states [rows, in], int8 weight [width, in], scales, out [rows, width]): the W8A8 product into
+    `out`, by the Triton kernels on a GPU (chosen once: a layer is called ~128 times a step) and eagerly elsewhere."""
+    if device.type == "cuda":
         from quantization.int8_triton import w8a8_linear as fused
 
-        fused(hidden_states, weight, scales, out=out)
-    else:
-        out.copy_(w8a8_linear(hidden_states, weight, scales))
+        return lambda hidden_states, weight, scales, out: fused(hidden_states, weight, scales, out=out)
+    return lambda hidden_states, weight, scales, out: out.copy_(w8a8_linear(hidden_states, weight, scales))
 
 
 def _activation(config: Any, device: torch.device, gated: bool) -> Any:
