@@ -45,17 +45,13 @@ def project_build(model_dir: str, server_batch: int, rotary_bridge: bool = True,
     import torch
     from transformers import AutoConfig
 
-    from handlers.fastgen_engine import reserve_bytes
-    from handlers.fastgen_model import Bridges, EngineLimits, build_fastgen_engine, preflight
+    from handlers.fastgen_engine import engine_limits
+    from handlers.fastgen_model import Bridges, build_fastgen_engine, preflight
     from handlers.serving_properties import ServingProperties
 
     hf_config = AutoConfig.from_pretrained(model_dir)
-    defaults = ServingProperties()
-    total = torch.cuda.mem_get_info()[1]
-    limits = EngineLimits(max_sequences=server_batch, max_prefill_tokens=defaults.max_rolling_batch_prefill_tokens,
-                          max_context=hf_config.max_position_embeddings,
-                          reserve_bytes=reserve_bytes(total, defaults.gpu_memory_utilization, server_batch,
-                                                      hf_config.vocab_size))
+    limits = engine_limits(ServingProperties(), server_batch, hf_config.max_position_embeddings,
+                           torch.cuda.mem_get_info()[1], hf_config.vocab_size)
     bridges = preflight(hf_config, limits.max_context)
     if not rotary_bridge:
         bridges = Bridges(norm_eps=bridges.norm_eps, inv_freqs=None)

@@ -11,24 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def host_us(call, calls: int = 300) -> float:
-    call()
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(calls):
-        call()
-    elapsed = time.perf_counter() - started
-    torch.cuda.synchronize()
-    return round(elapsed / calls * 1e6, 2)
+from int8_linear_benchmark import host_us  # noqa: E402
 
 
 def main() -> int:
@@ -77,7 +68,7 @@ def main() -> int:
     header = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": torch.cuda.get_device_name(),
               "torch": torch.__version__, "triton": triton.__version__, "command": " ".join(sys.argv),
               "cached_kernels": len(launcher.compiled)}
-    lines = [header] + [{"piece": name, "host_us": host_us(call)} for name, call in pieces.items()]
+    lines = [header] + [{"piece": name, "host_us": host_us(call, calls=300)} for name, call in pieces.items()]
     lines[0]["cached_kernels_after"] = {"matmul": len(launcher.compiled),
                                         "quantize": len(int8_triton._QUANTIZE_ROWS.compiled),
                                         "fused": len(int8_triton._W8A8_FUSED.compiled)}

@@ -42,6 +42,15 @@ def reserve_bytes(total_bytes: int, gpu_memory_utilization: float, max_sequences
             + RESERVE_MARGIN_BYTES)
 
 
+def engine_limits(properties: ServingProperties, max_sequences: int, max_total_tokens: int, total_bytes: int,
+                  vocab_size: int) -> EngineLimits:
+    """The sizes the server builds DeepSpeed's state manager with, on a device of `total_bytes`."""
+    return EngineLimits(max_sequences=max_sequences, max_prefill_tokens=properties.max_rolling_batch_prefill_tokens,
+                        max_context=max_total_tokens,
+                        reserve_bytes=reserve_bytes(total_bytes, properties.gpu_memory_utilization, max_sequences,
+                                                    vocab_size))
+
+
 def load_fastgen_engine(properties: ServingProperties, plan: EnginePlan, model_path: str,
                         progress: Callable[[str], None], description: str = "") -> Any:
     import torch
@@ -115,11 +124,7 @@ def _build(model_path: str, hf_config: Any, properties: ServingProperties, plan:
     from handlers.fastgen_runner import FastGenRunner
 
     total = torch.cuda.mem_get_info(device)[1]
-    limits = EngineLimits(max_sequences=max_sequences,
-                          max_prefill_tokens=properties.max_rolling_batch_prefill_tokens,
-                          max_context=max_total_tokens,
-                          reserve_bytes=reserve_bytes(total, properties.gpu_memory_utilization, max_sequences,
-                                                      hf_config.vocab_size))
+    limits = engine_limits(properties, max_sequences, max_total_tokens, total, hf_config.vocab_size)
     progress(f"building DeepSpeed-FastGen for {hf_config.model_type} ({plan.dtype}; DeepSpeed's ops JIT-build "
              "on first use unless the image has them)")
     substitutes, quantization = _quantization(model_path, properties, plan, tokenizer, dtype, device, progress)

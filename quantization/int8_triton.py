@@ -214,17 +214,22 @@ def _int8_matmul_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_pt
 _INT8_MATMUL = _Launcher(_int8_matmul_kernel)
 
 
+def _product_shape(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None,
+                   dtype: torch.dtype) -> tuple[int, int, int, torch.Tensor]:
+    """(rows, in, out features, the output tensor) of x [rows, in] times weight [out, in].T, checked."""
+    rows, inner = x.shape
+    if weight.shape[1] != inner:
+        raise ValueError(f"input has {inner} features, the weight {weight.shape[1]}")
+    outer = weight.shape[0]
+    return rows, inner, outer, out if out is not None else torch.empty((rows, outer), dtype=dtype, device=x.device)
+
+
 def int8_matmul_scaled(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                        out_dtype: torch.dtype, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
                        config: BlockConfig | None = None) -> torch.Tensor:
     """(a [M, K] int8 @ weight [N, K] int8 .T) * a_scale [M, 1] * weight_scale [1, N] (+ bias [N]) in
     `out_dtype`, into `out` ([M, N], row-major) when given."""
-    rows, inner = a.shape
-    outer = weight.shape[0]
-    if weight.shape[1] != inner:
-        raise ValueError(f"input has {inner} features, the weight {weight.shape[1]}")
-    if out is None:
-        out = torch.empty((rows, outer), dtype=out_dtype, device=a.device)
+    rows, inner, outer, out = _product_shape(a, weight, out, out_dtype)
     if rows == 0:
         return out
     config = config or block_config(rows)
@@ -276,12 +281,7 @@ _W8A8_FUSED = _Launcher(_w8a8_fused_kernel)
 def w8a8_fused(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
                out: torch.Tensor | None = None, config: BlockConfig | None = None) -> torch.Tensor:
     """`w8a8_linear` in the single fused kernel, whatever the number of rows (see the module docstring)."""
-    rows, inner = x.shape
-    outer = weight.shape[0]
-    if weight.shape[1] != inner:
-        raise ValueError(f"input has {inner} features, the weight {weight.shape[1]}")
-    if out is None:
-        out = torch.empty((rows, outer), dtype=x.dtype, device=x.device)
+    rows, inner, outer, out = _product_shape(x, weight, out, x.dtype)
     if rows == 0:
         return out
     config = config or FUSED_CONFIG

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.int8_reference import reference_w8a8
 from tests.support.ports import free_port
 from tests.support.server_process import wait_until_healthy
 
@@ -37,18 +38,6 @@ def gpu_install():
     torch.cuda.empty_cache()
 
 
-def float64_w8a8(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Both quantized per row as the W8A8 rule says (float32 scale = absmax / 127, round half to even of the
-    float32 quotient), multiplied exactly and scaled back in float64."""
-    def rows(t):
-        t = t.float()
-        scale = t.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127
-        return torch.round(t / scale).clamp(-127, 127).double(), scale.double()
-    xq, xs = rows(x)
-    wq, ws = rows(weight)
-    return (xq @ wq.t()) * xs * ws.t()
-
-
 # rows on both sides of cuBLASLt's int8 limit (more than 16), widths that are not multiples of 8, a 7B layer
 SHAPES = [(1, 100, 33), (5, 100, 33), (16, 4096, 4096), (17, 4096, 11008), (33, 11008, 4096), (300, 96, 130)]
 
@@ -63,7 +52,7 @@ def test_both_int8_paths_match_the_float64_w8a8_product_on_the_gpu(rows, inner, 
     x = torch.randn(rows, inner, device="cuda", dtype=torch.float16)
     weight = torch.randn(outer, inner, device="cuda") * 0.02
     wq, ws = int8.quantize_weight(weight)
-    expected = float64_w8a8(x.float(), weight)
+    expected = reference_w8a8(x.float(), weight)
     scale = expected.abs().max()
     eager = int8.w8a8_linear(x, wq, ws)
     assert (eager.double() - expected).abs().max() / scale < 1e-5
@@ -131,43 +120,30 @@ def test_a_fastgen_engine_with_int8_layers_follows_hf_with_the_same_quantization
 def test_the_server_serves_each_quantize_value_on_each_int8_engine(quantize, engine, tmp_path):
     """FastGen (the plan's choice) with its W8A8 layers and its gate against HF int8, and AutoTP's Int8Linear
     (fastgen=false), each answering through HTTP."""
-    from fastgen_gate_table import VOCAB, saved_model, tiny_config
+    from fastgen_gate_table import tiny_config
 
-    from tests.gpu.test_gpu_fastgen import _word_tokenizer
-
-    model_dir = saved_model("llama", tmp_path / "model")
-    _word_tokenizer(VOCAB).save_pretrained(model_dir)
-    port = free_port()
-    env = {**os.environ, "SAGEMAKER_BIND_TO_PORT": str(port), "OPTION_MODEL_ID": str(model_dir),
-           "OPTION_QUANTIZE": quantize, "OPTION_MODEL_CACHE_DIR": str(tmp_path / "cache"), "OPTION_MAX_TOKENS": "2048",
-           "OPTION_GPU_MEMORY_UTILIZATION": "0.3", "OPTION_FASTGEN": "true" if engine == "fastgen" else "false"}
-    log_path = tmp_path / "server.log"
-    process = subprocess.Popen([sys.executable, "-m", "entrypoint", "serve"], env=env, stdout=open(log_path, "w"),
-                               stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(url, process, 900, lambda: log_path.read_text()[-3000:], interval=1)
-        answer = httpx.post(f"{url}/invocations", timeout=120,
-                            json={"inputs": "w1 w2 w3", "parameters": {"max_new_tokens": 8, "do_sample": False}})
-        assert answer.status_code == 200, answer.text
-        assert len(answer.json()["generated_text"].split()) == 8
-        log = log_path.read_text()
-        if engine == "fastgen":
-            assert "fell back" not in log and "cannot serve this model" not in log, log[-5000:]
-            assert f"quantize={quantize}: W8A8 linear layers in FastGen" in log, log[-5000:]
-            assert quantize != "smoothquant" or "tensors smoothed" in log, log[-5000:]
-        else:
-            layers = tiny_config("llama").num_hidden_layers * 7
-            assert f"quantize={quantize}: {layers} linear layers now int8 (W8A8)" in log, log[-5000:]
-    finally:
-        process.terminate()
-        process.wait(timeout=120)
+    log = _serve_tiny_llama(tmp_path, OPTION_QUANTIZE=quantize, OPTION_MODEL_CACHE_DIR=str(tmp_path / "cache"),
+                            OPTION_FASTGEN="true" if engine == "fastgen" else "false")
+    if engine == "fastgen":
+        assert "fell back" not in log and "cannot serve this model" not in log, log[-5000:]
+        assert f"quantize={quantize}: W8A8 linear layers in FastGen" in log, log[-5000:]
+        assert quantize != "smoothquant" or "tensors smoothed" in log, log[-5000:]
+    else:
+        layers = tiny_config("llama").num_hidden_layers * 7
+        assert f"quantize={quantize}: {layers} linear layers now int8 (W8A8)" in log, log[-5000:]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="tensor parallelism needs two GPUs")
 def test_int8_at_tensor_parallel_degree_2_answers_with_every_rank_quantized(tmp_path):
     """FastGen serves one GPU only, so degree 2 is AutoTP's: each rank quantizes its own shards (row-parallel
     layers dequantize before the all-reduce), and the greedy text answers through HTTP."""
+    log = _serve_tiny_llama(tmp_path, OPTION_QUANTIZE="dynamic_int8", OPTION_TENSOR_PARALLEL_DEGREE="2")
+    assert log.count("linear layers now int8 (W8A8)") >= 2  # both ranks
+
+
+def _serve_tiny_llama(tmp_path, **options: str) -> str:
+    """`python -m entrypoint serve` on the gate table's random Llama (attention that depends on position) with
+    these OPTION_* settings: one greedy request of 8 tokens must answer 200 with 8 words; returns the log."""
     from fastgen_gate_table import VOCAB, saved_model
 
     from tests.gpu.test_gpu_fastgen import _word_tokenizer
@@ -176,8 +152,7 @@ def test_int8_at_tensor_parallel_degree_2_answers_with_every_rank_quantized(tmp_
     _word_tokenizer(VOCAB).save_pretrained(model_dir)
     port = free_port()
     env = {**os.environ, "SAGEMAKER_BIND_TO_PORT": str(port), "OPTION_MODEL_ID": str(model_dir),
-           "OPTION_QUANTIZE": "dynamic_int8", "OPTION_TENSOR_PARALLEL_DEGREE": "2", "OPTION_MAX_TOKENS": "2048",
-           "OPTION_GPU_MEMORY_UTILIZATION": "0.3"}
+           "OPTION_MAX_TOKENS": "2048", "OPTION_GPU_MEMORY_UTILIZATION": "0.3", **options}
     log_path = tmp_path / "server.log"
     process = subprocess.Popen([sys.executable, "-m", "entrypoint", "serve"], env=env, stdout=open(log_path, "w"),
                                stderr=subprocess.STDOUT)
@@ -188,7 +163,7 @@ def test_int8_at_tensor_parallel_degree_2_answers_with_every_rank_quantized(tmp_
                             json={"inputs": "w1 w2 w3", "parameters": {"max_new_tokens": 8, "do_sample": False}})
         assert answer.status_code == 200, answer.text
         assert len(answer.json()["generated_text"].split()) == 8
-        assert log_path.read_text().count("linear layers now int8 (W8A8)") >= 2  # both ranks
+        return log_path.read_text()
     finally:
         process.terminate()
         process.wait(timeout=120)

@@ -13,6 +13,7 @@ assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1", "
 pytest.importorskip("triton", reason="Triton comes with the test extra on Linux x86-64 and with CUDA torch")
 
 from quantization import int8_triton as kernels_module  # noqa: E402
+from tests.support.int8_reference import reference_rows, reference_w8a8  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -20,22 +21,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture
 def kernels():
     return kernels_module
-
-
-def reference_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric absmax int8 per row as the W8A8 rule says: a float32 scale (absmax / 127) and the float32
-    quotient rounded half to even (torch.round's rule); returned in float64 for exact products."""
-    x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127
-    return torch.round(x / scale).clamp(-127, 127).double(), scale.double()
-
-
-def reference_w8a8(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """W8A8 of x [rows, in] and weight [out, in], in float64: both quantized (rows of x, rows of the weight),
-    multiplied exactly, scaled back."""
-    xq, xs = reference_rows(x)
-    wq, ws = reference_rows(weight)
-    return (xq @ wq.t()) * xs * ws.t()
 
 
 @pytest.mark.parametrize("rows,cols", [(1, 64), (5, 100), (3, 17), (33, 257)])
