@@ -224,3 +224,45 @@ def run_gate(references: list[Reference], forward: Forward, release: Callable[[i
             tails = teacher_forced_tails(forward, release, [r.tokens for r in group], fillers=True, **schedule)
             result.probes += [compare(r, logits, max_sequences) for r, logits in zip(group, tails)]
     return result
+
+
+def checkpoint_references(model_path: str, trust_remote_code: bool, dtype: Any, device: Any, probes: list[list[int]],
+                          auto_model: Any, prepare_half: Callable[[Any], Any] | None = None) -> Any:
+    """HF references on the GPU when fp32 weights fit in free memory, else on the CPU (slow, but the gate is
+    what keeps wrong text from being served), else None with a warning (the gate is skipped)."""
+    import torch
+
+    def loader(target: Any) -> Callable[[Any], Any]:
+        # straight onto the target device: a 7B model's fp32 weights (27 GB) need not fit in host memory too
+        return lambda load_dtype: auto_model.from_pretrained(model_path, dtype=load_dtype, device_map={"": str(target)},
+                                                             trust_remote_code=trust_remote_code)
+
+    fp32_bytes = _parameter_count(model_path, trust_remote_code) * 4
+    free = torch.cuda.mem_get_info(device)[0]
+    if fp32_bytes < 0.8 * free:
+        return hf_references(loader(device), probes, dtype, device, prepare_half)
+    if fp32_bytes < 0.7 * _host_available_bytes():
+        logger.info("correctness gate: fp32 weights (%.1f GiB) do not fit in free GPU memory; the reference runs "
+                    "on the CPU", fp32_bytes / 2**30)
+        return hf_references(loader("cpu"), probes, dtype, torch.device("cpu"), prepare_half)
+    logger.warning("correctness gate skipped: the model's fp32 weights (%.1f GiB) fit neither in free GPU memory "
+                   "nor in host memory", fp32_bytes / 2**30)
+    return None
+
+
+def _host_available_bytes() -> int:
+    from handlers.host_memory import available_host_memory
+
+    available = available_host_memory()
+    return available[0] if available is not None else 0  # unknown: do not count on host memory
+
+
+def _parameter_count(model_path: str, trust_remote_code: bool) -> int:
+    """Parameters of the model, from a meta-device instance (no memory)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in model.parameters())

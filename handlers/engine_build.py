@@ -22,10 +22,20 @@ def torch_dtype(plan: EnginePlan) -> Any:
 
 
 def batch_limits(properties: ServingProperties, plan: EnginePlan, context: int | None) -> tuple[int, int]:
-    """(sequences in the batch at once, tokens per sequence): a rolling batch holds max_rolling_batch_size,
-    a static one batch_size; no sequence is longer than max_tokens or the model's context."""
-    max_sequences = properties.max_rolling_batch_size if plan.rolling_batch else properties.batch_size
-    return max_sequences, min(properties.max_tokens, context or properties.max_tokens)
+    """(sequences in the batch at once, tokens per sequence): see `batch_rows`; no sequence is longer than
+    max_tokens or the model's context."""
+    return batch_rows(properties, plan), min(properties.max_tokens, context or properties.max_tokens)
+
+
+def batch_rows(properties: ServingProperties, plan: EnginePlan) -> int:
+    """A rolling batch holds max_rolling_batch_size sequences; so does a dynamic batch the plan chose under
+    rolling_batch=auto (an engine measured fastest that batches dynamically); rolling_batch=disable's batches hold
+    batch_size, as DJL Serving's did."""
+    from handlers.serving_properties import RollingBatch
+
+    if plan.rolling_batch or properties.rolling_batch is not RollingBatch.DISABLE:
+        return properties.max_rolling_batch_size
+    return properties.batch_size
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -70,6 +80,8 @@ class LoadedModel:
     tensor_parallel_degree: int
     weights_bytes: int | None = None  # this rank's, where the engine can count them
     details: dict[str, Any] = field(default_factory=dict)  # the engine's own summary lines
+    #: rows that advance together through this many positions (kernel injection; see handlers.scheduler)
+    aligned_tokens: int | None = None
 
 
 def serving_engine(name: str, properties: ServingProperties, plan: EnginePlan, model: LoadedModel,
@@ -93,7 +105,7 @@ def serving_engine(name: str, properties: ServingProperties, plan: EnginePlan, m
     summary["load_seconds"] = round(time.monotonic() - started, 2)
     summary.update(model.details)
     summary["reason"] = plan.reason
-    batching = DynamicBatching.for_plan(properties, plan)
+    batching = DynamicBatching.for_plan(properties, plan, model.aligned_tokens)
     return RollingBatchEngine(
         model.runner, model.tokenizer,
         allocator=BlockAllocator(model.budget),

@@ -128,11 +128,12 @@ def plan_engine(properties: ServingProperties, model_config: Mapping[str, Any], 
     if problems:
         raise PlanError(problems)
 
-    engine, rolling, ruled_out = _choose(properties.rolling_batch, device, blockers, shape, notes)
+    insisted = _insisted(properties, device, blockers)
+    engine, rolling, ruled_out = _choose(properties.rolling_batch, device, blockers, shape, notes, arch, insisted)
     notes.extend(_chosen_notes(engine_registry.entry(engine), arch, shape, properties, quant))
     return EnginePlan(
         engine=engine,
-        reason=_reason(engine, arch, device, rolling, properties.rolling_batch),
+        reason=_reason(engine, arch, device, rolling, properties.rolling_batch, insisted == engine),
         ruled_out=ruled_out,
         tensor_parallel_degree=degree,
         dtype=dtype,
@@ -250,7 +251,7 @@ def _blocker(spec: EngineEntry, arch: ArchitecturePolicy, model_config: Mapping[
         return (f"checkpoint={properties.checkpoint}: it loads Hugging Face checkpoints (or its own format), not "
                 "init_inference checkpoint descriptions")
     if properties.enable_cuda_graph and not spec.cuda_graph:
-        return "enable_cuda_graph=true: CUDA graphs exist only in DeepSpeed kernel injection"
+        return "enable_cuda_graph=true: it captures no CUDA graphs"
     return None
 
 
@@ -258,7 +259,7 @@ def _unready(entry: EngineEntry, properties: ServingProperties, degree: int, dev
              importable: Callable[[str], bool]) -> str | None:
     """Why `entry`, which the policy allows, cannot start here: turned off, one rank only, or what it needs
     on this machine is missing. None if it can."""
-    if entry.switch is not None and not getattr(properties, entry.switch):
+    if entry.switch is not None and getattr(properties, entry.switch) is False:
         return f"{entry.switch}=false: {entry.title} turned off by configuration"
     if entry.single_rank is not None and degree > 1:
         return f"tensor_parallel_degree={degree}: {entry.single_rank}"
@@ -314,31 +315,66 @@ def _check_cuda_graph(properties: ServingProperties, device: Device, blockers: M
     if not properties.enable_cuda_graph:
         return
     capable = [name for name, spec in engine_registry.engines().items() if spec.cuda_graph]
-    if device.kind != CUDA:
+    if not capable:
         problems.append(PlanProblem("enable_cuda_graph", True,
-                                    "CUDA graphs need a GPU (and DeepSpeed kernel injection); no GPU is visible"))
+                                    "no engine of this container captures CUDA graphs (DeepSpeed's capture replays "
+                                    "one input shape, and kernel injection's attention mask grows every step); set "
+                                    "enable_cuda_graph=false"))
+    elif device.kind != CUDA:
+        problems.append(PlanProblem("enable_cuda_graph", True, "CUDA graphs need a GPU; no GPU is visible"))
     elif all(blockers[name] is not None for name in capable):
         why = "; ".join(f"{name}: {blockers[name]}" for name in capable)
         problems.append(PlanProblem("enable_cuda_graph", True,
-                                    f"CUDA graphs exist only in DeepSpeed kernel injection, which cannot serve this "
-                                    f"model ({why}); set enable_cuda_graph=false"))
+                                    f"CUDA graphs exist only in {', '.join(capable)}, which cannot serve this model "
+                                    f"({why}); set enable_cuda_graph=false"))
+
+
+def _insisted(properties: ServingProperties, device: Device, blockers: Mapping[str, str | None]) -> str | None:
+    """The engine a property set to true insists on (`EngineEntry.switch` of an engine that may be left to the
+    plan), or None; a plan error names why it cannot serve when it cannot."""
+    for name, entry in engine_registry.engines().items():
+        if entry.switch is None or ServingProperties.model_fields[entry.switch].default is not None:
+            continue  # a switch that defaults to on only turns its engine off
+        if getattr(properties, entry.switch) is True:
+            if blockers[name] is not None:
+                raise PlanError([PlanProblem(entry.switch, True, f"{entry.title} cannot serve this model here: "
+                                             f"{blockers[name]}; unset {entry.switch} to let the plan choose")])
+            return name
+    return None
 
 
 def _choose(mode: RollingBatch, device: Device, blockers: Mapping[str, str | None], shape: ModelShape,
-            notes: list[str]) -> tuple[str, bool, list[tuple[str, str]]]:
+            notes: list[str], arch: ArchitecturePolicy | None = None,
+            insisted: str | None = None) -> tuple[str, bool, list[tuple[str, str]]]:
     """Pick the engine. Returns (engine, continuous batching on, ruled out).
 
     rolling_batch semantics: `auto` wants continuous batching and takes the best engine that has it, falling
-    back to static batches only when the configuration leaves no such engine (e.g. enable_cuda_graph);
-    `deepspeed` insists on it; `disable` takes the best engine outright and batches statically."""
+    back to static batches only when the configuration leaves no such engine (e.g. enable_cuda_graph) or the
+    architecture's measured-fastest engine batches dynamically (`ArchitecturePolicy.prefer`); `deepspeed`
+    insists on it; `disable` takes the best engine outright and batches statically. An engine a property
+    insists on (`insisted`) is taken under auto and disable."""
     engines = engine_registry.engines()
-    feasible = [name for name in engine_registry.preference(device.kind) if blockers[name] is None]
+    ranking = engine_registry.preference(device.kind)
+    prefer = [name for name in (arch.prefer if arch is not None else ()) if name in ranking]
+    ranking = tuple(prefer) + tuple(name for name in ranking if name not in prefer)
+    feasible = [name for name in ranking if blockers[name] is None]
     if not feasible:
         why = "; ".join(f"{name}: {reason}" for name, reason in blockers.items())
         raise PlanError([PlanProblem("model_type", shape.model_type, f"no engine can serve this configuration ({why})")])
 
     with_batching = [name for name in feasible if engines[name].continuous_batching]
-    if mode is RollingBatch.DISABLE:
+    if insisted is not None and mode is RollingBatch.DEEPSPEED and not engines[insisted].continuous_batching:
+        raise PlanError([PlanProblem("rolling_batch", mode,
+                                     f"rolling_batch=deepspeed needs continuous batching, and the insisted-on "
+                                     f"{insisted} has none: {engines[insisted].batching_reason}. Set "
+                                     "rolling_batch=auto or disable")])
+    if insisted is not None:
+        chosen, rolling = insisted, engines[insisted].continuous_batching and mode is not RollingBatch.DISABLE
+    elif mode is RollingBatch.AUTO and prefer and feasible[0] in prefer and not engines[feasible[0]].continuous_batching:
+        chosen, rolling = feasible[0], False
+        notes.append(f"rolling_batch=auto: {chosen} measured fastest for {arch.model_type} and batches dynamically "
+                     f"({engines[chosen].batching_reason}); batch_size and max_batch_delay set its batches")
+    elif mode is RollingBatch.DISABLE:
         chosen, rolling = feasible[0], False
         notes.append("rolling_batch=disable: dynamic batching as DJL Serving did it: requests that arrive within "
                      "max_batch_delay of the first form one batch of at most batch_size, which runs to completion "
@@ -366,18 +402,28 @@ def _choose(mode: RollingBatch, device: Device, blockers: Mapping[str, str | Non
         elif rolling and not engines[name].continuous_batching:
             ruled_out.append((name, f"no continuous batching: {engines[name].batching_reason} "
                                     "(set rolling_batch=disable to use it)"))
+        elif name in prefer and chosen not in prefer:
+            ruled_out.append((name, "set rolling_batch=auto or disable to use it"))
+        elif chosen in prefer:
+            ruled_out.append((name, f"{chosen} measured faster for {arch.model_type}: "
+                                    f"{arch.verdict(chosen, engines[chosen].policy).reason}"))
         else:
             ruled_out.append((name, f"ranks below {chosen} on {_DEVICE_WORDS[device.kind]}: "
                                     f"{engines[name].policy.preference_reason}"))
     return chosen, rolling, ruled_out
 
 
-def _reason(engine: str, arch: ArchitecturePolicy, device: Device, rolling: bool, mode: RollingBatch) -> str:
+def _reason(engine: str, arch: ArchitecturePolicy, device: Device, rolling: bool, mode: RollingBatch,
+            insisted: bool = False) -> str:
     spec = engine_registry.entry(engine)
     ranking = engine_registry.preference(device.kind)
     where = _DEVICE_WORDS[device.kind]
-    if len(ranking) == 1:
+    if insisted:
+        lead = f"{spec.switch}=true insists on it"
+    elif len(ranking) == 1:
         lead = f"the only engine that runs on {where}"
+    elif arch.prefer and engine == arch.prefer[0]:
+        lead = f"the engine measured fastest for {arch.model_type} on {where}"
     elif engine == ranking[0]:
         lead = f"the preferred engine on {where}: {spec.policy.preference_reason}"
     else:

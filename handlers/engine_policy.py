@@ -69,6 +69,9 @@ class ArchitecturePolicy:
     smoothquant: Verdict
     conditions: tuple[ConfigCondition, ...] = ()
     known: bool = True  # False for the fallback policy of a model_type not in the table
+    #: engines measured faster for this architecture than the registry's order says, fastest first (the planner
+    #: ranks them first; their verdicts' reasons hold the measurements)
+    prefer: tuple[str, ...] = ()
 
     def verdict(self, engine: str, column: EnginePolicy) -> Verdict:
         """This row's verdict for `engine`, or its column's default when the row names none."""
@@ -103,9 +106,9 @@ def _smoothquant_verdict(model_type: str) -> Verdict:
 
 
 def _row(model_type: str, verdicts: Mapping[str, Verdict],
-         conditions: tuple[ConfigCondition, ...] = ()) -> ArchitecturePolicy:
+         conditions: tuple[ConfigCondition, ...] = (), prefer: tuple[str, ...] = ()) -> ArchitecturePolicy:
     return ArchitecturePolicy(model_type, MappingProxyType(dict(verdicts)), _smoothquant_verdict(model_type),
-                              conditions)
+                              conditions, prefer=prefer)
 
 
 _ROWS: tuple[ArchitecturePolicy, ...] = (

@@ -91,7 +91,8 @@ class EngineEntry:
     # An engine with a refusal falls back: any error while it loads re-plans without it. The refusal itself
     # (it checked and cannot serve this model) is logged in one line, anything else with its traceback.
     refusal: type[BaseException] | Ref | None = None
-    switch: str | None = None  # a boolean ServingProperties field that turns the engine off when false
+    switch: str | None = None  # a ServingProperties field: false turns the engine off; true (where it may be None,
+    # "as the plan decides") insists on it, and a plan that cannot use it is an error naming why
     readiness: Callable[[str, Callable[[str], bool]], str | None] | None = None  # (device kind, importable)
     plan_notes: Callable[[ServingProperties, ModelShape], list[str]] | None = None
 
@@ -134,11 +135,15 @@ _BUILT_IN = (
         dtypes=frozenset({"fp16", "bf16", "fp32"}),
         dtype_reason="",
         continuous_batching=False,
-        batching_reason="the injected layers keep their own contiguous KV cache per batch, so requests cannot join "
-                        "a running batch; a batch runs to completion before the next one starts",
+        batching_reason="the injected kernels keep one batch's K/V in DeepSpeed's workspace, every row advancing one "
+                        "position per step, so requests cannot join a running batch; a dynamic batch runs to "
+                        "completion before the next one starts",
         policy=KERNEL_INJECTION_POLICY,
-        loads_ds_checkpoint=True,
-        cuda_graph=True,
+        single_rank="this build drives the injected kernels on one GPU only (its ranks are not wired to the "
+                    "container's rank launcher yet)",
+        loader=Ref("handlers.kernel_injection_engine:load_kernel_injection_engine"),
+        refusal=Ref("handlers.kernel_injection_model:KernelInjectionUnsupported"),
+        switch="kernel_injection",
     ),
     EngineEntry(
         name=AUTOTP,

@@ -56,7 +56,7 @@ def load_fastgen_engine(properties: ServingProperties, plan: EnginePlan, model_p
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from handlers.correctness_gate import probe_lengths, probe_tokens
+    from handlers.correctness_gate import checkpoint_references, probe_lengths, probe_tokens
     from handlers.engine_build import LoadedModel, batch_limits, eos_token_ids_from_files, serving_engine, torch_dtype
     from handlers.fastgen_model import preflight
 
@@ -77,7 +77,7 @@ def load_fastgen_engine(properties: ServingProperties, plan: EnginePlan, model_p
         if plan.quantize is not None:
             from handlers.fastgen_int8 import reference_quantizer
             prepare = reference_quantizer(plan.quantize, properties, tokenizer, model_path)
-        references = _references(model_path, properties, dtype, device,
+        references = checkpoint_references(model_path, properties.trust_remote_code, dtype, device,
                                  [probe_tokens(hf_config.vocab_size, n) for n in probe_lengths(max_total_tokens)],
                                  AutoModelForCausalLM, prepare)
 
@@ -209,47 +209,3 @@ def _run_gate(references: Any, runner: Any, limits: EngineLimits, vocab_size: in
     if not result.passed:
         raise FastGenUnsupported(result.describe())
     return {**result.summary(), "correctness_gate_detail": result.describe()}
-
-
-def _references(model_path: str, properties: ServingProperties, dtype: Any, device: Any, probes: list[list[int]],
-                auto_model: Any, prepare_half: Callable[[Any], Any] | None = None) -> Any:
-    """HF references on the GPU when fp32 weights fit in free memory, else on the CPU (slow, but the gate is
-    what keeps wrong text from being served), else None with a warning (the gate is skipped)."""
-    import torch
-
-    from handlers.correctness_gate import hf_references
-
-    def loader(target: Any) -> Callable[[Any], Any]:
-        # straight onto the target device: a 7B model's fp32 weights (27 GB) need not fit in host memory too
-        return lambda load_dtype: auto_model.from_pretrained(model_path, dtype=load_dtype, device_map={"": str(target)},
-                                                             trust_remote_code=properties.trust_remote_code)
-
-    fp32_bytes = _parameter_count(model_path, properties) * 4
-    free = torch.cuda.mem_get_info(device)[0]
-    if fp32_bytes < 0.8 * free:
-        return hf_references(loader(device), probes, dtype, device, prepare_half)
-    if fp32_bytes < 0.7 * _host_available_bytes():
-        logger.info("correctness gate: fp32 weights (%.1f GiB) do not fit in free GPU memory; the reference runs "
-                    "on the CPU", fp32_bytes / 2**30)
-        return hf_references(loader("cpu"), probes, dtype, torch.device("cpu"), prepare_half)
-    logger.warning("correctness gate skipped: the model's fp32 weights (%.1f GiB) fit neither in free GPU memory "
-                   "nor in host memory", fp32_bytes / 2**30)
-    return None
-
-
-def _host_available_bytes() -> int:
-    from handlers.host_memory import available_host_memory
-
-    available = available_host_memory()
-    return available[0] if available is not None else 0  # unknown: do not count on host memory
-
-
-def _parameter_count(model_path: str, properties: ServingProperties) -> int:
-    """Parameters of the model, from a meta-device instance (no memory)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=properties.trust_remote_code)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=properties.trust_remote_code)
-    return sum(p.numel() for p in model.parameters())

@@ -89,6 +89,10 @@ class RollingBatchEngine(Engine):
         if request.request_id in self.output or self.scheduler.get(request.request_id) is not None:
             raise InvalidRequest(f"request id {request.request_id!r} is already active", "request_id")
         self.validate(request)
+        if request.params.prompt_logprobs and self.batching is not None and self.batching.aligned_tokens:
+            raise InvalidRequest(f"prompt log-probabilities (decoder_input_details, prompt_logprobs, echo with "
+                                 f"logprobs) are not available on the {self.name} engine: its kernels compute a "
+                                 "batch's prompts in one pass and keep only their last positions", "prompt_logprobs")
         ids = request.prompt_token_ids
         if self.vocab_size is not None and (max(ids) >= self.vocab_size or min(ids) < 0):
             outside = [t for t in ids if not 0 <= t < self.vocab_size]

@@ -25,7 +25,11 @@ given back once that step is resolved.
 
 With `rolling_batch=disable` the same scheduler batches dynamically as DJL Serving did (`DynamicBatching`):
 requests that arrive within `max_batch_delay` of the first form one batch (at most `batch_size`), which runs
-to completion before the next one is formed.
+to completion before the next one is formed. A runner whose K/V holds one batch whose rows advance together
+(kernel injection: `DynamicBatching.aligned_tokens`) gets every prompt of the batch whole in its first step, and
+a request joins a batch only while the longest prompt plus the most new tokens asked fits those positions (the
+rows are padded to the longest prompt and all run until the last finishes); one that does not fit starts the
+next batch.
 """
 
 from __future__ import annotations
@@ -66,13 +70,26 @@ class DynamicBatching:
 
     batch_size: int
     max_batch_delay: float
+    #: rows advance together through this many positions: whole prompts in one pass, and a batch's longest prompt
+    #: plus its largest max_new_tokens within it (None: rows are independent)
+    aligned_tokens: int | None = None
 
     @classmethod
-    def for_plan(cls, properties: Any, plan: Any) -> "DynamicBatching | None":
+    def for_plan(cls, properties: Any, plan: Any, aligned_tokens: int | None = None) -> "DynamicBatching | None":
         """None (continuous batching) unless the plan turned rolling batch off; `max_batch_delay` is in ms."""
         if getattr(plan, "rolling_batch", True):
             return None
-        return cls(properties.batch_size, properties.max_batch_delay / 1000.0)
+        from handlers.engine_build import batch_rows
+
+        return cls(batch_rows(properties, plan), properties.max_batch_delay / 1000.0, aligned_tokens)
+
+    def fits(self, members: list["ScheduledRequest"], candidate: "ScheduledRequest") -> bool:
+        """Whether `candidate` can join a batch of `members` within the aligned positions."""
+        if self.aligned_tokens is None:
+            return True
+        batch = members + [candidate]
+        return (max(len(r.prompt) for r in batch) + max(r.params.max_new_tokens for r in batch)
+                <= self.aligned_tokens)
 
 
 @dataclass(eq=False)
@@ -187,6 +204,8 @@ class Scheduler:
         eligible = list(itertools.takewhile(lambda r: not r.params.prompt_logprobs, self.prefilling[1:] if plan.scored
                                             else self.prefilling))
         budget = self.max_prefill_tokens - (plan.scored[1] if plan.scored else 0)
+        if self.batching is not None and self.batching.aligned_tokens is not None:
+            budget = sum(len(r.prompt) - r.prefilled for r in eligible)  # whole prompts, one pass
         sizes = split_prefill_budget([len(r.prompt) - r.prefilled for r in eligible], budget)
         plan.chunks = list(zip(eligible, sizes))
         self._in_flight = set(plan.members)
@@ -206,6 +225,8 @@ class Scheduler:
         limit = self.batching.batch_size if self.batching is not None else self.max_batch
         while self.queued and self._free_sequences and len(self.running) + len(self.prefilling) < limit:
             head = self.queued[0]
+            if self.batching is not None and not self.batching.fits(self.prefilling, head):
+                return  # it starts the next batch
             blocks = self.allocator.allocate(len(head.prompt) + head.params.max_new_tokens)
             if blocks is None:
                 return  # first come, first served: later requests wait behind the head

@@ -159,8 +159,9 @@ class ServingProperties(BaseModel):
     smoothquant_alpha: float | None = Field(None, description="SmoothQuant migration strength alpha in [0, 1]; unset: chosen by a search on the calibration data (logged); only with quantize=smoothquant.")
     smoothquant_calibration_data: str | None = Field(None, description="UTF-8 text file SmoothQuant calibrates on; unset: the calibration half of Python's pydoc_data topics. Calibrations are saved under model_cache_dir and reused.")
     fastgen: bool = Field(True, description="On a GPU, serve with DeepSpeed-FastGen where the plan allows it (one GPU, fp16/bf16, an architecture it implements); false serves with AutoTP (the Hugging Face layers) instead.")
-    correctness_gate: bool = Field(True, description="At start-up, compare FastGen's teacher-forced next-token logits on probes of random token ids (48, 600 and 2,000 positions; alone and in one full batch, chunked as served) with the Hugging Face model's in fp32 (relative to HF's own fp16 deviation) and fall back to the next engine if they differ more; false skips it (faster start-up).")
-    enable_cuda_graph: bool = Field(False, description="Capture CUDA graphs for decoding. Only DeepSpeed kernel injection has them, and kernel injection is not built into this container, so true is always a plan error; keep false.")
+    kernel_injection: bool | None = Field(None, description="On a GPU, DeepSpeed kernel injection (its fused CUDA blocks, one dynamic batch at a time): unset or auto lets the plan choose it where it measured fastest for the architecture; true insists on it (a plan error says why when it cannot serve the model); false never uses it.")
+    correctness_gate: bool = Field(True, description="At start-up, compare the engine's teacher-forced next-token logits (FastGen's and kernel injection's: their kernels are not the Hugging Face layers) on probes of random token ids (48, 600 and 2,000 positions; alone and in one full batch, batched as served) with the Hugging Face model's in fp32 (relative to HF's own fp16 deviation) and fall back to the next engine if they differ more; false skips it (faster start-up).")
+    enable_cuda_graph: bool = Field(False, description="Capture CUDA graphs for decoding. No engine of this container captures them (DeepSpeed's own capture replays one input shape, and kernel injection's mask grows every step), so true is always a plan error; keep false.")
     triangular_masking: bool = Field(True, description="Causal (triangular) attention; always on for the causal language models served here, so false is refused.")
     return_tuple: bool = Field(True, description="DeepSpeed kernel-injected layers return tuples (init_inference return_tuple); always on (the engines need it), so false is refused.")
     engine: DjlEngine = Field(DjlEngine.DEEPSPEED, description="serving.properties' top-level engine= (DeepSpeed, Python or MPI, as LMI wrote it); ranks follow tensor_parallel_degree in every case.")
@@ -203,6 +204,17 @@ class ServingProperties(BaseModel):
     def _quantize(cls, v: Any) -> Any:
         v = _blank_to_none(v)
         return None if v is None else _parse_enum(Quantize, v)
+
+    @field_validator("kernel_injection", mode="before")
+    @classmethod
+    def _kernel_injection(cls, v: Any) -> Any:
+        v = _blank_to_none(v)
+        if v is None or (isinstance(v, str) and v.strip().lower() == "auto"):
+            return None
+        try:
+            return _parse_bool(v)
+        except ValueError:
+            raise ValueError("expected auto, true or false") from None
 
     @field_validator("output_formatter", mode="before")
     @classmethod

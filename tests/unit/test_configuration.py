@@ -245,6 +245,7 @@ INVALID = [
     ("enable_cuda_graph", "perhaps", "expected true or false"),
     ("correctness_gate", "sometimes", "expected true or false"),
     ("fastgen", "auto", "expected true or false"),
+    ("kernel_injection", "sometimes", "expected auto, true or false"),
     ("triangular_masking", "2", "expected true or false"),
     ("return_tuple", "nope", "expected true or false"),
     ("engine", "vllm", "allowed values are deepspeed, python, mpi"),

@@ -345,9 +345,9 @@ def test_int8_never_takes_kernel_injection(method):
     plan = plan_engine(props(quantize=method, rolling_batch="disable"), GPTJ, GPU1)
     assert plan.engine == AUTOTP
     assert "quantize runs on fastgen and autotp" in ruled_out(plan)[KERNEL_INJECTION]
-    # kernel injection forced by CUDA graphs: a plan error that names where int8 runs
-    message = str(plan_error(props(quantize=method, enable_cuda_graph=True), GPTJ, GPU1))
-    assert "enable_cuda_graph" in message and "quantize runs on fastgen and autotp" in message
+    # kernel injection insisted on: a plan error that names where int8 runs
+    message = str(plan_error(props(quantize=method, kernel_injection=True), GPTJ, GPU1))
+    assert "kernel_injection=true" in message and "quantize runs on fastgen and autotp" in message
 
 
 def test_dynamic_int8_runs_on_cpu_autotp():
@@ -356,20 +356,16 @@ def test_dynamic_int8_runs_on_cpu_autotp():
     assert any(note.startswith("quantize=dynamic_int8 on autotp") for note in plan.notes)
 
 
-def test_cuda_graph_without_kernel_injection_is_refused():
-    message = str(plan_error(props(enable_cuda_graph=True), LLAMA_7B, GPU1))
-    assert "enable_cuda_graph=true" in message and "kernel injection" in message
-    assert "enable_cuda_graph=true" in str(plan_error(props(enable_cuda_graph=True), SMOL, CPU))
-
-
-def test_cuda_graph_with_rolling_batch_auto_falls_back_to_static_batches():
-    plan = plan_engine(props(enable_cuda_graph=True), GPTJ, GPU1)
-    assert (plan.engine, plan.rolling_batch) == (KERNEL_INJECTION, False)
-    assert any("continuous batching is off" in note for note in plan.notes)
+def test_cuda_graphs_are_refused_on_every_engine_with_the_reason():
+    for config, device in ((LLAMA_7B, GPU1), (GPTJ, GPU1), (SMOL, CPU)):
+        message = str(plan_error(props(enable_cuda_graph=True), config, device))
+        assert "enable_cuda_graph=true" in message, config["model_type"]
+    assert "no engine of this container captures CUDA graphs" in str(plan_error(props(enable_cuda_graph=True), GPTJ,
+                                                                               GPU1))
 
 
 def test_rolling_batch_deepspeed_when_no_engine_can_do_it():
-    error = plan_error(props(enable_cuda_graph=True, rolling_batch="deepspeed"), GPTJ, GPU1)
+    error = plan_error(props(kernel_injection=True, rolling_batch="deepspeed"), GPTJ, GPU1)
     assert error.key == "rolling_batch"
     assert "rolling_batch=deepspeed" in str(error) and "continuous batching" in str(error)
 

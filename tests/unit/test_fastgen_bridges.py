@@ -266,25 +266,22 @@ def test_gate_references_run_where_fp32_weights_fit_or_the_gate_is_skipped_with_
                                                                                           caplog):
     """GPU memory too small for the fp32 reference: it loads straight onto the CPU (device_map) and runs there;
     neither large enough: no references, and a warning says the gate is skipped."""
-    from types import SimpleNamespace
-
     from transformers import AutoModelForCausalLM
 
-    from handlers import fastgen_engine
+    from handlers import correctness_gate
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                  num_attention_heads=1, max_position_embeddings=128)).save_pretrained(tmp_path)
-    properties = SimpleNamespace(trust_remote_code=False)
     probes = [list(range(40))]
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1024, 80 * 2**30))  # a full GPU
-    references = fastgen_engine._references(str(tmp_path), properties, torch.float16, torch.device("cuda"),
-                                            probes, AutoModelForCausalLM)
+    references = correctness_gate.checkpoint_references(str(tmp_path), False, torch.float16, torch.device("cuda"),
+                                                        probes, AutoModelForCausalLM)
     assert len(references) == 1 and references[0].fp32.shape == (TAIL, 128)
     assert references[0].half.dtype == torch.float32  # logits compared in fp32, computed by the fp16 model
     assert not torch.equal(references[0].fp32, references[0].half)
-    monkeypatch.setattr(fastgen_engine, "_host_available_bytes", lambda: 1024)
+    monkeypatch.setattr(correctness_gate, "_host_available_bytes", lambda: 1024)
     with caplog.at_level("WARNING"):
-        assert fastgen_engine._references(str(tmp_path), properties, torch.float16, torch.device("cuda"),
-                                          probes, AutoModelForCausalLM) is None
+        assert correctness_gate.checkpoint_references(str(tmp_path), False, torch.float16, torch.device("cuda"),
+                                                      probes, AutoModelForCausalLM) is None
     assert "correctness gate skipped" in caplog.text
