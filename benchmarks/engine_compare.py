@@ -118,7 +118,7 @@ def timed(engine: Any, clients: int, prompt_tokens: int, new_tokens: int, vocab:
     for batch in batches:
         for i in batch:
             prompt = [rng.randrange(vocab) for _ in range(prompt_tokens)]
-            engine.add_request(GenerationRequest(f"r{seed}-{i}", "", prompt,
+            engine.add_request(GenerationRequest(f"r{seed}-{clients}-{i}", "", prompt,
                                                  SamplingParams(max_new_tokens=new_tokens, do_sample=False)))
         while engine.has_unfinished():
             for out in engine.step():
@@ -175,13 +175,16 @@ def main() -> None:
                 _write(args.out, {**common, "family": family, "shape": SHAPES[family][0], "engine": name,
                                   "error": f"{type(error).__name__}: {error}"[:2000]})
                 continue
+            failed = False
             for clients in args.clients:
                 for round_ in range(args.rounds):
+                    if failed:
+                        break
                     try:
                         result = timed(engine, clients, args.prompt_tokens, args.new_tokens,
                                        model.config.vocab_size, seed=round_)
-                    except Exception as error:
-                        result = {"error": f"{type(error).__name__}: {error}"[:2000]}
+                    except Exception as error:  # this engine's later runs would find its requests still active
+                        result, failed = {"error": f"{type(error).__name__}: {error}"[:2000]}, True
                     _write(args.out, {**common, "family": family, "shape": SHAPES[family][0], "engine": name,
                                       "clients": clients, "round": round_ + 1, **result})
             del engine

@@ -157,7 +157,7 @@ LMI_KEYS: tuple[LmiKey, ...] = (
     LmiKey("option.max_tokens", SAME, (DEEPSPEED,), "most prompt + generated tokens of one request; default 4096 "
            "(LMI's DeepSpeed: 1024), capped by the model's context", "max_tokens", example="2048"),
     LmiKey("option.low_cpu_mem_usage", SAME, (DEEPSPEED, ACCELERATE), "always on", "low_cpu_mem_usage"),
-    LmiKey("option.enable_cuda_graph", SAME, (DEEPSPEED,), "kernel injection only (see the plan)",
+    LmiKey("option.enable_cuda_graph", SAME, (DEEPSPEED,), "a plan error here: no engine captures CUDA graphs",
            "enable_cuda_graph", example="false"),
     LmiKey("option.triangular_masking", SAME, (DEEPSPEED,), "always on", "triangular_masking"),
     LmiKey("option.return_tuple", SAME, (DEEPSPEED,), "always on", "return_tuple"),
@@ -248,8 +248,8 @@ LMI_KEYS: tuple[LmiKey, ...] = (
     # LMI-dist and vLLM
     LmiKey("option.load_format", IGNORED, (LMI_DIST, VLLM), "safetensors (or .bin) files are found in the model "
            "directory; option.checkpoint names another file", example="auto"),
-    LmiKey("option.enforce_eager", IGNORED, (LMI_DIST, VLLM), "PyTorch runs eagerly here; CUDA graphs exist only "
-           "with enable_cuda_graph (kernel injection)"),
+    LmiKey("option.enforce_eager", IGNORED, (LMI_DIST, VLLM), "PyTorch runs eagerly here; no engine of this "
+           "container captures CUDA graphs"),
     LmiKey("option.enable_chunked_prefill", IGNORED, (LMI_DIST, VLLM), "prompts longer than "
            "max_rolling_batch_prefill_tokens are always prefilled in chunks, next to the decoding requests"),
     LmiKey("option.enable_prefix_caching", IGNORED, (LMI_DIST, VLLM), "no prefix cache: each request prefills its "
@@ -269,8 +269,8 @@ LMI_KEYS: tuple[LmiKey, ...] = (
            example="16"),
     LmiKey("option.kv_cache_dtype", IGNORED, (VLLM,), _PASSES_THROUGH + "the KV cache uses the model's dtype",
            example="auto"),
-    LmiKey("option.max_seq_len_to_capture", IGNORED, (VLLM,), _PASSES_THROUGH + "no CUDA graphs outside kernel "
-           "injection", example="8192"),
+    LmiKey("option.max_seq_len_to_capture", IGNORED, (VLLM,), _PASSES_THROUGH + "no engine of this container "
+           "captures CUDA graphs", example="8192"),
     LmiKey("option.seed", IGNORED, (VLLM,), _PASSES_THROUGH + "sampling takes a seed per request "
            "(parameters.seed)", example="0"),
     LmiKey("option.max_logprobs", IGNORED, (VLLM,), _PASSES_THROUGH + "log-probabilities are returned per request "

@@ -92,6 +92,14 @@ def architecture_for(config: Any) -> Architecture:
 def unsupported_config(config: Any) -> str | None:
     """Configurations of a wired family that DeepSpeed 0.19.8's policies would compute wrongly."""
     model_type = config.model_type
+    if model_type in _FOUR_X_MLP:
+        hidden = config.hidden_size
+        inner = getattr(config, _FOUR_X_MLP[model_type], None) if _FOUR_X_MLP[model_type] else None
+        if inner is not None and inner != 4 * hidden:
+            return (f"DeepSpeed's {model_type} policy sizes the MLP at 4 x hidden_size ({4 * hidden}; "
+                    f"DEFAULT_INTERMEDIATE_SIZE in its containers), and this config's "
+                    f"{_FOUR_X_MLP[model_type]} is {inner} (the weight copy would stop on its 'Merging tensors is "
+                    "not allowed' assertion)")
     if model_type == "opt" and not getattr(config, "do_layer_norm_before", True):
         return ("DeepSpeed's OPT policy always normalises before attention (pre_attn_norm=True); this OPT has "
                 "do_layer_norm_before=false (OPT-350m)")
@@ -100,17 +108,25 @@ def unsupported_config(config: Any) -> str | None:
         if kv_heads not in (None, heads):
             return (f"DeepSpeed's Llama policy has no grouped-query attention (it never sets num_kv), and this "
                     f"Llama has {kv_heads} key/value heads for {heads} query heads")
-        if getattr(config, "rope_scaling", None) or _rope_type(config) not in ("default", None):
+        if _rope_type(config) not in ("default", None):
             return "DeepSpeed's kernel computes rotary frequencies from rope_theta alone; this Llama scales them"
     if model_type == "gpt_neox" and not getattr(config, "use_parallel_residual", True):
         return "DeepSpeed's GPT-NeoX policy assumes the parallel residual; this config sets use_parallel_residual=false"
     return None
 
 
+#: families whose DeepSpeed policy takes the MLP width as 4 x hidden_size, and the config key that may say otherwise
+#: (None: the family has no such key; BLOOM's MLP is always 4x)
+_FOUR_X_MLP: Mapping[str, str | None] = {"gpt2": "n_inner", "gptj": "n_inner", "gpt_neo": "intermediate_size",
+                                         "gpt_neox": "intermediate_size", "opt": "ffn_dim", "bloom": None}
+
+
 def _rope_type(config: Any) -> str | None:
-    parameters = getattr(config, "rope_parameters", None)
-    if isinstance(parameters, dict):
-        return parameters.get("rope_type")
+    """transformers 5 keeps the rotary type in rope_parameters (rope_scaling is its older name)."""
+    for key in ("rope_parameters", "rope_scaling"):
+        parameters = getattr(config, key, None)
+        if isinstance(parameters, dict) and parameters.get("rope_type", parameters.get("type")):
+            return parameters.get("rope_type", parameters.get("type"))
     return None
 
 

@@ -185,6 +185,8 @@ def test_prompt_log_probabilities_are_refused_with_the_reason(gpt2):
     ("opt", {"do_layer_norm_before": False}, "do_layer_norm_before=false"),
     ("gpt_neox", {"use_parallel_residual": False}, "parallel residual"),
     ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}, "scales them"),
+    ("opt", {"ffn_dim": 100}, "sizes the MLP at 4 x hidden_size"),
+    ("gpt_neox", {"intermediate_size": 128}, "intermediate_size is 128"),
 ])
 def test_configurations_the_kernels_would_compute_wrongly_are_refused(model_type, changes, why):
     config = tiny_config(model_type)
