@@ -158,7 +158,11 @@ def main() -> None:
     parser.add_argument("--scale", type=json.loads, default=None,
                         help="config overrides for every family (JSON), e.g. a CPU smoke run's tiny shapes")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--table", action="store_true", help="only print the markdown table of --out's results")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.out))
+        return
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -193,6 +197,42 @@ def main() -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def table(path: Path) -> str:
+    """RESULTS.md's table from a results file: per family and engine, output tok/s at each concurrency (the
+    rounds' values), and kernel injection against AutoTP (the ratio of the rounds' means)."""
+    import statistics
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    clients = sorted({r["clients"] for r in rows if "clients" in r})
+    speeds: dict[tuple[str, str, int], list[float]] = {}
+    errors: dict[tuple[str, str], str] = {}
+    shapes: dict[str, str] = {}
+    for r in rows:
+        shapes[r["family"]] = r["shape"]
+        if "error" in r:
+            errors[(r["family"], r["engine"])] = r["error"].splitlines()[0][:120]
+        elif "output_tok_s" in r:
+            speeds.setdefault((r["family"], r["engine"], r["clients"]), []).append(r["output_tok_s"])
+    head = "| family (shape) | engine | " + " | ".join(f"{c} client{'s' if c > 1 else ''}" for c in clients) + " |"
+    lines = [head, "|" + "---|" * (2 + len(clients))]
+    for family in shapes:
+        for engine in ("autotp", "kernel_injection"):
+            cells = []
+            for c in clients:
+                values = speeds.get((family, engine, c))
+                cells.append(" / ".join(f"{v:,.1f}" for v in values) if values else
+                             ("error" if (family, engine) in errors else "-"))
+            lines.append(f"| {family} ({shapes[family]}) | {engine} | " + " | ".join(cells) + " |")
+        ratios = []
+        for c in clients:
+            a, k = speeds.get((family, "autotp", c)), speeds.get((family, "kernel_injection", c))
+            ratios.append(f"{statistics.mean(k) / statistics.mean(a):.2f}x" if a and k else "-")
+        lines.append(f"| {family} | kernel injection / AutoTP | " + " | ".join(ratios) + " |")
+    for (family, engine), error in errors.items():
+        lines.append(f"\n{family} {engine}: {error}")
+    return "\n".join(lines)
 
 
 def _write(path: Path, row: dict[str, Any]) -> None:

@@ -90,6 +90,20 @@ def _fastgen_impl(directory: str) -> Verdict:
 _FASTGEN_NONE = fails("DeepSpeed 0.19.8 has no inference-v2 implementation for it "
                       "(engine_factory.build_hf_engine raises 'Unsupported model type')")
 _KI_NO_POLICY = fails("DeepSpeed 0.19.8 has no kernel-injection policy for it (module_inject/replace_policy.py)")
+# transformers 5's own forwards break on the injected blocks (FACTS 2026-11-22: a cache object reaches GPT-2's
+# mask, tuples pass between OPT's and Llama's layers, GPT-NeoX's policy reads attributes the new classes lack, and
+# DeepSpeed refuses BLOOM above transformers 4.43.4); the project drives the blocks itself instead.
+_KI_DRIVEN = ("the project drives DeepSpeed 0.19.8's injected blocks itself (handlers/kernel_injection_model.py: "
+              "embeddings, the blocks with a [rows, tokens] mask, final norm, LM head), since transformers 5's own "
+              "forward no longer can")
+_KI_ON_CPU_FALLBACKS = ("matched HF fp32 in left-padded batches on DeepSpeed's PyTorch fallbacks for its CUDA ops "
+                        "(tests/unit/test_kernel_injection.py); not yet measured on its CUDA kernels")
+_KI_ROTARY = ("DeepSpeed's rotary fallbacks predate transformers 5, so it was not checked on a CPU; not yet measured "
+              "on its CUDA kernels")
+
+
+def _ki(measured: str) -> Verdict:
+    return works(f"{_KI_DRIVEN}; {measured}")
 _AUTOTP_ANY = works("AutoTP shards the linear layers of any Hugging Face model and runs its own forward "
                     "(measured only on llama; not measured for this architecture)")
 _AUTOTP_LLAMA = works("AutoTP runs the HF model's own forward (measured on CPU, transformers 5.23: tp 1 identical "
@@ -116,13 +130,13 @@ _ROWS: tuple[ArchitecturePolicy, ...] = (
     _row("llama", {
         FASTGEN: works("DeepSpeed 0.19.8 has an inference-v2 implementation (model_implementations/llama_v2); "
                        "FastGen's throughput was measured on a 7B llama"),
-        KERNEL_INJECTION: fails("fails with transformers 5.17: a tuple instead of a tensor passes between layers "
-                                "(measured; with transformers 4.43.4 it fails on the cache format)"),
+        KERNEL_INJECTION: _ki("multi-head attention only (DeepSpeed's Llama policy has no num_kv) and no rope "
+                              "scaling; " + _KI_ROTARY),
         AUTOTP: _AUTOTP_LLAMA}),
     _row("mistral", {FASTGEN: _fastgen_impl("mistral"), KERNEL_INJECTION: _KI_NO_POLICY}),
     _row("mixtral", {FASTGEN: _fastgen_impl("mixtral"), KERNEL_INJECTION: _KI_NO_POLICY}),
     _row("opt", {FASTGEN: _fastgen_impl("opt"),
-                 KERNEL_INJECTION: fails("fails with transformers 5.17: merge assert in auto_tp (measured)")},
+                 KERNEL_INJECTION: _ki("MLP 4x hidden_size (DeepSpeed's policy assumes it); " + _KI_ON_CPU_FALLBACKS)},
          conditions=(ConfigCondition(FASTGEN, "do_layer_norm_before", True, True,
                                      "FastGen refuses OPT with do_layer_norm_before=false (OPT-350m)"),)),
     _row("falcon", {FASTGEN: _fastgen_impl("falcon"), KERNEL_INJECTION: _KI_NO_POLICY}),
@@ -134,17 +148,18 @@ _ROWS: tuple[ArchitecturePolicy, ...] = (
     _row("exaone4", {FASTGEN: _fastgen_impl("exaone4"), KERNEL_INJECTION: _KI_NO_POLICY}),
     _row("exaone4_5", {FASTGEN: _fastgen_impl("exaone4_5"), KERNEL_INJECTION: _KI_NO_POLICY}),
     # ---- kernel-injection architectures (policies in module_inject/replace_policy.py) -------------------
-    _row("gptj", {FASTGEN: _FASTGEN_NONE, KERNEL_INJECTION: works("runs with transformers 5.17 (measured, fp16)")}),
-    _row("gpt_neo", {FASTGEN: _FASTGEN_NONE, KERNEL_INJECTION: works("runs with transformers 5.17 (measured, fp16)")}),
-    _row("gpt2", {FASTGEN: _FASTGEN_NONE,
-                  KERNEL_INJECTION: fails("fails with transformers 5.17: a cache object reaches the attention mask "
-                                          "(measured)")}),
+    _row("gptj", {FASTGEN: _FASTGEN_NONE, KERNEL_INJECTION: _ki(_KI_ROTARY)}),
+    _row("gpt_neo", {FASTGEN: _FASTGEN_NONE, KERNEL_INJECTION: _ki(_KI_ON_CPU_FALLBACKS)}),
+    _row("gpt2", {FASTGEN: _FASTGEN_NONE, KERNEL_INJECTION: _ki(_KI_ON_CPU_FALLBACKS)}),
     _row("gpt_neox", {FASTGEN: _FASTGEN_NONE,
-                      KERNEL_INJECTION: fails("fails with transformers 5.17: missing attribute hidden_size "
-                                              "(measured)")}),
+                      KERNEL_INJECTION: _ki("the attention sizes its policy reads are set from the config; MLP 4x "
+                                            "hidden_size and the parallel residual (DeepSpeed's policy assumes both); "
+                                            + _KI_ROTARY)}),
     _row("bloom", {
         FASTGEN: _FASTGEN_NONE,
-        KERNEL_INJECTION: fails("DeepSpeed refuses BLOOM kernel injection above transformers 4.43.4 (measured)"),
+        KERNEL_INJECTION: _ki("DeepSpeed's refusal above transformers 4.43.4 guards HF's forward, which is not used "
+                              "(the check is skipped while injecting); ALiBi biases from HF's build_alibi_tensor; "
+                              + _KI_ON_CPU_FALLBACKS),
         AUTOTP: fails("transformers 5 has no SDPA attention for BLOOM (from_pretrained(attn_implementation='sdpa') "
                       "raises, measured with 5.24), and the AutoTP engine's paged KV cache passes a boolean 4D "
                       "attention mask that only SDPA takes")}),
@@ -242,11 +257,15 @@ FASTGEN_POLICY = EnginePolicy(
 )
 
 KERNEL_INJECTION_POLICY = EnginePolicy(
-    preference_reason="kernel injection runs fused CUDA kernels but batches statically",
-    unknown=fails("not in the list of architectures kernel injection was measured to run (gptj, gpt_neo)"),
+    preference_reason="kernel injection runs DeepSpeed's fused CUDA blocks but batches dynamically (one batch at a "
+                      "time, its rows advancing together)",
+    unknown=fails("the project's kernel-injection driver is wired for gpt2, gptj, gpt_neo, gpt_neox, opt, bloom and "
+                  "llama (handlers/kernel_injection_model.py)"),
     quantization=MappingProxyType({"smoothquant": _NO_INT8_IN_KERNEL_INJECTION,
                                    "dynamic_int8": _NO_INT8_IN_KERNEL_INJECTION}),
-    caveats=("kernel injection was measured only with tiny random configs in fp16 (FACTS 2026-11-22)",),
+    caveats=("kernel injection batches dynamically: requests that arrive within max_batch_delay form one batch "
+             "(max_rolling_batch_size under rolling_batch=auto, batch_size under disable) whose rows run until the "
+             "last finishes; prompt log-probabilities are refused",),
 )
 
 # A model_type not in the table: AutoTP needs nothing architecture-specific, so it is served rather than refused.

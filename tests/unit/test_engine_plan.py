@@ -110,11 +110,13 @@ def test_fastgen_rows_match_the_installed_deepspeed():
     assert fastgen_rows == accepted
 
 
-def test_measured_kernel_injection_facts_are_encoded():
+def test_kernel_injection_rows_are_the_families_its_driver_is_wired_for():
+    from handlers.kernel_injection_model import ARCHITECTURES as DRIVEN
+
     runs = {name for name, row in policy.ARCHITECTURES.items() if row.engines[KERNEL_INJECTION].supported}
-    assert runs == {"gptj", "gpt_neo"}
-    for name, fragment in [("gpt2", "cache object"), ("opt", "merge assert"), ("bloom", "4.43.4"),
-                           ("gpt_neox", "hidden_size"), ("llama", "tuple instead of a tensor")]:
+    assert runs == set(DRIVEN)
+    for name, fragment in [("gpt2", "DeepSpeed's PyTorch fallbacks"), ("opt", "MLP 4x hidden_size"),
+                           ("bloom", "4.43.4"), ("gpt_neox", "set from the config"), ("llama", "no num_kv")]:
         assert fragment in policy.ARCHITECTURES[name].engines[KERNEL_INJECTION].reason
 
 
@@ -145,7 +147,7 @@ def test_gpu_llama_gets_fastgen():
     assert plan.rolling_batch is True
     assert plan.dtype == "fp16"  # the checkpoint's dtype
     reasons = ruled_out(plan)
-    assert "tuple instead of a tensor" in reasons[KERNEL_INJECTION]
+    assert "no continuous batching" in reasons[KERNEL_INJECTION]
     assert "ranks below fastgen" in reasons[AUTOTP]
     # the figures say where they come from: this server (RESULTS.md) vs DeepSpeed's bare loop (FACTS)
     assert "150 / 2,588 / 3,436" in plan.reason and "RESULTS.md section 10" in plan.reason
@@ -269,14 +271,28 @@ def test_architectures_that_cannot_be_sharded_are_refused_above_degree_1(model_t
     assert error.key == "tensor_parallel_degree"
     assert f"{architecture} cannot be sharded" in str(error) and reason in str(error)
     assert "use tensor_parallel_degree=1" in str(error)
-    if model_type != "bloom":  # BLOOM has no engine at all yet (no SDPA in transformers 5)
-        assert plan_engine(props(tensor_parallel_degree=1), config, GPU8).tensor_parallel_degree == 1
+    assert plan_engine(props(tensor_parallel_degree=1), config, GPU8).tensor_parallel_degree == 1
 
 
-def test_bloom_is_refused_naming_the_missing_sdpa_attention():
+def test_bloom_runs_on_kernel_injection_on_a_gpu_and_is_refused_on_a_cpu_naming_the_missing_sdpa_attention():
     config = {"model_type": "bloom", "architectures": ["BloomForCausalLM"], "n_head": 8, "torch_dtype": "float16"}
-    error = plan_error(props(), config, GPU8)
-    assert "no SDPA attention for BLOOM" in str(error)
+    plan = plan_engine(props(), config, GPU8)
+    assert (plan.engine, plan.rolling_batch) == (KERNEL_INJECTION, False)
+    assert any("continuous batching is off because only kernel_injection" in note for note in plan.notes)
+    assert "no SDPA attention for BLOOM" in ruled_out(plan)[AUTOTP]
+    assert "no SDPA attention for BLOOM" in str(plan_error(props(), config, CPU))
+
+
+def test_kernel_injection_true_insists_and_a_plan_error_says_why_it_cannot():
+    plan = plan_engine(props(kernel_injection=True), GPTJ, GPU1)
+    assert (plan.engine, plan.rolling_batch) == (KERNEL_INJECTION, False)
+    assert "kernel_injection=true insists on it" in plan.reason
+    error = plan_error(props(kernel_injection=True), {"model_type": "mistral"}, GPU1)
+    assert error.key == "kernel_injection" and "no kernel-injection policy" in str(error)
+    assert "unset kernel_injection" in str(error)
+    assert "GPU only" in str(plan_error(props(kernel_injection=True), GPTJ, CPU))
+    off = plan_engine(props(kernel_injection=False, rolling_batch="disable"), GPTJ, GPU1)
+    assert off.engine == AUTOTP and "kernel_injection=false" in ruled_out(off)[KERNEL_INJECTION]
 
 
 @pytest.mark.parametrize("model_type, architecture", [("phi3", "Phi3ForCausalLM"),
