@@ -24,18 +24,9 @@ def torch_dtype(plan: EnginePlan) -> Any:
 def batch_limits(properties: ServingProperties, plan: EnginePlan, context: int | None) -> tuple[int, int]:
     """(sequences in the batch at once, tokens per sequence): see `batch_rows`; no sequence is longer than
     max_tokens or the model's context."""
+    from handlers.scheduler import batch_rows
+
     return batch_rows(properties, plan), min(properties.max_tokens, context or properties.max_tokens)
-
-
-def batch_rows(properties: ServingProperties, plan: EnginePlan) -> int:
-    """A rolling batch holds max_rolling_batch_size sequences; so does a dynamic batch the plan chose under
-    rolling_batch=auto (an engine measured fastest that batches dynamically); rolling_batch=disable's batches hold
-    batch_size, as DJL Serving's did."""
-    from handlers.serving_properties import RollingBatch
-
-    if plan.rolling_batch or properties.rolling_batch is not RollingBatch.DISABLE:
-        return properties.max_rolling_batch_size
-    return properties.batch_size
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -64,6 +64,17 @@ def split_prefill_budget(remaining: list[int], budget: int) -> list[int]:
     return chunks
 
 
+def batch_rows(properties: Any, plan: Any) -> int:
+    """A rolling batch holds max_rolling_batch_size sequences; so does a dynamic batch the plan chose under
+    rolling_batch=auto (an engine measured fastest that batches dynamically); rolling_batch=disable's batches hold
+    batch_size, as DJL Serving's did."""
+    from handlers.serving_properties import RollingBatch
+
+    if plan.rolling_batch or properties.rolling_batch is not RollingBatch.DISABLE:
+        return properties.max_rolling_batch_size
+    return properties.batch_size
+
+
 @dataclass(frozen=True)
 class DynamicBatching:
     """`rolling_batch=disable`: DJL Serving's dynamic batching (batch_size, max_batch_delay in seconds)."""
@@ -79,8 +90,6 @@ class DynamicBatching:
         """None (continuous batching) unless the plan turned rolling batch off; `max_batch_delay` is in ms."""
         if getattr(plan, "rolling_batch", True):
             return None
-        from handlers.engine_build import batch_rows
-
         return cls(batch_rows(properties, plan), properties.max_batch_delay / 1000.0, aligned_tokens)
 
     def fits(self, members: list["ScheduledRequest"], candidate: "ScheduledRequest") -> bool:
