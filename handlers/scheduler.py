@@ -92,6 +92,13 @@ class DynamicBatching:
             return None
         return cls(batch_rows(properties, plan), properties.max_batch_delay / 1000.0, aligned_tokens)
 
+    def complete(self, queued: list["ScheduledRequest"]) -> bool:
+        """Whether the batch the queue's head would form can take no one else: batch_size requests are waiting,
+        or one of them cannot join the batch of those before it (so waiting for more mates only delays it)."""
+        if len(queued) >= self.batch_size:
+            return True
+        return any(not self.fits(queued[:i], queued[i]) for i in range(1, len(queued)))
+
     def fits(self, members: list["ScheduledRequest"], candidate: "ScheduledRequest") -> bool:
         """Whether `candidate` can join a batch of `members` within the aligned positions."""
         if self.aligned_tokens is None:
@@ -227,7 +234,7 @@ class Scheduler:
             if self.running or self.prefilling:
                 return  # a dynamic batch runs to completion before the next one forms
             waited = time.monotonic() - self.queued[0].request.arrival_time
-            if len(self.queued) < self.batching.batch_size and waited < self.batching.max_batch_delay:
+            if not self.batching.complete(list(self.queued)) and waited < self.batching.max_batch_delay:
                 # Wait for batch-mates; the engine loop calls again (it steps while requests are pending).
                 time.sleep(min(0.002, self.batching.max_batch_delay - waited))
                 return

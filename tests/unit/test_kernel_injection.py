@@ -158,6 +158,24 @@ def test_a_request_that_cannot_fit_the_batch_positions_starts_the_next_batch(gpt
     assert tokens["long-output"] == _greedy(gpt2, short_prompt[:5], 50)
 
 
+def test_a_batch_that_cannot_take_the_next_request_starts_without_waiting_the_delay(gpt2, step_order):
+    """The next queued request cannot join (its prompt with the first's max_new_tokens passes the positions), so
+    waiting the (long) delay for batch-mates would only delay the first: its batch starts at the first step."""
+    engine = _engine(gpt2, delay=600.0)
+    first, second = _non_repeating(2, 60, 11)
+    engine.add_request(_request("a", first[:5], max_new_tokens=50, do_sample=False))
+    engine.add_request(_request("b", second, max_new_tokens=4, do_sample=False))
+    outputs = engine.step()
+    scheduler = engine.scheduler
+    assert [r.request_id for r in scheduler.prefilling + scheduler.running] == ["a"]
+    tokens = [t.id for out in outputs for t in out.tokens]
+    while "a" in engine.output:  # b, alone in the queue now, waits the delay for batch-mates: only a runs
+        tokens += [t.id for out in engine.step() for t in out.tokens if out.request_id == "a"]
+    assert tokens == _greedy(gpt2, first[:5], 50)
+    assert [r.request_id for r in scheduler.queued] == ["b"]
+    engine.cancel("b")
+
+
 def test_sampled_requests_with_seeds_and_penalties_repeat_and_differ_by_seed(gpt2, step_order):
     engine = _engine(gpt2, delay=0.0)
     prompt = _non_repeating(1, 10, 9)[0]
