@@ -151,6 +151,14 @@ def test_http_batch_with_its_own_limits_and_stops_gives_hf_greedy_text(tmp_path,
             assert texts[i] == expected[i], (model_type, i, texts[i], expected[i])
         words = expected[3].split()
         assert texts[3] == " ".join(words[:5]), (model_type, texts[3], words)  # cut before the stop sequence
+        # what clients send besides: OpenAI chat with its default sampling, and a request this engine refuses
+        chat = httpx.post(f"{url}/v1/chat/completions", timeout=300,
+                          json={"model": str(path), "messages": [{"role": "user", "content": "w1 w2 w3"}],
+                                "max_tokens": 8})
+        assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] > 0, chat.text
+        refused = httpx.post(f"{url}/invocations", timeout=60, json={"inputs": "w1 w2", "parameters": {
+            "max_new_tokens": 2, "details": True, "decoder_input_details": True}})
+        assert refused.status_code == 400 and "prompt log-probabilities" in refused.text, refused.text
     finally:
         process.terminate()
         process.wait(timeout=120)
