@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from tests.support.ports import free_port
+from tests.support.word_tokenizer import sized_word_tokenizer
 from tests.support.server_process import wait_until_healthy
 
 torch = pytest.importorskip("torch")
@@ -149,24 +150,11 @@ def test_cancel_and_finish_give_kv_blocks_back_to_deepspeed(tmp_path):
     engine.shutdown()
 
 
-def _word_tokenizer(size: int):
-    """A word-level tokenizer of exactly `size` tokens ("w<i>"), so that every id it makes is a row of the model's
-    embedding (a tokenizer larger than the model is refused per request; see test_rolling_batch)."""
-    import tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {f"w{i}": i for i in range(size - 2)} | {"[UNK]": size - 2, "</s>": size - 1}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    return tokenizer
-
-
 def test_fastgen_serves_sampled_and_greedy_requests_through_http(tmp_path):
     """The plan's FastGen is the engine that serves (the start-up summary's `engine`), its gate passes, and
     requests with OpenAI's default sampling, penalties, seeds and a prompt longer than one atom answer."""
     path = saved_model("llama", tmp_path / "model")
-    _word_tokenizer(VOCAB).save_pretrained(path)
+    sized_word_tokenizer(VOCAB).save_pretrained(path)
     port = free_port()
     env = {**os.environ, "OPTION_MODEL_ID": path, "SAGEMAKER_BIND_TO_PORT": str(port), "OPTION_DTYPE": "fp16",
            "OPTION_MAX_ROLLING_BATCH_SIZE": "16", "OPTION_MAX_TOKENS": "4096", "OPTION_GPU_MEMORY_UTILIZATION": "0.3"}

@@ -146,10 +146,10 @@ def _serve_tiny_llama(tmp_path, **options: str) -> str:
     these OPTION_* settings: one greedy request of 8 tokens must answer 200 with 8 words; returns the log."""
     from fastgen_gate_table import VOCAB, saved_model
 
-    from tests.gpu.test_gpu_fastgen import _word_tokenizer
+    from tests.support.word_tokenizer import sized_word_tokenizer
 
     model_dir = saved_model("llama", tmp_path / "model")
-    _word_tokenizer(VOCAB).save_pretrained(model_dir)
+    sized_word_tokenizer(VOCAB).save_pretrained(model_dir)
     port = free_port()
     env = {**os.environ, "SAGEMAKER_BIND_TO_PORT": str(port), "OPTION_MODEL_ID": str(model_dir),
            "OPTION_MAX_TOKENS": "2048", "OPTION_GPU_MEMORY_UTILIZATION": "0.3", **options}

@@ -94,7 +94,7 @@ def test_http_batch_with_its_own_limits_and_stops_gives_hf_greedy_text(tmp_path,
 
     import httpx
 
-    from tests.gpu.test_gpu_fastgen import _word_tokenizer
+    from tests.support.word_tokenizer import sized_word_tokenizer
     from tests.support.ports import free_port
     from tests.support.server_process import wait_until_healthy
 
@@ -104,7 +104,7 @@ def test_http_batch_with_its_own_limits_and_stops_gives_hf_greedy_text(tmp_path,
         model.get_output_embeddings().weight.mul_(8.0)
     path = tmp_path / "model"
     model.save_pretrained(path)
-    _word_tokenizer(vocab).save_pretrained(path)
+    sized_word_tokenizer(vocab).save_pretrained(path)
     model = model.cuda()
     generator = torch.Generator().manual_seed(3)
     prompts = [torch.randperm(vocab - 2, generator=generator)[:n].tolist() for n in (60, 1, 9, 23)]

@@ -219,3 +219,33 @@ def test_an_architecture_without_a_driver_row_is_refused_by_name():
 
     with pytest.raises(KernelInjectionUnsupported, match="'mistral'"):
         architecture_for(MistralConfig())
+
+
+def test_through_the_http_app_lmi_and_openai_requests_answer_and_prompt_scores_get_a_400(gpt2):
+    """The real app over the kernel-injection engine: an LMI greedy request answers HF's greedy words, OpenAI chat
+    with its default sampling answers, and decoder_input_details is a 400 naming why."""
+    from handlers.kernel_injection_engine import build
+    from handlers.kv_blocks import BlockAllocator
+    from handlers.rolling_batch import RollingBatchEngine
+    from tests.support.word_tokenizer import sized_word_tokenizer
+    from tests.unit.test_http_app import Served, assert_error
+
+    tokenizer = sized_word_tokenizer(VOCAB)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    built = build(copy.deepcopy(gpt2), 4, 96, torch.float32, progress=lambda line: None)
+    engine = RollingBatchEngine(built.runner, tokenizer, allocator=BlockAllocator(built.budget), max_batch=4,
+                                max_prefill_tokens=64, max_total_tokens=96, eos_token_ids=(), vocab_size=VOCAB,
+                                batching=DynamicBatching(4, 0.0, 96), name="kernel_injection")
+    served = Served(engine)
+    try:
+        answer = served.post({"inputs": "w3 w4 w5", "parameters": {"max_new_tokens": 5, "do_sample": False}})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["generated_text"].split() == [f"w{i}" for i in _greedy(gpt2, [3, 4, 5], 5)]
+        chat = served.post({"model": "org/fake-model", "messages": [{"role": "user", "content": "w1 w2"}],
+                            "max_tokens": 6}, url="/v1/chat/completions")
+        assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] > 0, chat.text
+        refused = served.post({"inputs": "w1 w2", "parameters": {"max_new_tokens": 2, "details": True,
+                                                                 "decoder_input_details": True}})
+        assert_error(refused, 400, "InvalidRequest", "prompt log-probabilities", "kernel_injection")
+    finally:
+        served.close()
