@@ -231,7 +231,6 @@ def test_through_the_http_app_lmi_and_openai_requests_answer_and_prompt_scores_g
     from tests.unit.test_http_app import Served, assert_error
 
     tokenizer = sized_word_tokenizer(VOCAB)
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     built = build(copy.deepcopy(gpt2), 4, 96, torch.float32, progress=lambda line: None)
     engine = RollingBatchEngine(built.runner, tokenizer, allocator=BlockAllocator(built.budget), max_batch=4,
                                 max_prefill_tokens=64, max_total_tokens=96, eos_token_ids=(), vocab_size=VOCAB,
