@@ -3,7 +3,7 @@
 # transformer_inference op, then the driver's GPU tests, benchmarks/engine_compare.py and the HTTP GPU tests, each
 # under its own time limit, every result written straight into OUT_DIR (a call cut short still returns them).
 #   usage: bash benchmarks/ki_call.sh OUT_DIR [DRIVER_S=90] [BENCH_S=250] [HTTP_S=170] [FAMILIES...]
-# A limit of 0 skips that part.
+# A limit of 0 skips that part; KI_HTTP_K narrows the HTTP tests (a pytest -k expression).
 set -uo pipefail
 OUT=$1 DRIVER_S=${2:-90} BENCH_S=${3:-250} HTTP_S=${4:-170}; shift $(( $# < 4 ? $# : 4 ))
 FAMILIES=${*:-gptj opt bloom gpt_neox gpt2 gpt_neo llama}
@@ -21,5 +21,5 @@ tests() {  # tests SECONDS NAME -k-EXPRESSION
 tests $DRIVER_S tests-driver "not http"
 [ "$BENCH_S" -gt 0 ] && timeout $BENCH_S python3 benchmarks/engine_compare.py --families $FAMILIES \
     --out $OUT/engine-compare.jsonl > $OUT/bench.txt 2>&1
-tests $HTTP_S tests-http "http"
+tests $HTTP_S tests-http "${KI_HTTP_K:-http}"
 date -u >> $OUT/versions.txt

@@ -109,13 +109,18 @@ def test_http_batch_with_its_own_limits_and_stops_gives_hf_greedy_text(tmp_path,
     generator = torch.Generator().manual_seed(3)
     prompts = [torch.randperm(vocab - 2, generator=generator)[:n].tolist() for n in (60, 1, 9, 23)]
     limits = [16, 12, 3, 16]
-    expected = []
+    expected, decided = [], []  # HF's greedy words, and how many of them no near-tie could flip
     for prompt, limit in zip(prompts, limits):
         out = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=limit, do_sample=False,
                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device="cuda"),
-                             pad_token_id=vocab - 1, eos_token_id=None)
-        expected.append(" ".join(f"w{i}" for i in out[0, len(prompt):].tolist()))
-    stop = " ".join(expected[3].split()[5:7])  # request 3 stops at its 7th word
+                             pad_token_id=vocab - 1, eos_token_id=None, output_scores=True,
+                             return_dict_in_generate=True)
+        expected.append([f"w{i}" for i in out.sequences[0, len(prompt):].tolist()])
+        # fp16 kernels may pick the other token where HF fp32's top two are within 0.1: compare up to there
+        margins = [float(top[0] - top[1]) for top in (score[0].float().topk(2).values for score in out.scores)]
+        decided.append(next((i for i, m in enumerate(margins) if m < 0.1), limit))
+    stop = " ".join(expected[3][5:7])  # request 3 stops at the first occurrence of these two words
+    cut = " ".join(expected[3]).find(stop)
     port = free_port()
     env = {**os.environ, "OPTION_MODEL_ID": str(path), "SAGEMAKER_BIND_TO_PORT": str(port), "OPTION_DTYPE": "fp16",
            "OPTION_KERNEL_INJECTION": "true", "OPTION_BATCH_SIZE": "4", "OPTION_MAX_BATCH_DELAY": "2000",
@@ -147,10 +152,16 @@ def test_http_batch_with_its_own_limits_and_stops_gives_hf_greedy_text(tmp_path,
         served = re.findall(r"^\s+engine\s+(\S+)\s*$", log, re.M)  # the start-up summary's row
         assert "plan: engine kernel_injection" in log and served == ["kernel_injection"], log[-3000:]
         assert "correctness gate passed" in log, log[-3000:]
+        _record("gate", {"model_type": model_type,
+                         "line": next(line for line in log.splitlines() if "correctness gate passed" in line)[-700:]})
         for i in range(3):
-            assert texts[i] == expected[i], (model_type, i, texts[i], expected[i])
-        words = expected[3].split()
-        assert texts[3] == " ".join(words[:5]), (model_type, texts[3], words)  # cut before the stop sequence
+            got = texts[i].split()
+            assert len(got) == limits[i] and got[:decided[i]] == expected[i][:decided[i]], \
+                (model_type, i, texts[i], expected[i], decided[i], log[-2000:])
+        assert sum(decided[:3]) >= 10, decided  # the comparison above covered most of the words
+        _record("http_greedy", {"model_type": model_type, "decided": decided, "limits": limits})
+        if decided[3] >= 7:
+            assert texts[3] == " ".join(expected[3])[:cut].strip(), (model_type, texts[3], expected[3], stop)
         # what clients send besides: OpenAI chat with its default sampling, and a request this engine refuses
         chat = httpx.post(f"{url}/v1/chat/completions", timeout=300,
                           json={"model": str(path), "messages": [{"role": "user", "content": "w1 w2 w3"}],
