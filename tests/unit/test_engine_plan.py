@@ -110,14 +110,17 @@ def test_fastgen_rows_match_the_installed_deepspeed():
     assert fastgen_rows == accepted
 
 
-def test_kernel_injection_rows_are_the_families_its_driver_is_wired_for():
+def test_kernel_injection_rows_follow_the_h200_measurements():
     from handlers.kernel_injection_model import ARCHITECTURES as DRIVEN
+    from handlers.kernel_injection_model import WRONG_ON_THE_KERNELS
 
     runs = {name for name, row in policy.ARCHITECTURES.items() if row.engines[KERNEL_INJECTION].supported}
-    assert runs == set(DRIVEN)
-    for name, fragment in [("gpt2", "DeepSpeed's PyTorch fallbacks"), ("opt", "MLP 4x hidden_size"),
-                           ("bloom", "4.43.4"), ("gpt_neox", "set from the config"), ("llama", "no num_kv")]:
-        assert fragment in policy.ARCHITECTURES[name].engines[KERNEL_INJECTION].reason
+    assert runs == set(DRIVEN) - set(WRONG_ON_THE_KERNELS) == {"gpt2", "gptj", "gpt_neox", "opt", "bloom"}
+    for name, fragment in [("gpt2", "1.05x"), ("gptj", "3.33x / 5.47x"), ("opt", "against FastGen not measured"),
+                           ("bloom", "AutoTP cannot run it"), ("gpt_neox", "Pythia-6.9B"), ("llama", "42x"),
+                           ("gpt_neo", "48x")]:
+        assert fragment in policy.ARCHITECTURES[name].engines[KERNEL_INJECTION].reason, name
+    assert {name for name, row in policy.ARCHITECTURES.items() if row.prefer} == {"gpt2", "gptj", "gpt_neox"}
 
 
 def test_unknown_model_type_gets_the_autotp_only_fallback():
@@ -147,21 +150,24 @@ def test_gpu_llama_gets_fastgen():
     assert plan.rolling_batch is True
     assert plan.dtype == "fp16"  # the checkpoint's dtype
     reasons = ruled_out(plan)
-    assert "no continuous batching" in reasons[KERNEL_INJECTION]
+    assert "42x" in reasons[KERNEL_INJECTION]
     assert "ranks below fastgen" in reasons[AUTOTP]
     # the figures say where they come from: this server (RESULTS.md) vs DeepSpeed's bare loop (FACTS)
     assert "150 / 2,588 / 3,436" in plan.reason and "RESULTS.md section 10" in plan.reason
     assert "bare put() loop" in plan.reason
 
 
-def test_gpu_gptj_with_rolling_batch_keeps_continuous_batching_on_autotp():
+def test_gpu_gptj_gets_kernel_injection_measured_fastest_and_deepspeed_mode_keeps_autotp():
     plan = plan_engine(props(), GPTJ, GPU1)
-    assert plan.engine == AUTOTP
-    assert plan.rolling_batch is True
-    reasons = ruled_out(plan)
+    assert (plan.engine, plan.rolling_batch) == (KERNEL_INJECTION, False)
+    assert "measured fastest for gptj" in plan.reason and "3.33x / 5.47x" in plan.reason
+    assert any("measured fastest for gptj and batches dynamically" in note for note in plan.notes)
+    assert "kernel_injection measured faster for gptj" in ruled_out(plan)[AUTOTP]
+    rolling = plan_engine(props(rolling_batch="deepspeed"), GPTJ, GPU1)
+    assert (rolling.engine, rolling.rolling_batch) == (AUTOTP, True)
+    reasons = ruled_out(rolling)
     assert "no inference-v2 implementation" in reasons[FASTGEN]
     assert "no continuous batching" in reasons[KERNEL_INJECTION]
-    assert "rolling_batch=disable" in reasons[KERNEL_INJECTION]
 
 
 def test_gpu_gptj_with_rolling_batch_disabled_gets_kernel_injection():
@@ -169,7 +175,7 @@ def test_gpu_gptj_with_rolling_batch_disabled_gets_kernel_injection():
     assert plan.engine == KERNEL_INJECTION
     assert plan.rolling_batch is False
     assert plan.dtype == "fp16"  # fp32 checkpoint -> fp16 on GPU
-    assert "ranks below kernel_injection" in ruled_out(plan)[AUTOTP]
+    assert "kernel_injection measured faster for gptj" in ruled_out(plan)[AUTOTP]
     assert any("rolling_batch=disable" in note for note in plan.notes)
 
 
