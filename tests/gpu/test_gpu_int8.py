@@ -8,8 +8,6 @@ Triton): it fails. References are float64 products computed here, or HF's own mo
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,8 +15,7 @@ import httpx
 import pytest
 
 from tests.support.int8_reference import reference_w8a8
-from tests.support.ports import free_port
-from tests.support.server_process import wait_until_healthy
+from tests.support.server_process import serve_process
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -150,20 +147,11 @@ def _serve_tiny_llama(tmp_path, **options: str) -> str:
 
     model_dir = saved_model("llama", tmp_path / "model")
     sized_word_tokenizer(VOCAB).save_pretrained(model_dir)
-    port = free_port()
-    env = {**os.environ, "SAGEMAKER_BIND_TO_PORT": str(port), "OPTION_MODEL_ID": str(model_dir),
-           "OPTION_MAX_TOKENS": "2048", "OPTION_GPU_MEMORY_UTILIZATION": "0.3", **options}
     log_path = tmp_path / "server.log"
-    process = subprocess.Popen([sys.executable, "-m", "entrypoint", "serve"], env=env, stdout=open(log_path, "w"),
-                               stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(url, process, 900, lambda: log_path.read_text()[-3000:], interval=1)
+    with serve_process(model_dir, log_path, OPTION_MAX_TOKENS="2048", OPTION_GPU_MEMORY_UTILIZATION="0.3",
+                       **options) as url:
         answer = httpx.post(f"{url}/invocations", timeout=120,
                             json={"inputs": "w1 w2 w3", "parameters": {"max_new_tokens": 8, "do_sample": False}})
         assert answer.status_code == 200, answer.text
         assert len(answer.json()["generated_text"].split()) == 8
         return log_path.read_text()
-    finally:
-        process.terminate()
-        process.wait(timeout=120)

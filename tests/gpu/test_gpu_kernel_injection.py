@@ -88,15 +88,12 @@ def test_http_batch_with_its_own_limits_and_stops_gives_hf_greedy_text(tmp_path,
     """`python -m entrypoint serve` with kernel_injection=true: the plan's engine is kernel injection, its gate
     passes, and four requests sent at once (one dynamic batch: different prompt lengths, max_new_tokens and a
     stop sequence) each answer HF generate's greedy text (fp32, the same weights)."""
-    import subprocess
-    import sys
     import threading
 
     import httpx
 
+    from tests.support.server_process import serve_process
     from tests.support.word_tokenizer import sized_word_tokenizer
-    from tests.support.ports import free_port
-    from tests.support.server_process import wait_until_healthy
 
     vocab = 1000
     model = random_model(tiny_config(model_type, hidden=256, layers=4, heads=8, vocab=vocab))
@@ -121,16 +118,9 @@ def test_http_batch_with_its_own_limits_and_stops_gives_hf_greedy_text(tmp_path,
         decided.append(next((i for i, m in enumerate(margins) if m < 0.1), limit))
     stop = " ".join(expected[3][5:7])  # request 3 stops at the first occurrence of these two words
     cut = " ".join(expected[3]).find(stop)
-    port = free_port()
-    env = {**os.environ, "OPTION_MODEL_ID": str(path), "SAGEMAKER_BIND_TO_PORT": str(port), "OPTION_DTYPE": "fp16",
-           "OPTION_KERNEL_INJECTION": "true", "OPTION_BATCH_SIZE": "4", "OPTION_MAX_BATCH_DELAY": "2000",
-           "OPTION_MAX_TOKENS": "1024"}
     log_path = tmp_path / "server.log"
-    process = subprocess.Popen([sys.executable, "-m", "entrypoint", "serve"], env=env, stdout=open(log_path, "w"),
-                               stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(url, process, 900, lambda: log_path.read_text()[-3000:], interval=1)
+    with serve_process(path, log_path, OPTION_DTYPE="fp16", OPTION_KERNEL_INJECTION="true", OPTION_BATCH_SIZE="4",
+                       OPTION_MAX_BATCH_DELAY="2000", OPTION_MAX_TOKENS="1024") as url:
         answers: dict[int, httpx.Response] = {}
 
         def send(i: int) -> None:
@@ -170,6 +160,3 @@ def test_http_batch_with_its_own_limits_and_stops_gives_hf_greedy_text(tmp_path,
         refused = httpx.post(f"{url}/invocations", timeout=60, json={"inputs": "w1 w2", "parameters": {
             "max_new_tokens": 2, "details": True, "decoder_input_details": True}})
         assert refused.status_code == 400 and "prompt log-probabilities" in refused.text, refused.text
-    finally:
-        process.terminate()
-        process.wait(timeout=120)
